@@ -1,0 +1,70 @@
+"""Swap a model's decoder ``nn.Linear`` layers for packed ModuLoRA layers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.errors import EngineError
+from engine.lora.linear import ModuLoRALinear
+from engine.quant.base import LayerStats, QuantizedWeight, Quantizer
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (``model.model.layers`` for Llama-style models)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for blocks in candidates:
+        if n_layers is None or len(blocks) == n_layers:
+            return blocks
+    raise EngineError(f"{type(model).__name__}: cannot find its decoder blocks (no ModuleList of {n_layers} layers)")
+
+
+def target_linear_names(model: nn.Module, include: str | None = None) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers inside decoder blocks, optionally filtered by a regex."""
+    blocks = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    names = [
+        f"{prefix}.{name}"
+        for name, module in blocks.named_modules()
+        if isinstance(module, (nn.Linear, ModuLoRALinear))
+    ]
+    if include is not None:
+        names = [n for n in names if re.search(include, n)]
+    if not names:
+        raise EngineError(f"no linear layers to quantize (include pattern: {include!r})")
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def quantize_model(
+    model: nn.Module,
+    quantizer: Quantizer,
+    names: list[str] | None = None,
+    stats: dict[str, LayerStats] | None = None,
+    wrap: Callable[[QuantizedWeight, torch.Tensor | None], nn.Module] | None = None,
+) -> list[str]:
+    """Quantize ``names`` (default: all decoder linears) in place; returns the names replaced.
+
+    ``wrap`` turns each quantized weight and bias into the module that replaces
+    the ``nn.Linear`` (default: a rank-0 :class:`ModuLoRALinear`).
+    """
+    names = names if names is not None else target_linear_names(model)
+    wrap = wrap or (lambda qweight, bias: ModuLoRALinear(qweight, bias))
+    if quantizer.needs_calibration and stats is None:
+        raise EngineError(f"quantizer {quantizer.name!r} needs calibration statistics (--calib FILE)")
+    for name in tqdm(names, desc=f"quantize ({quantizer.name})", unit="layer", leave=False):
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise EngineError(f"{name}: expected nn.Linear, found {type(linear).__name__}")
+        qweight = quantizer.quantize(linear.weight.data, None if stats is None else stats[name])
+        replace_module(model, name, wrap(qweight, linear.bias))
+    return names

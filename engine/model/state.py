@@ -1,0 +1,43 @@
+"""Sizes and de-duplicated tensors of a (possibly quantized) model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.lora.linear import ModuLoRALinear
+from engine.model.quantize import target_linear_names
+
+
+def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state_dict()`` without tied duplicates, plus ``{alias: kept_name}`` for the dropped ones."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor
+    return tensors, aliases
+
+
+def quantized_layers(model: nn.Module) -> dict[str, ModuLoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModuLoRALinear)}
+
+
+def model_size(model: nn.Module) -> dict[str, float]:
+    """Storage of the whole model and effective bits per weight of its decoder linears (packed or float)."""
+    tensors, _ = unique_state(model)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    layers = quantized_layers(model)
+    if layers:
+        stored = sum(m.base.nbytes for m in layers.values())
+        numel = sum(m.in_features * m.out_features for m in layers.values())
+    else:
+        weights = [model.get_submodule(n).weight for n in target_linear_names(model)]
+        stored = sum(w.numel() * w.element_size() for w in weights)
+        numel = sum(w.numel() for w in weights)
+    return {"model_bytes": total, "quantized_bytes": stored, "bits_per_weight": 8.0 * stored / numel}

@@ -1,0 +1,164 @@
+"""Group-wise integer weights: ``W[r, c] = scale[r, g] * (code[r, c] - zero[r, g])``, ``g = c // G``.
+
+The storage format shared by round-to-nearest and OPTQ.  Codes and (for the
+asymmetric case) zero points are bit-packed; scales are float16.  The last group
+of a row may be shorter than ``G`` (e.g. FFN inputs of width 172).  OPTQ with
+act-order stores columns in a permuted order (``perm``) so that groups stay
+contiguous; dequantization undoes the permutation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import EngineError
+from engine.quant.base import QuantizedWeight, Span, register_format
+from engine.quant.packing import SUPPORTED_BITS, pack, unpack, unpack_columns
+
+SCALE_DTYPE = torch.float16
+
+
+def check_settings(bits: int, group_size: int, in_features: int | None = None) -> int:
+    """Validate bits and group size; returns the effective group size (-1 means one group per row)."""
+    if bits not in SUPPORTED_BITS:
+        raise EngineError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+    if group_size == 0 or group_size < -1:
+        raise EngineError(f"group size must be a positive integer or -1 (per row), got {group_size}")
+    if in_features is not None and group_size == -1:
+        return in_features
+    return group_size
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(scale, zero)`` for a block of columns ``w`` (``[rows, k]``).
+
+    Min/max range widened to include 0 so that zero is exactly representable;
+    the scale is rounded to its storage dtype here, so codes are chosen against
+    the scale that dequantization will use.
+    """
+    return range_params(w.amin(dim=1), w.amax(dim=1), bits, symmetric)
+
+
+def range_params(
+    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` from per-group minima and maxima (any shape)."""
+    maxq = (1 << bits) - 1
+    lo = torch.clamp(w_min.float(), max=0.0)
+    hi = torch.clamp(w_max.float(), min=0.0)
+    if symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    empty = (lo == 0) & (hi == 0)
+    lo = torch.where(empty, -1.0, lo)
+    hi = torch.where(empty, 1.0, hi)
+    scale = ((hi - lo) / maxq).to(SCALE_DTYPE).float()
+    scale = torch.where(scale == 0, torch.finfo(SCALE_DTYPE).tiny, scale)
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``w`` to codes against broadcastable ``scale``/``zero``."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, (1 << bits) - 1)
+
+
+@register_format
+class GroupQuantizedWeight(QuantizedWeight):
+    format_name = "groupwise"
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        perm: torch.Tensor | None = None,
+    ) -> None:
+        """``codes`` [out, in] and ``zeros`` [out, n_groups] are integer (unpacked) tensors."""
+        super().__init__(codes.shape[0], in_features)
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = zeros is None
+        self.register_buffer("codes", pack(codes, bits))
+        self.register_buffer("scales", scales.to(SCALE_DTYPE).contiguous())
+        if zeros is not None:
+            self.register_buffer("zeros", pack(zeros, bits))
+        if perm is not None:
+            self.register_buffer("perm", perm.to(torch.int32).contiguous())
+            self.register_buffer("inv_perm", torch.argsort(perm).to(torch.int64), persistent=False)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+            "act_order": hasattr(self, "perm"),
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> GroupQuantizedWeight:
+        bits, n_in = config["bits"], config["in_features"]
+        obj = cls.__new__(cls)
+        QuantizedWeight.__init__(obj, config["out_features"], n_in)
+        obj.bits, obj.group_size, obj.symmetric = bits, config["group_size"], config["symmetric"]
+        obj.register_buffer("codes", tensors["codes"])
+        obj.register_buffer("scales", tensors["scales"])
+        if not obj.symmetric:
+            obj.register_buffer("zeros", tensors["zeros"])
+        if config.get("act_order"):
+            obj.register_buffer("perm", tensors["perm"])
+            obj.register_buffer("inv_perm", torch.argsort(tensors["perm"]).to(torch.int64), persistent=False)
+        return obj
+
+    def _zero_points(self, rows: slice, g0: int, g1: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.symmetric:
+            return torch.tensor(float(1 << (self.bits - 1)), dtype=dtype, device=self.scales.device)
+        return unpack_columns(self.zeros[rows], self.bits, g0, g1).to(dtype)
+
+    def _dequantize_stored(self, dtype: torch.dtype, rows: slice, c0: int, c1: int) -> torch.Tensor:
+        """Columns ``[c0, c1)`` in storage order, computed one whole group at a time."""
+        G = self.group_size
+        g0, g1 = c0 // G, -(-c1 // G)
+        lo, hi = g0 * G, min(g1 * G, self.in_features)
+        codes = unpack_columns(self.codes[rows], self.bits, lo, hi).to(dtype)
+        if hi - lo < (g1 - g0) * G:  # ragged last group: pad to whole groups
+            codes = F.pad(codes, (0, (g1 - g0) * G - (hi - lo)))
+        n_rows = codes.shape[0]
+        codes = codes.view(n_rows, g1 - g0, G)
+        zeros = self._zero_points(rows, g0, g1, dtype)
+        if zeros.dim():
+            zeros = zeros.unsqueeze(-1)
+        scales = self.scales[rows, g0:g1].to(dtype).unsqueeze(-1)
+        dense = ((codes - zeros) * scales).view(n_rows, -1)
+        return dense[:, c0 - lo : c1 - lo]
+
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
+    ) -> torch.Tensor:
+        row_slice = slice(*rows) if rows else slice(None)
+        c0, c1 = cols if cols else (0, self.in_features)
+        if not hasattr(self, "perm"):
+            return self._dequantize_stored(dtype, row_slice, c0, c1)
+        dense = self._dequantize_stored(dtype, row_slice, 0, self.in_features)
+        return dense[:, self.inv_perm[c0:c1]]
+
+
+def unpacked_codes(weight: GroupQuantizedWeight) -> torch.Tensor:
+    """All codes of a weight as ``uint8`` ``[out, in]`` in storage order (for tests and tools)."""
+    return unpack(weight.codes, weight.bits, weight.in_features)

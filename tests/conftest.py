@@ -1,0 +1,41 @@
+"""Shared fixtures: the real shared model and data (``../shared`` or ``$MODULORA_SHARED``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from engine.paths import shared_dir  # noqa: E402
+
+SHARED = shared_dir()
+GGUF_MODEL = SHARED / "models" / "stories260K.gguf"
+VALID_TXT = SHARED / "data" / "tinystories" / "valid.txt"
+TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not GGUF_MODEL.is_file():
+        raise pytest.UsageError(f"shared model not found at {GGUF_MODEL}; set MODULORA_SHARED")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def float_model():
+    """The shared float stories260K model and tokenizer (do not modify: deep-copy first)."""
+    from engine.model import load_float_model
+
+    return load_float_model(GGUF_MODEL)
+
+
+@pytest.fixture(scope="session")
+def valid_windows(float_model):
+    """All 256-token windows of the shared validation text (the perplexity protocol)."""
+    from engine.eval import read_text, token_windows
+
+    return token_windows(float_model[1], read_text(VALID_TXT), 256)
