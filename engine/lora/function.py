@@ -1,8 +1,8 @@
 """The quantization-agnostic ModuLoRA autograd function.
 
 ``y = x W^T + s (x A^T) B^T`` where ``W`` is only ever available through
-``qweight.dequantize``.  Forward and backward both re-materialise ``W`` (in row
-tiles when ``tile_rows`` is set, bounding the transient dense buffer); the
+``qweight.dequantize``.  Forward and backward both re-materialise ``W`` (in tiles of at
+most ``tile_numel`` elements when set, bounding the transient dense buffer); the
 context saves ``x``, ``A``, ``B`` and ``x A^T`` but never the dense weight.
 This is the ModuLoRA paper's backward pass (Yin et al., 2023): it works for any
 quantizer because it needs nothing but a dequantize method.
@@ -17,32 +17,39 @@ import torch
 
 from engine.quant.base import QuantizedWeight
 
-
-def _row_tiles(n_rows: int, tile_rows: int | None) -> Iterator[tuple[int, int]]:
-    step = tile_rows or n_rows
-    for start in range(0, n_rows, step):
-        yield start, min(start + step, n_rows)
+TILE_ALIGN = 64  # column tiles are multiples of this, so they start on group and packing-chunk boundaries
 
 
-def quantized_matmul(x: torch.Tensor, qweight: QuantizedWeight, tile_rows: int | None) -> torch.Tensor:
-    """``x @ W^T`` with ``W`` dequantized (in tiles of output rows) to ``x.dtype``."""
-    if tile_rows is None or tile_rows >= qweight.out_features:
+def _spans(n: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def quantized_matmul(x: torch.Tensor, qweight: QuantizedWeight, tile_numel: int | None) -> torch.Tensor:
+    """``x @ W^T``; with a tile budget, ``W`` is dequantized a block of input columns at a time
+    and the partial products accumulate in place into one output buffer."""
+    n_out, n_in = qweight.out_features, qweight.in_features
+    if tile_numel is None or tile_numel >= n_out * n_in:
         return x @ qweight.dequantize(x.dtype).T
-    return torch.cat(
-        [x @ qweight.dequantize(x.dtype, rows=span).T for span in _row_tiles(qweight.out_features, tile_rows)],
-        dim=-1,
-    )
+    step = max(TILE_ALIGN, tile_numel // n_out // TILE_ALIGN * TILE_ALIGN)
+    x2 = x.reshape(-1, n_in)
+    y = torch.zeros(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    for c0, c1 in _spans(n_in, step):
+        y.addmm_(x2[:, c0:c1], qweight.dequantize(x.dtype, cols=(c0, c1)).T)
+    return y.view(*x.shape[:-1], n_out)
 
 
-def quantized_matmul_transposed(g: torch.Tensor, qweight: QuantizedWeight, tile_rows: int | None) -> torch.Tensor:
-    """``g @ W`` (the input gradient), accumulated over tiles of ``W``'s rows."""
-    if tile_rows is None or tile_rows >= qweight.out_features:
+def quantized_matmul_transposed(g: torch.Tensor, qweight: QuantizedWeight, tile_numel: int | None) -> torch.Tensor:
+    """``g @ W`` (the input gradient); with a tile budget, accumulated over blocks of ``W``'s rows."""
+    n_out, n_in = qweight.out_features, qweight.in_features
+    if tile_numel is None or tile_numel >= n_out * n_in:
         return g @ qweight.dequantize(g.dtype)
-    out = None
-    for r0, r1 in _row_tiles(qweight.out_features, tile_rows):
-        part = g[..., r0:r1] @ qweight.dequantize(g.dtype, rows=(r0, r1))
-        out = part if out is None else out.add_(part)
-    return out
+    step = max(1, tile_numel // n_in)
+    g2 = g.reshape(-1, n_out)
+    out = torch.zeros(g2.shape[0], n_in, dtype=g.dtype, device=g.device)
+    for r0, r1 in _spans(n_out, step):
+        out.addmm_(g2[:, r0:r1], qweight.dequantize(g.dtype, rows=(r0, r1)))
+    return out.view(*g.shape[:-1], n_in)
 
 
 class ModuLoRAFunction(torch.autograd.Function):
@@ -56,16 +63,16 @@ class ModuLoRAFunction(torch.autograd.Function):
         lora_b: torch.Tensor | None,
         qweight: QuantizedWeight,
         scaling: float,
-        tile_rows: int | None,
+        tile_numel: int | None,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
         xc = x.to(compute_dtype)
-        y = quantized_matmul(xc, qweight, tile_rows)
+        y = quantized_matmul(xc, qweight, tile_numel)
         xa = None
         if lora_a is not None:
             xa = xc @ lora_a.to(compute_dtype).T
             y = y + scaling * (xa @ lora_b.to(compute_dtype).T)
-        ctx.qweight, ctx.scaling, ctx.tile_rows, ctx.compute_dtype = qweight, scaling, tile_rows, compute_dtype
+        ctx.qweight, ctx.scaling, ctx.tile_numel, ctx.compute_dtype = qweight, scaling, tile_numel, compute_dtype
         ctx.input_dtype = x.dtype
         ctx.save_for_backward(x, lora_a, lora_b, xa)
         return y.to(x.dtype)
@@ -77,7 +84,7 @@ class ModuLoRAFunction(torch.autograd.Function):
         g = grad_y.to(dt)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = quantized_matmul_transposed(g, ctx.qweight, ctx.tile_rows)
+            grad_x = quantized_matmul_transposed(g, ctx.qweight, ctx.tile_numel)
         if lora_a is not None:
             gb = g @ lora_b.to(dt)  # [..., r]
             if ctx.needs_input_grad[0]:

@@ -28,13 +28,13 @@ class ModuLoRALinear(nn.Module):
         alpha: float | None = None,
         compute_dtype: torch.dtype = torch.float32,
         adapter_dtype: torch.dtype = torch.float32,
-        tile_rows: int | None = None,
+        tile_numel: int | None = None,
     ) -> None:
         super().__init__()
         self.base = qweight
         self.in_features, self.out_features = qweight.in_features, qweight.out_features
         self.compute_dtype = compute_dtype
-        self.tile_rows = tile_rows
+        self.tile_numel = tile_numel
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
@@ -51,7 +51,7 @@ class ModuLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ModuLoRAFunction.apply(
-            x, self.lora_a, self.lora_b, self.base, self.scaling, self.tile_rows, self.compute_dtype
+            x, self.lora_a, self.lora_b, self.base, self.scaling, self.tile_numel, self.compute_dtype
         )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -1,6 +1,8 @@
 """Whole models: load float ones, quantize their linears, save and load quantized directories."""
 
 from engine.model.checkpoint import is_quantized_dir, load_model, load_quantized, read_manifest, save_quantized
+from engine.model.gguf_export import quantize_gguf
+from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
 from engine.model.quantize import decoder_blocks, quantize_model, target_linear_names
 from engine.model.state import model_size, quantized_layers
@@ -8,10 +10,13 @@ from engine.model.state import model_size, quantized_layers
 __all__ = [
     "decoder_blocks",
     "is_quantized_dir",
+    "is_quantized_gguf",
     "load_float_model",
+    "load_gguf_quantized",
     "load_model",
     "load_quantized",
     "model_size",
+    "quantize_gguf",
     "quantize_model",
     "quantized_layers",
     "read_manifest",

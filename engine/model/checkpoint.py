@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
+from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
 from engine.model.quantize import replace_module
 from engine.model.state import model_size, quantized_layers, unique_state
@@ -156,8 +157,10 @@ def _load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path
 
 
 def load_model(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
-    """A quantized directory (with its manifest) or a float model (manifest ``None``)."""
+    """A quantized directory or quantized GGUF file (with a manifest), or a float model (manifest ``None``)."""
     if is_quantized_dir(source):
         return load_quantized(source)
+    if is_quantized_gguf(source):
+        return load_gguf_quantized(source)
     model, tokenizer = load_float_model(source)
     return model, tokenizer, None

@@ -6,7 +6,14 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from engine.errors import EngineError
 
@@ -35,8 +42,8 @@ def _gguf_tokenizer(architecture: str, tokenizer_fields: dict) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special, **extra)
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A GGUF file through transformers' GGUF reader, with invalid special-token ids treated as absent."""
+def gguf_config_and_tokenizer(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """A GGUF file's config and tokenizer (metadata only), with invalid special-token ids treated as absent."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)
@@ -47,8 +54,13 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
     model_type = fields.pop("model_type")
     fields.pop("_model_name_or_path", None)
     config = AutoConfig.for_model(model_type, **fields)
+    return config, _gguf_tokenizer(model_type, parsed["tokenizer"])
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF file through transformers' GGUF reader (quantized tensors come back dequantized)."""
+    config, tokenizer = gguf_config_and_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config, dtype=dtype)
-    tokenizer = _gguf_tokenizer(model_type, parsed["tokenizer"])
     return model, tokenizer
 
 

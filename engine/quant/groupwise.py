@@ -1,7 +1,8 @@
 """Group-wise integer weights: ``W[r, c] = scale[r, g] * (code[r, c] - zero[r, g])``, ``g = c // G``.
 
-The storage format shared by round-to-nearest and OPTQ.  Codes and (for the
-asymmetric case) zero points are bit-packed; scales are float16.  The last group
+The storage format shared by round-to-nearest and OPTQ.  Codes (row by row) and,
+for the asymmetric case, zero points (one stream for the whole matrix) are
+bit-packed; scales are float16.  The last group
 of a row may be shorter than ``G`` (e.g. FFN inputs of width 172).  OPTQ with
 act-order stores columns in a permuted order (``perm``) so that groups stay
 contiguous; dequantization undoes the permutation.
@@ -92,7 +93,8 @@ class GroupQuantizedWeight(QuantizedWeight):
         self.register_buffer("codes", pack(codes, bits))
         self.register_buffer("scales", scales.to(SCALE_DTYPE).contiguous())
         if zeros is not None:
-            self.register_buffer("zeros", pack(zeros, bits))
+            # one bit stream for the whole matrix: rows hold only a few zero points each
+            self.register_buffer("zeros", pack(zeros.reshape(1, -1), bits))
         if perm is not None:
             self.register_buffer("perm", perm.to(torch.int32).contiguous())
             self.register_buffer("inv_perm", torch.argsort(perm).to(torch.int64), persistent=False)
@@ -129,7 +131,8 @@ class GroupQuantizedWeight(QuantizedWeight):
     def _zero_points(self, rows: slice, g0: int, g1: int, dtype: torch.dtype) -> torch.Tensor:
         if self.symmetric:
             return torch.tensor(float(1 << (self.bits - 1)), dtype=dtype, device=self.scales.device)
-        return unpack_columns(self.zeros[rows], self.bits, g0, g1).to(dtype)
+        zeros = unpack(self.zeros, self.bits, self.out_features * self.n_groups)
+        return zeros.view(self.out_features, self.n_groups)[rows, g0:g1].to(dtype)
 
     def _dequantize_stored(self, dtype: torch.dtype, rows: slice, c0: int, c1: int) -> torch.Tensor:
         """Columns ``[c0, c1)`` in storage order, computed one whole group at a time."""
@@ -140,13 +143,11 @@ class GroupQuantizedWeight(QuantizedWeight):
         if hi - lo < (g1 - g0) * G:  # ragged last group: pad to whole groups
             codes = F.pad(codes, (0, (g1 - g0) * G - (hi - lo)))
         n_rows = codes.shape[0]
-        codes = codes.view(n_rows, g1 - g0, G)
+        grouped = codes.view(n_rows, g1 - g0, G)
         zeros = self._zero_points(rows, g0, g1, dtype)
-        if zeros.dim():
-            zeros = zeros.unsqueeze(-1)
-        scales = self.scales[rows, g0:g1].to(dtype).unsqueeze(-1)
-        dense = ((codes - zeros) * scales).view(n_rows, -1)
-        return dense[:, c0 - lo : c1 - lo]
+        grouped.sub_(zeros.unsqueeze(-1) if zeros.dim() else zeros)
+        grouped.mul_(self.scales[rows, g0:g1].to(dtype).unsqueeze(-1))  # in place: one dense buffer per call
+        return codes.view(n_rows, -1)[:, c0 - lo : c1 - lo]
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None

@@ -59,12 +59,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if chunk_bytes == 1:
         # 2, 4, 8 bits: shift whole bytes, no widening needed.
         words = packed.view(*lead, n_chunks, 1)
-        codes = (words >> _shifts(bits, per_chunk, packed.device, torch.uint8)) & mask
+        codes = (words >> _shifts(bits, per_chunk, packed.device, torch.uint8)).bitwise_and_(mask)
     else:
         grouped = packed.view(*lead, n_chunks, chunk_bytes).to(torch.int32)
         byte_shifts = torch.arange(chunk_bytes, device=packed.device, dtype=torch.int32) * 8
         words = (grouped << byte_shifts).sum(-1, keepdim=True, dtype=torch.int32)
-        codes = ((words >> _shifts(bits, per_chunk, packed.device, torch.int32)) & mask).to(torch.uint8)
+        codes = (words >> _shifts(bits, per_chunk, packed.device, torch.int32)).bitwise_and_(mask).to(torch.uint8)
     return codes.reshape(*lead, n_chunks * per_chunk)[..., :n]
 
 

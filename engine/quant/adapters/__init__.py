@@ -1,0 +1,23 @@
+"""Third-party quantizers behind the engine's interface, each library used as a black box.
+
+* :mod:`.bnb4bit`: bitsandbytes NF4 / FP4 (``--method nf4|fp4``).
+* :mod:`.hqq_quant`: HQQ, half-quadratic quantization (``--method hqq``).
+* :mod:`.gguf_blocks`: GGML block formats read from GGUF files (Q4_0 ... Q8_0, Q2_K ... Q6_K).
+
+The libraries are imported lazily, on first quantize or dequantize, so importing
+the engine stays fast and a saved model of another format loads without them.
+"""
+
+from engine.quant.adapters.bnb4bit import BnB4BitQuantizer, BnB4BitWeight, FP4Quantizer, NF4Quantizer
+from engine.quant.adapters.gguf_blocks import GGUFWeight
+from engine.quant.adapters.hqq_quant import HQQQuantizer, HQQWeight
+
+__all__ = [
+    "BnB4BitQuantizer",
+    "BnB4BitWeight",
+    "FP4Quantizer",
+    "GGUFWeight",
+    "HQQQuantizer",
+    "HQQWeight",
+    "NF4Quantizer",
+]

@@ -1,0 +1,193 @@
+"""bitsandbytes NF4 / FP4: absmax-scaled 4-bit codes in flat blocks, the QLoRA storage format.
+
+bitsandbytes is the black box: ``quantize_4bit`` picks the codes, ``dequantize_4bit``
+(CPU backend or CUDA) turns them back.  Blocks run over the *flattened* weight, so
+for a width such as 172 a block may straddle two rows; a row tile dequantizes the
+whole blocks that cover it and slices.  With double quantization the per-block
+absmax values are themselves 8-bit blockwise-quantized (blocks of 256) around their mean.
+
+Stored per weight: the packed nibbles, the absmax values (and, doubly quantized,
+their fp32 scales and offset).  The 16-entry NF4/FP4 table and the 256-entry
+dynamic map are constants of the format, supplied by bitsandbytes on load, so
+they do not count against every layer's bits per weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+
+from engine.errors import EngineError
+from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
+
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def bnb_functional() -> Any:
+    """``bitsandbytes.functional``, imported on first use.
+
+    Its CPU backend logs a warning when the optional ``kernels`` package (a fused
+    4-bit GEMM) is missing; the engine never uses that GEMM, so the warning is muted.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as exc:
+        raise EngineError(f"bitsandbytes is not installed ({exc}); `pip install bitsandbytes`") from None
+    return F
+
+
+@register_format
+class BnB4BitWeight(QuantizedWeight):
+    format_name = "bnb4bit"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Use :meth:`from_quant_state` or :meth:`from_state`; ``tensors``/``config`` as in :meth:`config`."""
+        super().__init__(config["out_features"], config["in_features"])
+        self.quant_type: str = config["quant_type"]
+        self.block_size: int = config["block_size"]
+        self.double_quant: bool = config["double_quant"]
+        self.nested_block_size: int | None = config.get("nested_block_size")
+        names = ["packed", "absmax"] + (["nested_absmax", "nested_offset"] if self.double_quant else [])
+        for name in names:
+            if name not in tensors:
+                raise EngineError(f"bnb4bit weight: missing tensor {name!r}")
+            self.register_buffer(name, tensors[name])
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, state: Any) -> BnB4BitWeight:
+        """Wrap the output of ``bitsandbytes.functional.quantize_4bit``."""
+        out_f, in_f = state.shape
+        tensors = {"packed": packed.reshape(-1).contiguous(), "absmax": state.absmax.contiguous()}
+        config = {
+            "quant_type": state.quant_type,
+            "block_size": state.blocksize,
+            "double_quant": state.nested,
+            "out_features": out_f,
+            "in_features": in_f,
+        }
+        if state.nested:
+            tensors["nested_absmax"] = state.state2.absmax.float().contiguous()
+            tensors["nested_offset"] = torch.as_tensor(state.offset, dtype=torch.float32).reshape(())
+            config["nested_block_size"] = state.state2.blocksize
+        return cls(tensors, config)
+
+    def config(self) -> dict[str, Any]:
+        config = {
+            "quant_type": self.quant_type,
+            "block_size": self.block_size,
+            "double_quant": self.double_quant,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+        }
+        if self.double_quant:
+            config["nested_block_size"] = self.nested_block_size
+        return config
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> BnB4BitWeight:
+        return cls(tensors, config)
+
+    def quant_state(self) -> Any:
+        """The bitsandbytes ``QuantState`` for this weight, rebuilt from the buffers (on their device)."""
+        F = bnb_functional()
+        device = self.packed.device
+        state2 = offset = None
+        if self.double_quant:
+            code = F.create_dynamic_map().to(device)  # quantize_blockwise's default map
+            state2 = F.QuantState(
+                absmax=self.nested_absmax, blocksize=self.nested_block_size, code=code, dtype=torch.float32
+            )
+            offset = self.nested_offset
+        return F.QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            dtype=torch.float32,
+            blocksize=self.block_size,
+            code=F.get_4bit_type(self.quant_type, device=device),
+            quant_type=self.quant_type,
+            offset=offset,
+            state2=state2,
+        )
+
+    def _block_absmax(self, state: Any) -> torch.Tensor:
+        """Per-block fp32 absmax (undoing double quantization exactly as ``dequantize_4bit`` does)."""
+        if not self.double_quant:
+            return state.absmax
+        F = bnb_functional()
+        return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
+    ) -> torch.Tensor:
+        F = bnb_functional()
+        state = self.quant_state()
+        r0, r1 = rows if rows else (0, self.out_features)
+        c0, c1 = cols if cols else (0, self.in_features)
+        if (r0, r1) == (0, self.out_features):
+            dense = F.dequantize_4bit(self.packed, state)
+        else:
+            # The flat range of the row tile, widened to whole blocks (block sizes are even: byte-aligned).
+            n, bs = self.out_features * self.in_features, self.block_size
+            start, stop = r0 * self.in_features, r1 * self.in_features
+            b0, b1 = start // bs, -(-stop // bs)
+            lo, hi = b0 * bs, min(b1 * bs, n)
+            tile_state = F.QuantState(
+                absmax=self._block_absmax(state)[b0:b1].contiguous(),
+                shape=torch.Size((hi - lo,)),
+                dtype=torch.float32,
+                blocksize=bs,
+                code=state.code,
+                quant_type=self.quant_type,
+            )
+            flat = F.dequantize_4bit(self.packed[lo // 2 : (hi + 1) // 2], tile_state)
+            dense = flat.reshape(-1)[start - lo : stop - lo].view(r1 - r0, self.in_features)
+        return dense[:, c0:c1].to(dtype)
+
+
+class BnB4BitQuantizer(Quantizer):
+    """bitsandbytes 4-bit blockwise quantization (``--group-size`` is the block size)."""
+
+    quant_type: ClassVar[str]
+
+    def __init__(self, bits: int = 4, group_size: int = 64, double_quant: bool = False, symmetric: bool = False) -> None:
+        """``symmetric`` is accepted for CLI uniformity and has no effect: absmax scaling has no zero point."""
+        if bits != 4:
+            raise EngineError(f"{self.name} is a 4-bit format; got bits={bits}")
+        if group_size not in BLOCK_SIZES:
+            raise EngineError(
+                f"{self.name} block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {group_size}"
+            )
+        self.group_size, self.double_quant = group_size, double_quant
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "bits": 4, "group_size": self.group_size, "double_quant": self.double_quant}
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> BnB4BitWeight:
+        F = bnb_functional()
+        packed, state = F.quantize_4bit(
+            weight.detach().float().contiguous(),
+            blocksize=self.group_size,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+        )
+        return BnB4BitWeight.from_quant_state(packed, state)
+
+
+@register_quantizer
+class NF4Quantizer(BnB4BitQuantizer):
+    """4-bit NormalFloat (QLoRA): code points at normal quantiles, for normally distributed weights."""
+
+    name = "nf4"
+    quant_type = "nf4"
+
+
+@register_quantizer
+class FP4Quantizer(BnB4BitQuantizer):
+    """bitsandbytes' 4-bit float (1 sign, 2 exponent, 1 mantissa bits)."""
+
+    name = "fp4"
+    quant_type = "fp4"

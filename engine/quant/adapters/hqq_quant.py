@@ -1,0 +1,142 @@
+"""HQQ (half-quadratic quantization): calibration-free zero-point optimisation, via the ``hqq`` package.
+
+``hqq.core.quantize.Quantizer`` is the black box: ``quantize`` runs HQQ's proximal
+solver for the per-group zero points and picks the codes; ``dequantize`` applies
+``(W_q - zero) * scale``.  Settings follow HQQ's own defaults for linear layers
+(``hqq_base_quant_config``: ``axis=1``, zero rounding at 4 bits).  With ``axis=1``
+HQQ groups ``group_size`` consecutive weights of the *flattened* matrix, so for a
+width such as 172 a group may straddle two rows.
+
+Storage: one row of codes per group, bit-packed with the engine's dense packing
+(HQQ's own 3-bit layout spends 32 bits on 10 codes and pads the group count to a
+multiple of 10, which costs up to 1.5 bits per weight on small layers), plus one
+float16 scale and zero per group, the precision ``HQQLinear`` keeps them in with
+a float16 compute dtype.  A tile unpacks only the groups that cover it and hands
+them to HQQ's ``dequantize``, which computes in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
+from engine.quant.packing import pack, unpack
+
+HQQ_BITS = (2, 3, 4, 8)
+META_DTYPE = torch.float16
+
+
+def hqq_quantizer() -> Any:
+    """``hqq.core.quantize.Quantizer`` (imported on first use: importing hqq takes seconds)."""
+    try:
+        from hqq.core.quantize import Quantizer as HQQ
+    except ImportError as exc:
+        raise EngineError(f"hqq is not installed ({exc}); `pip install hqq`") from None
+    return HQQ
+
+
+def check_hqq_settings(bits: int, group_size: int, shape: tuple[int, ...] | None = None) -> None:
+    if bits not in HQQ_BITS:
+        raise EngineError(f"hqq bits must be one of {', '.join(map(str, HQQ_BITS))}, got {bits}")
+    if group_size <= 0 or group_size % 8:
+        raise EngineError(f"hqq group size must be a positive multiple of 8, got {group_size}")
+    if shape is not None and (shape[0] * shape[1]) % group_size:
+        raise EngineError(
+            f"hqq groups run over the flattened weight: its {shape[0] * shape[1]} elements {tuple(shape)} "
+            f"are not a multiple of the group size {group_size}"
+        )
+
+
+@register_format
+class HQQWeight(QuantizedWeight):
+    format_name = "hqq"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Use :meth:`from_hqq` or :meth:`from_state`; ``codes`` are packed, one group per row."""
+        super().__init__(config["out_features"], config["in_features"])
+        self.bits: int = config["bits"]
+        self.group_size: int = config["group_size"]
+        for name in ("codes", "scale", "zero"):
+            if name not in tensors:
+                raise EngineError(f"hqq weight: missing tensor {name!r}")
+            self.register_buffer(name, tensors[name])
+
+    @classmethod
+    def from_hqq(cls, codes: torch.Tensor, meta: dict[str, Any]) -> HQQWeight:
+        """Wrap HQQ's ``Quantizer.quantize(..., axis=1, bitpack=False)`` output: codes ``[n_groups, group_size]``."""
+        out_f, in_f = meta["shape"]
+        bits = meta["nbits"]
+        tensors = {
+            "codes": pack(codes.to(torch.uint8), bits),
+            "scale": meta["scale"].to(META_DTYPE).contiguous(),
+            "zero": meta["zero"].to(META_DTYPE).contiguous(),
+        }
+        return cls(tensors, {"bits": bits, "group_size": meta["group_size"], "out_features": out_f, "in_features": in_f})
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> HQQWeight:
+        return cls(tensors, config)
+
+    def meta(self, g0: int = 0, g1: int | None = None) -> dict[str, Any]:
+        """HQQ's metadata for groups ``[g0, g1)`` with unpacked codes and a float32 compute dtype."""
+        scale, zero = self.scale[g0:g1], self.zero[g0:g1]
+        return {
+            "nbits": self.bits,
+            "group_size": self.group_size,
+            "shape": torch.Size((scale.shape[0], self.group_size)),
+            "axis": 1,
+            "packing": None,
+            "view_as_float": False,
+            "compute_dtype": torch.float32,
+            "scale": scale.float(),
+            "zero": zero.float(),
+        }
+
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
+    ) -> torch.Tensor:
+        r0, r1 = rows if rows else (0, self.out_features)
+        start, stop = r0 * self.in_features, r1 * self.in_features
+        g0, g1 = start // self.group_size, -(-stop // self.group_size)
+        codes = unpack(self.codes[g0:g1], self.bits, self.group_size)
+        groups = hqq_quantizer().dequantize(codes, self.meta(g0, g1))
+        offset = g0 * self.group_size
+        dense = groups.reshape(-1)[start - offset : stop - offset].view(r1 - r0, self.in_features)
+        return dense[:, slice(*cols) if cols else slice(None)].to(dtype)
+
+
+@register_quantizer
+class HQQQuantizer(Quantizer):
+    """HQQ at 2/3/4/8 bits with HQQ's default linear-layer settings."""
+
+    name = "hqq"
+
+    def __init__(self, bits: int = 4, group_size: int = 64, symmetric: bool = False) -> None:
+        if symmetric:
+            raise EngineError("hqq optimises a zero point per group; --symmetric is not supported")
+        check_hqq_settings(bits, group_size)
+        self.bits, self.group_size = bits, group_size
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "bits": self.bits, "group_size": self.group_size}
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> HQQWeight:
+        check_hqq_settings(self.bits, self.group_size, tuple(weight.shape))
+        HQQ = hqq_quantizer()
+        from hqq.core.quantize import hqq_base_quant_config
+
+        params = hqq_base_quant_config(nbits=self.bits, group_size=self.group_size, axis=1)["weight_quant_params"]
+        w = weight.detach().float().contiguous()
+        codes, meta = HQQ.quantize(w, device=w.device, compute_dtype=torch.float32, bitpack=False, **params)
+        return HQQWeight.from_hqq(codes, meta)

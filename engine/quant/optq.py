@@ -1,0 +1,164 @@
+"""OPTQ (a.k.a. GPTQ; Frantar et al. 2023): group-wise integer weights chosen with the layer's Hessian.
+
+Columns are rounded one at a time; each rounding error is spread over the
+columns not yet rounded in proportion to the inverse Hessian
+``H = 2 X^T X / N`` of the layer's calibration inputs, so the output error
+``tr((W - Q) H (W - Q)^T)`` stays far below round-to-nearest.  Updates are
+applied lazily, a block of columns at a time.
+
+The result is an ordinary :class:`GroupQuantizedWeight` (same codes, scales and
+zero points as round-to-nearest, same grid from
+:func:`~engine.quant.groupwise.range_params`):
+
+* ``act_order``: columns are processed in order of decreasing ``H_ii``.  With
+  dynamic groups the groups are contiguous in that order, so the weight stores
+  its columns permuted (``perm``).  With ``static_groups`` the group ranges are
+  fixed up front on the original column order from the unmodified weight, so
+  the weight is stored in original order and needs no permutation.
+* a group's range is taken from the up-to-date (error-compensated) weights when
+  the group's first column is reached; lazy blocks are cut so that no group
+  straddles a block boundary unless it starts one, which keeps that exact.
+* dead inputs (``H_ii == 0``: the input is always zero) get ``H_ii = 1`` and a
+  zero weight column, as their weights never affect the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+from engine.quant.base import LayerStats, Quantizer, register_quantizer
+from engine.quant.groupwise import GroupQuantizedWeight, check_settings, quantize_codes, range_params
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64).
+
+    Row ``i`` of ``U``, scaled by ``1 / U_ii``, is how the rounding error of
+    column ``i`` is spread over columns ``i..n`` (OPTQ's Cholesky reformulation).
+    """
+    h = hessian.double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise EngineError(f"Hessian is not positive definite even after dampening {damp}; raise damp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+
+def _block_end(start: int, block_size: int, group_size: int, n: int) -> int:
+    """End of the lazy block at ``start``: no group may begin inside it and end after it."""
+    end = min(start + block_size, n)
+    last_group_start = end // group_size * group_size
+    if end < n and last_group_start > start:
+        end = last_group_start
+    return end
+
+
+@register_quantizer
+class OPTQQuantizer(Quantizer):
+    """OPTQ / GPTQ with dampening, act-order, static or dynamic groups and lazy block updates."""
+
+    name = "optq"
+    needs_calibration = True
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 32,
+        symmetric: bool = False,
+        act_order: bool = False,
+        static_groups: bool = False,
+        damp: float = 0.01,
+        block_size: int = 128,
+    ) -> None:
+        check_settings(bits, group_size)
+        if not damp >= 0:
+            raise EngineError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal), got {damp}")
+        if block_size < 1:
+            raise EngineError(f"block size must be a positive integer, got {block_size}")
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.act_order, self.static_groups = act_order, static_groups
+        self.damp, self.block_size = damp, block_size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+            "damp": self.damp,
+            "block_size": self.block_size,
+        }
+
+    def _ranges(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return range_params(w.amin(dim=1), w.amax(dim=1), self.bits, self.symmetric)
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> GroupQuantizedWeight:
+        out_f, in_f = weight.shape
+        if stats is None:
+            raise EngineError("optq needs calibration statistics (--calib FILE)")
+        if tuple(stats.xtx.shape) != (in_f, in_f):
+            raise EngineError(f"calibration statistics are {tuple(stats.xtx.shape)}, layer needs ({in_f}, {in_f})")
+        G = check_settings(self.bits, self.group_size, in_f)
+        n_groups = -(-in_f // G)
+
+        hessian = stats.hessian.clone()
+        w = weight.detach().float().clone()
+        dead = hessian.diagonal() == 0
+        hessian.diagonal()[dead] = 1.0
+        w[:, dead] = 0.0
+
+        scales = torch.empty(out_f, n_groups)
+        zeros = torch.empty(out_f, n_groups)
+        if self.static_groups:  # one range per original-order group, fixed before any update
+            for g in range(n_groups):
+                scales[:, g], zeros[:, g] = self._ranges(w[:, g * G : (g + 1) * G])
+        perm = torch.argsort(hessian.diagonal(), descending=True, stable=True) if self.act_order else None
+        if perm is not None:
+            w = w[:, perm]
+            hessian = hessian[perm][:, perm]
+        u = inverse_hessian_factor(hessian, self.damp).float()
+
+        # static groups follow the original column order, dynamic ones the processing order
+        order = perm if self.static_groups and perm is not None else torch.arange(in_f)
+        group_of = (order // G).tolist()
+        codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+        i1 = 0
+        while i1 < in_f:
+            i2 = _block_end(i1, self.block_size, G, in_f)
+            block = w[:, i1:i2].clone()
+            errors = torch.empty_like(block)
+            for i in range(i2 - i1):
+                col = i1 + i
+                group = group_of[col]
+                if not self.static_groups and col % G == 0:
+                    # this group's columns are up to date: all inside this block, or the block starts here
+                    group_cols = torch.cat([block[:, i : i + G], w[:, i2 : col + G]], dim=1)
+                    scales[:, group], zeros[:, group] = self._ranges(group_cols)
+                scale, zero = scales[:, group], zeros[:, group]
+                q = quantize_codes(block[:, i], scale, zero, self.bits)
+                codes[:, col] = q.to(torch.uint8)
+                err = (block[:, i] - scale * (q - zero)) / u[col, col]
+                block[:, i:] -= err.unsqueeze(1) * u[col, col:i2].unsqueeze(0)
+                errors[:, i] = err
+            w[:, i2:] -= errors @ u[i1:i2, i2:]
+            i1 = i2
+
+        stored_perm = None
+        if perm is not None and not self.static_groups:
+            stored_perm = perm  # dynamic groups are contiguous in processing order
+        elif perm is not None:
+            codes = codes[:, torch.argsort(perm)]  # static groups live in original order
+        return GroupQuantizedWeight(
+            codes,
+            scales,
+            None if self.symmetric else zeros.to(torch.uint8),
+            bits=self.bits,
+            group_size=G,
+            in_features=in_f,
+            perm=stored_perm,
+        )

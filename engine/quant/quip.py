@@ -1,0 +1,248 @@
+"""QuIP#: randomized Hadamard incoherence, E8P lattice codes, block LDLQ rounding (Tseng et al., 2024).
+
+For a weight ``W`` (``[m, n]``) with input Hessian ``H``:
+
+1. *Incoherence*: ``W' = U W Vᵀ`` and ``H' = V H Vᵀ`` with ``U``, ``V`` random-sign
+   Hadamard transforms (:mod:`engine.quant.hadamard`; widths zero-padded to a
+   Hadamard order, the input width also to a multiple of 8).  The proxy loss
+   ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` is unchanged by the rotation, and ``W'`` has
+   near-Gaussian entries that suit a ball-shaped lattice code.
+2. *Scale*: ``W'`` is divided by one per-layer scale, ``rms(W') / c``, where the
+   constant ``c`` per bit width was chosen by measuring perplexity on the shared
+   model (see :data:`DEFAULT_RMS`).
+3. *Block LDLQ*: ``H' = L D Lᵀ`` with ``L`` unit lower block-triangular (8 × 8
+   blocks); blocks of 8 columns are rounded last to first, each to the nearest
+   code point of ``W'_k + (W' - Ŵ')_{>k} L_{>k,k}``, which feeds the error of
+   the already-rounded blocks forward.  With a diagonal ``H`` this is plain
+   nearest rounding.
+4. *Codes*: 2 bits = one E8P stage (16 bits per 8 weights); 3 and 4 bits add a
+   residual stage (residual vector quantization, as QuIP#'s E8P12RVQ3B/4B): the
+   residual times a gain is rounded to the 1-bit E8 ball (3 bits) or to E8P again
+   (4 bits).
+
+Dequantization decodes all codes and applies ``Uᵀ Ŵ' V``; a row tile multiplies
+the decoded codes by the dense rows of ``Uᵀ`` it needs (built from the Kronecker
+structure), a column tile is cut from whole rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
+from engine.quant.e8p import DIM, e8_ball_decode, e8_ball_encode, e8p_decode, e8p_encode
+from engine.quant.hadamard import RandomHadamard, padded_size, random_signs
+
+# name -> (encode, decode, storage dtype of one code per 8 weights)
+CODEBOOKS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], torch.dtype]] = {
+    "e8p": (e8p_encode, e8p_decode, torch.int16),
+    "e8": (e8_ball_encode, e8_ball_decode, torch.uint8),
+}
+# bits -> residual stages (codebook, gain): stage i rounds (x - sum of earlier stages) * gain.
+STAGES: dict[int, tuple[tuple[str, float], ...]] = {
+    2: (("e8p", 1.0),),
+    3: (("e8p", 1.0), ("e8", 2.04)),
+    4: (("e8p", 1.0), ("e8p", 3.45)),
+}
+# bits -> target RMS of the scaled, rotated weight (W' / scale), chosen by measurement.
+DEFAULT_RMS: dict[int, float] = {2: 0.9, 3: 0.98, 4: 1.03}
+
+
+def _to_storage(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codes in ``[0, 2^bits)`` as the bit pattern of a signed/unsigned storage dtype."""
+    bits = torch.iinfo(dtype).bits
+    if dtype.is_signed:
+        codes = (codes.to(torch.int32) + (1 << (bits - 1))) % (1 << bits) - (1 << (bits - 1))
+    return codes.to(dtype)
+
+
+def rvq_encode(x: torch.Tensor, stages: tuple[tuple[str, float], ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Codes of each residual stage for vectors ``x`` ``[..., 8]``, and the reconstruction."""
+    approx = torch.zeros_like(x, dtype=torch.float32)
+    codes = []
+    for name, gain in stages:
+        encode, decode, _ = CODEBOOKS[name]
+        code = encode((x - approx) * gain)
+        approx = approx + decode(code) / gain
+        codes.append(code)
+    return codes, approx
+
+
+def rvq_decode(codes: list[torch.Tensor], stages: tuple[tuple[str, float], ...]) -> torch.Tensor:
+    return sum(CODEBOOKS[name][1](code) / gain for code, (name, gain) in zip(codes, stages))
+
+
+def block_ldl(hessian: torch.Tensor, block: int = DIM) -> torch.Tensor:
+    """Unit lower block-triangular ``L`` with ``H = L D Lᵀ`` (``D`` block diagonal), from a Cholesky factor."""
+    n = hessian.shape[0]
+    chol = torch.linalg.cholesky(hessian)
+    blocks = n // block
+    diag = torch.stack([chol[i * block : (i + 1) * block, i * block : (i + 1) * block] for i in range(blocks)])
+    # L[:, k] = C[:, k] C_kk^{-1}: solve X C_kk = C[:, k] for every block column at once.
+    cols = chol.view(n, blocks, block).transpose(0, 1)
+    lower = torch.linalg.solve_triangular(diag, cols, upper=False, left=False)
+    return lower.transpose(0, 1).reshape(n, n)
+
+
+def ldlq(
+    weight: torch.Tensor, hessian: torch.Tensor, stages: tuple[tuple[str, float], ...]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Block LDLQ: per-stage codes ``[m, n / 8]`` and the rounded weight ``[m, n]`` (``n % 8 == 0``)."""
+    m, n = weight.shape
+    lower = block_ldl(hessian)
+    rounded = torch.zeros_like(weight)
+    codes = [torch.empty(m, n // DIM, dtype=torch.int32) for _ in stages]
+    for k in reversed(range(n // DIM)):
+        c0, c1 = k * DIM, (k + 1) * DIM
+        target = weight[:, c0:c1] + (weight[:, c1:] - rounded[:, c1:]) @ lower[c1:, c0:c1]
+        block_codes, values = rvq_encode(target, stages)
+        rounded[:, c0:c1] = values.to(rounded.dtype)
+        for stage, code in zip(codes, block_codes):
+            stage[:, k] = code
+    return codes, rounded
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """±1 vector -> bits (1 = negative), 8 per byte, little-endian."""
+    neg = (signs < 0).to(torch.int32)
+    neg = torch.nn.functional.pad(neg, (0, -len(neg) % 8))
+    return (neg.view(-1, 8) << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: ``n`` float32 ±1 values."""
+    bits = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1
+    return 1.0 - 2.0 * bits.reshape(-1)[:n].to(torch.float32)
+
+
+@register_format
+class QuipWeight(QuantizedWeight):
+    """``W = Uᵀ (scale · decode(codes)) V``, cropped to ``[out_features, in_features]``."""
+
+    format_name = "quip_e8p"
+
+    def __init__(
+        self,
+        codes: list[torch.Tensor],
+        scale: float,
+        signs_out: torch.Tensor,
+        signs_in: torch.Tensor,
+        *,
+        out_features: int,
+        in_features: int,
+        bits: int,
+    ) -> None:
+        super().__init__(out_features, in_features)
+        self.bits = bits
+        self.stages = STAGES[bits]
+        self.out_padded, self.in_padded = len(signs_out), len(signs_in)
+        for i, (code, (name, _)) in enumerate(zip(codes, self.stages)):
+            self.register_buffer(f"codes{i}", _to_storage(code, CODEBOOKS[name][2]).contiguous())
+        self.register_buffer("scale", torch.tensor([scale], dtype=torch.float32))
+        self.register_buffer("signs_out", pack_signs(signs_out))
+        self.register_buffer("signs_in", pack_signs(signs_in))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+            "out_padded": self.out_padded,
+            "in_padded": self.in_padded,
+            "stages": [list(stage) for stage in self.stages],
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> QuipWeight:
+        bits = config["bits"]
+        if bits not in STAGES or [tuple(s) for s in config["stages"]] != list(STAGES[bits]):
+            raise EngineError(f"quip_e8p weight: unsupported stages {config['stages']} for {bits} bits")
+        obj = cls.__new__(cls)
+        QuantizedWeight.__init__(obj, config["out_features"], config["in_features"])
+        obj.bits, obj.stages = bits, STAGES[bits]
+        obj.out_padded, obj.in_padded = config["out_padded"], config["in_padded"]
+        for name in [f"codes{i}" for i in range(len(obj.stages))] + ["scale", "signs_out", "signs_in"]:
+            obj.register_buffer(name, tensors[name])
+        return obj
+
+    def _transforms(self) -> tuple[RandomHadamard, RandomHadamard]:
+        return (
+            RandomHadamard(self.out_features, unpack_signs(self.signs_out, self.out_padded)),
+            RandomHadamard(self.in_features, unpack_signs(self.signs_in, self.in_padded)),
+        )
+
+    def rotated(self) -> torch.Tensor:
+        """``scale · decode(codes)``: the quantized weight in the rotated basis, ``[out_padded, in_padded]``."""
+        codes = [getattr(self, f"codes{i}") for i in range(len(self.stages))]
+        return (rvq_decode(codes, self.stages) * self.scale).reshape(self.out_padded, self.in_padded)
+
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
+    ) -> torch.Tensor:
+        out_t, in_t = self._transforms()
+        q = self.rotated()
+        if rows is not None and rows != (0, self.out_features):
+            q = out_t.inverse_rows(*rows, q.dtype).to(q.device) @ q
+        else:
+            q = out_t.inverse(q.T).T
+        dense = in_t.inverse(q)
+        if cols is not None:
+            dense = dense[:, cols[0] : cols[1]]
+        return dense.to(dtype)
+
+
+def layer_seed(weight: torch.Tensor, seed: int) -> int:
+    """Sign seed from the quantizer seed and the weight's bytes, so layers get independent signs in any order."""
+    data = weight.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+    return (seed * 0x9E3779B1 + zlib.crc32(data)) % (1 << 63)
+
+
+@register_quantizer
+class QuipQuantizer(Quantizer):
+    """QuIP# at 2, 3 or 4 bits per weight (needs calibration statistics)."""
+
+    name = "quip"
+    needs_calibration = True
+
+    def __init__(self, bits: int = 2, damp: float = 0.01, rms: float | None = None, seed: int = 0) -> None:
+        if bits not in STAGES:
+            raise EngineError(f"quip: bits must be one of {', '.join(map(str, STAGES))}, got {bits}")
+        if damp < 0:
+            raise EngineError(f"quip: dampening must be >= 0, got {damp}")
+        if rms is not None and rms <= 0:
+            raise EngineError(f"quip: target rms must be positive, got {rms}")
+        self.bits, self.damp, self.seed = bits, damp, seed
+        self.rms = DEFAULT_RMS[bits] if rms is None else rms
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "bits": self.bits, "damp": self.damp, "rms": self.rms, "seed": self.seed}
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuipWeight:
+        m, n = weight.shape
+        if stats is None:
+            raise EngineError("quip needs calibration statistics (a Hessian per layer)")
+        if stats.xtx.shape != (n, n):
+            raise EngineError(f"quip: Hessian of shape {tuple(stats.xtx.shape)} does not match {n} input features")
+        hessian = stats.hessian.to(torch.float64)
+        w = weight.detach().to(torch.float64).clone()
+        w[:, torch.diagonal(hessian) == 0] = 0.0  # dead inputs: their weights never matter
+
+        gen = torch.Generator().manual_seed(layer_seed(weight, self.seed))
+        out_t = RandomHadamard(m, random_signs(padded_size(m), gen).double())
+        in_t = RandomHadamard(n, random_signs(padded_size(n, DIM), gen).double())
+        w_rot = out_t.forward(in_t.forward(w).T).T
+        h_rot = in_t.forward(in_t.forward(hessian).T)
+        mean_diag = torch.diagonal(h_rot).mean()
+        h_rot.diagonal().add_(self.damp * mean_diag if mean_diag > 0 else 1.0)
+
+        rms = w_rot.square().mean().sqrt().item()
+        scale = torch.tensor(rms / self.rms if rms > 0 else 1.0, dtype=torch.float32).item()  # as stored
+        codes, _ = ldlq(w_rot / scale, h_rot, STAGES[self.bits])
+        return QuipWeight(
+            codes, scale, out_t.signs.float(), in_t.signs.float(), out_features=m, in_features=n, bits=self.bits
+        )

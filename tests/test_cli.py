@@ -1,0 +1,97 @@
+"""The ``modulora`` command: real runs on the shared model, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import GGUF_MODEL, VALID_TXT
+
+
+def modulora(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def modulora_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """Same entry point, in this interpreter (saves the import time of a subprocess)."""
+    from engine.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def q3_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "q3"
+    result = modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", "3", "--group-size", "32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_eval_float_model_json():
+    result = modulora("eval", GGUF_MODEL, "--data", VALID_TXT, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ppl"] == pytest.approx(4.49, rel=0.01)
+    assert report["bits_per_weight"] == 32.0
+    assert report["tokens"] == 768 * 255
+
+
+def test_quantize_eval_info(q3_dir, capsys):
+    code, out, err = modulora_in_process(capsys, "eval", q3_dir, "--data", VALID_TXT, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ppl"] == pytest.approx(7.90, rel=0.02)
+    assert 3.5 < report["bits_per_weight"] < 3.75
+    code, out, err = modulora_in_process(capsys, "info", q3_dir)
+    assert code == 0, err
+    assert "bits=3" in out and "35 (groupwise)" in out
+    manifest = json.loads(modulora_in_process(capsys, "info", q3_dir, "--json")[1])
+    assert manifest["quantizer"] == {"method": "rtn", "bits": 3, "group_size": 32, "symmetric": False}
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["quantize", "missing.gguf", "--bits", "4", "--out", "o"], "missing.gguf: no such file"),
+        (["quantize", GGUF_MODEL, "--bits", "5", "--out", "o"], "'5' is not one of"),
+        (["quantize", GGUF_MODEL, "--group-size", "0", "--out", "o"], "group size must be a positive integer"),
+        (["quantize", GGUF_MODEL, "--method", "magic", "--out", "o"], "unknown quantization method 'magic'"),
+        (["quantize", GGUF_MODEL], "Missing option '--out'"),
+        (["eval", "tests", "--data", VALID_TXT], "not a model directory"),
+        (["eval", GGUF_MODEL, "--data", "nowhere.txt"], "nowhere.txt: no such file"),
+        (["eval", GGUF_MODEL, "--data", VALID_TXT, "--seq-len", "1"], "--seq-len"),
+        (["info", "tests"], "not a quantized model directory"),
+        (["info", "no/such/dir"], "no such directory"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    code, out, err = modulora_in_process(capsys, *args)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modulora: error:"), err
+    assert needle in lines[0]
+
+
+def test_corrupt_quantized_dir_is_refused_by_the_real_command(q3_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(q3_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = modulora("eval", broken, "--data", VALID_TXT)
+    assert result.returncode == 2
+    assert "truncated" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
