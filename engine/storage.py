@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from engine.errors import EngineError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -67,3 +70,44 @@ def atomic_save_safetensors(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """``{name: {sha256, bytes}}`` for every file directly in ``directory``."""
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(Path(directory).iterdir())
+        if p.is_file()
+    }
+
+
+def verify_file_manifest(directory: str | Path, files: dict[str, dict[str, Any]], listed_in: str) -> None:
+    """Raise :class:`EngineError` naming the first file that is missing, truncated or altered."""
+    directory = Path(directory)
+    for name, entry in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise EngineError(f"{file}: missing (listed in {listed_in})")
+        if file.stat().st_size != entry["bytes"]:
+            raise EngineError(f"{file}: size {file.stat().st_size} bytes, expected {entry['bytes']} (truncated?)")
+        if sha256_file(file) != entry["sha256"]:
+            raise EngineError(f"{file}: checksum mismatch (file altered or corrupt)")
+
+
+def staging_dir(out_dir: str | Path) -> Path:
+    """A fresh temporary sibling of ``out_dir`` to build a directory in before :func:`commit_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def commit_dir(staging: Path, out_dir: str | Path) -> None:
+    """Put a finished ``staging`` directory at ``out_dir``, replacing an old one in two renames."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, retired)
+        os.replace(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)

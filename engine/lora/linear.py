@@ -17,6 +17,11 @@ class ModuLoRALinear(nn.Module):
     ``rank=0`` gives a plain quantized linear layer (used for evaluation).
     ``A`` gets PEFT's Kaiming-uniform init and ``B`` zeros, so a fresh adapter
     leaves the output unchanged.
+
+    Dynamic rank (DyLoRA / QDyLoRA): with ``active_rank = b`` only the first
+    ``b`` rows of ``A`` and columns of ``B`` are used, scaled by ``alpha / b``;
+    with ``train_last_only`` the first ``b - 1`` of them are held fixed, so a
+    step trains only the ``b``-th ("frozen" variant).
     """
 
     def __init__(
@@ -36,24 +41,54 @@ class ModuLoRALinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.tile_numel = tile_numel
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.active_rank: int | None = None
+        self.train_last_only = False
+        self.rank, self.alpha = 0, 0.0
+        self.lora_a: nn.Parameter | None = None
+        self.lora_b: nn.Parameter | None = None
+        if rank > 0:
+            self.add_adapter(rank, alpha, adapter_dtype)
+
+    def add_adapter(self, rank: int, alpha: float | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """Attach a fresh rank-``rank`` adapter (replacing any previous one)."""
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
-        if rank > 0:
-            self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=adapter_dtype))
-            self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=adapter_dtype))
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        else:
-            self.lora_a = self.lora_b = None
+        device = next(self.base.buffers()).device
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @property
+    def effective_rank(self) -> int:
+        return min(self.active_rank or self.rank, self.rank)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank if self.rank else 0.0
+        return self.alpha / self.effective_rank if self.rank else 0.0
+
+    def adapter_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(A, B)`` restricted to the active rank (prefix held fixed when ``train_last_only``)."""
+        if not self.rank:
+            return None, None
+        r = self.effective_rank
+        a, b = self.lora_a[:r], self.lora_b[:, :r]
+        if self.train_last_only and r > 1:
+            a = torch.cat([a[: r - 1].detach(), a[r - 1 :]])
+            b = torch.cat([b[:, : r - 1].detach(), b[:, r - 1 :]], dim=1)
+        return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ModuLoRAFunction.apply(
-            x, self.lora_a, self.lora_b, self.base, self.scaling, self.tile_numel, self.compute_dtype
-        )
+        a, b = self.adapter_factors()
+        y = ModuLoRAFunction.apply(x, a, b, self.base, self.scaling, self.tile_numel, self.compute_dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``W_q + (alpha / r) B A`` at the active rank (for export)."""
+        weight = self.base.dequantize(dtype)
+        a, b = self.adapter_factors()
+        if a is not None:
+            weight = weight + self.scaling * (b.detach().to(dtype) @ a.detach().to(dtype))
+        return weight
 
     def extra_repr(self) -> str:
         return (

@@ -15,9 +15,7 @@ verified before anything is read.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,14 @@ from engine.model.loading import load_float_model
 from engine.model.quantize import replace_module
 from engine.model.state import model_size, quantized_layers, unique_state
 from engine.quant.base import weight_from_state
-from engine.storage import atomic_save_safetensors, atomic_write_json, sha256_file
+from engine.storage import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    commit_dir,
+    file_manifest,
+    staging_dir,
+    verify_file_manifest,
+)
 
 MANIFEST = "modulora.json"
 WEIGHTS = "model.safetensors"
@@ -50,8 +55,9 @@ def save_quantized(
 ) -> dict[str, Any]:
     """Write ``model`` (with ModuLoRA layers) to ``out_dir``; ``info`` (source, quantizer settings) goes in the manifest."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_quantized_dir(out_dir):
+        raise EngineError(f"{out_dir}: exists and is not a quantized model directory; refusing to overwrite it")
+    staging = staging_dir(out_dir)
     try:
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -64,30 +70,14 @@ def save_quantized(
             "layers": layers,
             "aliases": aliases,
             "size": model_size(model),
-            "files": {
-                p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                for p in sorted(staging.iterdir())
-                if p.is_file()
-            },
+            "files": file_manifest(staging),
         }
         atomic_write_json(staging / MANIFEST, manifest)
-        _swap_into_place(staging, out_dir)
+        commit_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    if any(out_dir.iterdir()) and not is_quantized_dir(out_dir):
-        raise EngineError(f"{out_dir}: exists and is not a quantized model directory; refusing to overwrite it")
-    retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, retired)
-    os.replace(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -104,14 +94,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise EngineError(f"{manifest_path}: corrupt manifest ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if manifest.get("format_version") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
         raise EngineError(f"{manifest_path}: unsupported manifest (format_version {manifest.get('format_version')!r})")
-    for name, entry in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise EngineError(f"{file}: missing (listed in {MANIFEST})")
-        if file.stat().st_size != entry["bytes"]:
-            raise EngineError(f"{file}: size {file.stat().st_size} bytes, expected {entry['bytes']} (truncated?)")
-        if sha256_file(file) != entry["sha256"]:
-            raise EngineError(f"{file}: checksum mismatch (file altered or corrupt)")
+    verify_file_manifest(path, manifest["files"], MANIFEST)
     return manifest
 
 
