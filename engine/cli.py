@@ -6,12 +6,14 @@ line on stderr and exit code 2; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -37,25 +39,159 @@ def cli(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _quantizer_options(method: str, given: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    """Constructor options for ``method``: every option the user gave must be one it takes; the
+    calibration seed is passed on too where the quantizer takes one (e.g. for random rotations)."""
+    from engine.quant import QUANTIZERS, make_quantizer
+
+    if method not in QUANTIZERS:
+        make_quantizer(method)  # raises the one-line "unknown method" error
+    accepted = inspect.signature(QUANTIZERS[method]).parameters
+    options = {name: value for name, value in given.items() if value is not None}
+    rejected = [f"--{name.replace('_', '-')}" for name in options if name not in accepted]
+    if rejected:
+        raise EngineError(f"method {method!r} does not take {', '.join(rejected)}")
+    if seed is not None and "seed" in accepted:
+        options["seed"] = seed
+    return options
+
+
+def _key_values(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EngineError(f"{option} takes KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def data_options(command: Any) -> Any:
+    """Options shared by commands that read a data set: its format, columns, label words, template."""
+    from engine.data import FORMATS
+
+    options = [
+        click.option("--format", "data_format", type=click.Choice(FORMATS), default="text", show_default=True),
+        click.option("--column", "columns", multiple=True, metavar="ROLE=NAME",
+                      help="Column for a role, e.g. text=sentence, label=label, document=dialogue."),
+        click.option("--label-word", "label_words", multiple=True, metavar="LABEL=WORD",
+                      help="Word a class label is spoken as, e.g. 0=negative."),
+        click.option("--template", default=None, help="Prompt template, e.g. '{text}\nAnswer:'."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many rows."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _spec(data_format: str, columns: tuple[str, ...], label_words: tuple[str, ...], template: str | None) -> Any:
+    from engine.data import FormatSpec
+
+    return FormatSpec(data_format, _key_values(columns, "--column"), template, _key_values(label_words, "--label-word"))
+
+
+def train_options(command: Any) -> Any:
+    """Options of the training loop (TrainConfig) and of the adapter."""
+    from engine.train.trainer import OPTIMIZERS
+
+    options = [
+        click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank."),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha [2 x rank]."),
+        click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True),
+        click.option("--grad-checkpointing", is_flag=True, help="Recompute each decoder block in backward."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--save-every", type=click.IntRange(min=0), default=50, show_default=True),
+        click.option("--keep-last", type=click.IntRange(min=1), default=2, show_default=True),
+        click.option("--resume", is_flag=True, help="Continue from the newest good checkpoint in --out."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _train_config(given: dict[str, Any], **extra: Any) -> Any:
+    from dataclasses import fields
+
+    from engine.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in given.items() if k in names}, **extra)
+
+
+def _alpha(rank: int, alpha: float | None) -> float:
+    return alpha if alpha is not None else 2.0 * rank
+
+
 @cli.command()
 @click.argument("model")
-@click.option("--method", default="rtn", show_default=True, help="Quantizer name (see `modulora info --methods`).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=32, show_default=True, help="Columns per scale; -1 for one per row.")
-@click.option("--symmetric", is_flag=True, help="Symmetric grid (no zero points).")
+@click.option("--method", default="rtn", show_default=True, help="Quantizer name: rtn, optq, quip, ...")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), help="Bits per weight [method's default].")
+@click.option("--group-size", type=int, help="Columns per scale; -1 for one per row [method's default].")
+@click.option("--symmetric", is_flag=True, default=None, help="Symmetric grid (no zero points).")
+@click.option("--act-order", is_flag=True, default=None, help="OPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--static-groups", is_flag=True, default=None, help="OPTQ: fix group ranges before any update.")
+@click.option("--damp", type=float, help="Hessian dampening, a fraction of its mean diagonal [method's default].")
+@click.option("--calib", "calib_file", type=click.Path(dir_okay=False), help="Calibration text (UTF-8 file).")
+@click.option(
+    "--calib-mode",
+    type=click.Choice(["sequential", "independent"]),
+    help="sequential: each block calibrated on the quantized blocks before it; independent: all on the float model"
+    " [sequential].",
+)
+@click.option("--calib-windows", type=click.IntRange(min=1), help="Calibration windows of 256 tokens [128].")
+@click.option("--seed", type=int, help="Seed of the calibration windows (and of the method, if random) [0].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def quantize(model: str, method: str, bits: str, group_size: int, symmetric: bool, out_dir: str) -> None:
-    """Quantize MODEL's decoder linear layers and save a quantized directory."""
+def quantize(
+    model: str,
+    method: str,
+    calib_file: str | None,
+    calib_mode: str | None,
+    calib_windows: int | None,
+    seed: int | None,
+    out_dir: str,
+    **given: Any,
+) -> None:
+    """Quantize MODEL's decoder linear layers and save a quantized directory.
+
+    Methods that need calibration (optq, quip) take --calib FILE: statistics of
+    each layer's inputs over random windows of that text.
+    """
     from engine.model import load_float_model, quantize_model, save_quantized
+    from engine.model.calibrate import quantize_with_calibration
     from engine.quant import make_quantizer
 
-    quantizer = make_quantizer(method, bits=int(bits), group_size=group_size, symmetric=symmetric)
+    if given["bits"] is not None:
+        given["bits"] = int(given["bits"])
+    quantizer = make_quantizer(method, **_quantizer_options(method, given, seed))
+    calib_options = {"--calib-mode": calib_mode, "--calib-windows": calib_windows}
+    if quantizer.needs_calibration and calib_file is None:
+        raise EngineError(f"method {method!r} needs calibration data: pass --calib FILE")
+    if not quantizer.needs_calibration and calib_file is not None:
+        raise EngineError(f"method {method!r} does not use calibration data (--calib)")
+    if calib_file is None and any(v is not None for v in calib_options.values()):
+        raise EngineError(f"{', '.join(k for k, v in calib_options.items() if v is not None)} needs --calib FILE")
     float_model, tokenizer = load_float_model(model)
     start = time.perf_counter()
-    quantize_model(float_model, quantizer)
+    calibration = None
+    if calib_file is not None:
+        settings = {"n_windows": calib_windows, "seed": seed, "mode": calib_mode}
+        calibration = quantize_with_calibration(
+            float_model, tokenizer, quantizer, calib_file, **{k: v for k, v in settings.items() if v is not None}
+        )
+    else:
+        quantize_model(float_model, quantizer)
     seconds = time.perf_counter() - start
     source = str(Path(model).resolve()) if Path(model).exists() else model
     info = {"source_model": source, "quantizer": quantizer.describe(), "quantize_seconds": seconds}
+    if calibration is not None:
+        info["calibration"] = calibration
     manifest = save_quantized(float_model, tokenizer, out_dir, info)
     size = manifest["size"]
     click.echo(
@@ -66,26 +202,73 @@ def quantize(model: str, method: str, bits: str, group_size: int, symmetric: boo
 
 @cli.command(name="eval")
 @click.argument("model")
-@click.option("--data", required=True, help="UTF-8 text file.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--data", required=True, help="Text file (perplexity) or a classification / summarization data file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--ranks", default=None, help="Comma-separated adapter ranks to evaluate a dynamic-rank run at, e.g. 1,2,4,8.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(model: str, data: str, seq_len: int, batch_size: int, as_json: bool) -> None:
-    """Perplexity of MODEL (float model or quantized directory) on a text file."""
-    from engine.eval import perplexity, read_text, token_windows
-    from engine.model import load_model, model_size
+@data_options
+def evaluate(model: str, data: str, batch_size: int, ranks: str | None, as_json: bool, data_format: str,
+             columns: tuple[str, ...], label_words: tuple[str, ...], template: str | None, limit: int | None,
+             seq_len: int) -> None:
+    """Evaluate MODEL (float, quantized, corrected or finetuned) on a data file.
 
-    text = read_text(data)
-    loaded, tokenizer, _ = load_model(model)
-    result = perplexity(loaded, token_windows(tokenizer, text, seq_len), batch_size, progress=not as_json)
-    report = {"model": model, "data": data, "seq_len": seq_len, **vars(result), **model_size(loaded)}
+    --format text reports perplexity (the whole file, BOS first, non-overlapping
+    windows of --seq-len, float64 NLL); classification reports accuracy of the
+    most likely label word; summarization reports ROUGE-1/2/L of greedy summaries.
+    """
+    from engine.model import model_size
+    from engine.train import set_active_rank
+    from engine.train.runs import load_with_adapter
+
+    loaded, tokenizer, _ = load_with_adapter(model)
+    metric = _metric(data_format, data, tokenizer, _spec(data_format, columns, label_words, template), limit, seq_len,
+                     batch_size, progress=not as_json)
+    rank_list = _rank_list(ranks)
+    results = {}
+    for rank in rank_list or [None]:
+        set_active_rank(loaded, rank)
+        results[rank] = metric(loaded)
+    report = {"model": model, "data": data, "format": data_format, "seq_len": seq_len, **model_size(loaded)}
+    if rank_list:
+        report["ranks"] = {str(rank): values for rank, values in results.items()}
+    else:
+        report.update(results[None])
     if as_json:
         click.echo(json.dumps(report))
-    else:
-        click.echo(
-            f"ppl {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {seq_len}); "
-            f"{report['bits_per_weight']:.3f} bits/weight, {report['model_bytes'] / 1e6:.2f} MB"
-        )
+        return
+    for rank, values in results.items():
+        prefix = f"rank {rank}: " if rank is not None else ""
+        click.echo(prefix + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+    click.echo(f"{report['bits_per_weight']:.3f} bits/weight ({report['bits_per_weight_with_adapter']:.3f} with adapter), "
+               f"{report['model_bytes'] / 1e6:.2f} MB")
+
+
+def _rank_list(ranks: str | None) -> list[int]:
+    if ranks is None:
+        return []
+    try:
+        values = [int(r) for r in ranks.split(",") if r.strip()]
+    except ValueError:
+        raise EngineError(f"--ranks takes comma-separated integers, got {ranks!r}") from None
+    if not values or min(values) < 1:
+        raise EngineError(f"--ranks must list ranks >= 1, got {ranks!r}")
+    return values
+
+
+def _metric(data_format: str, data: str, tokenizer: Any, spec: Any, limit: int | None, seq_len: int, batch_size: int,
+            progress: bool) -> Any:
+    """A function model -> metrics for the data format."""
+    from engine.eval import perplexity, read_text, token_windows
+    from engine.eval.tasks import classification_accuracy, summarization_rouge
+
+    if data_format == "text":
+        windows = token_windows(tokenizer, read_text(data), seq_len)[:limit]
+        return lambda m: {k: v for k, v in vars(perplexity(m, windows, batch_size, progress)).items()}
+    if data_format == "classification":
+        return lambda m: classification_accuracy(m, tokenizer, data, spec, limit, seq_len)
+    if data_format == "summarization":
+        return lambda m: summarization_rouge(m, tokenizer, data, spec, limit, max_len=seq_len)
+    raise EngineError(f"eval supports --format text, classification, summarization; got {data_format!r}")
 
 
 @cli.command()
@@ -109,6 +292,89 @@ def info(directory: str, as_json: bool) -> None:
     click.echo(f"bits/weight    {size['bits_per_weight']:.3f} (scales and zeros included)")
     click.echo(f"packed layers  {size['quantized_bytes'] / 1e6:.3f} MB")
     click.echo(f"model total    {size['model_bytes'] / 1e6:.3f} MB")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Training data file (json, jsonl, csv, tsv, parquet, txt).")
+@click.option("--eval-data", default=None, help="Text file for perplexity during training.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Compute dtype of the base matmuls.")
+@click.option("--rank-max", type=click.IntRange(min=1), default=None, help="QDyLoRA: train every rank 1..R at once.")
+@click.option("--dynamic", is_flag=True, help="QDyLoRA: sample the rank each step (needs --rank-max).")
+@click.option("--frozen", is_flag=True, help="QDyLoRA: update only the sampled rank's row/column.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@data_options
+@train_options
+def finetune(model: str, data: str, eval_data: str | None, dtype: str, rank_max: int | None, dynamic: bool,
+             frozen: bool, out_dir: str, data_format: str, columns: tuple[str, ...], label_words: tuple[str, ...],
+             template: str | None, limit: int | None, seq_len: int, rank: int, alpha: float | None, resume: bool,
+             **given: Any) -> None:
+    """Train LoRA on MODEL: a float model, a quantized directory, or a corrected one."""
+    from engine.train.runs import finetune as run_finetune
+
+    if dynamic != (rank_max is not None):
+        raise EngineError("--dynamic and --rank-max go together (QDyLoRA samples ranks 1..rank-max)")
+    if frozen and not dynamic:
+        raise EngineError("--frozen is a QDyLoRA variant: it needs --dynamic --rank-max R")
+    config = _train_config(given, rank_max=rank_max, dynamic_frozen=frozen)
+    adapter_rank = rank_max or rank
+    report = run_finetune(
+        model, data, _spec(data_format, columns, label_words, template), out_dir, config,
+        rank=adapter_rank, alpha=_alpha(adapter_rank, alpha), seq_len=seq_len, limit=limit, dtype=dtype,
+        eval_data=eval_data, resume=resume,
+    )
+    click.echo(f"{out_dir}: {report['examples']} examples, final loss {report['final'].get('loss', float('nan')):.4f}, "
+               f"{report['train_seconds']:.1f} s")
+
+
+@cli.command()
+@click.argument("quantized_dir")
+@click.option("--calib", required=True, help="Calibration text file the student learns to match the teacher on.")
+@click.option("--teacher", default=None, help="Float model [the source model recorded in the directory].")
+@click.option("--init", "init", type=click.Choice(["loftq", "zero"]), default="loftq", show_default=True)
+@click.option("--loftq-iters", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of cross-entropy next to KL.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@train_options
+def correct(quantized_dir: str, calib: str, teacher: str | None, init: str, loftq_iters: int, ce_weight: float,
+            limit: int | None, seq_len: int, out_dir: str, rank: int, alpha: float | None, resume: bool,
+            **given: Any) -> None:
+    """LREC: train LoRA so the quantized model matches its float teacher (KL + cross-entropy)."""
+    from engine.train.runs import correct as run_correct
+
+    report = run_correct(
+        quantized_dir, calib, out_dir, _train_config(given), teacher=teacher, rank=rank, alpha=_alpha(rank, alpha),
+        init=init, loftq_iters=loftq_iters, ce_weight=ce_weight, seq_len=seq_len, limit=limit, resume=resume,
+    )
+    size = report["size"]
+    click.echo(f"{out_dir}: corrected, {size['bits_per_weight']:.3f} bits/weight "
+               f"({size['bits_per_weight_with_adapter']:.3f} with the adapter), {report['train_seconds']:.1f} s")
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Cut a dynamic-rank adapter to this rank.")
+@click.option("--merged", is_flag=True, help="Also write a merged float model (transformers format) to OUT/merged.")
+def export(run_dir: str, out_dir: str, rank: int | None, merged: bool) -> None:
+    """Export the adapter of a finetune or correct run as PEFT (and optionally a merged float model)."""
+    from engine.export import attach_adapter, read_adapter, save_adapter, save_merged
+    from engine.model import load_model
+    from engine.train import set_active_rank
+    from engine.train.runs import ADAPTER_DIR
+
+    config, _ = read_adapter(Path(run_dir) / ADAPTER_DIR)
+    model, tokenizer, _ = load_model(config["base_model_name_or_path"])
+    attach_adapter(model, Path(run_dir) / ADAPTER_DIR)
+    save_adapter(model, Path(out_dir) / "adapter", config["base_model_name_or_path"], rank)
+    if merged:
+        set_active_rank(model, rank)
+        save_merged(model, tokenizer, Path(out_dir) / "merged")
+    click.echo(f"{out_dir}: adapter rank {rank or config['r']}" + (", merged model" if merged else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

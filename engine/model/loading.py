@@ -61,6 +61,12 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
     """A GGUF file through transformers' GGUF reader (quantized tensors come back dequantized)."""
     config, tokenizer = gguf_config_and_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config, dtype=dtype)
+    # The weights arrive dequantized; drop transformers' "gguf-quantized" marks so the model saves as plain float.
+    model.hf_quantizer = None
+    model.quantization_method = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tokenizer
 
 

@@ -22,7 +22,6 @@ def add_lora(
     alpha: float | None = None,
     seed: int = 0,
     include: str | None = None,
-    compute_dtype: torch.dtype = torch.float32,
 ) -> list[str]:
     """Give every decoder linear (or those matching ``include``) a fresh rank-``rank`` adapter.
 
@@ -38,7 +37,6 @@ def add_lora(
         if isinstance(layer, nn.Linear):
             layer = ModuLoRALinear(DenseWeight(layer.weight.data), layer.bias)
             replace_module(model, name, layer)
-        layer.compute_dtype = compute_dtype
         layer.add_adapter(rank, alpha)
     model.requires_grad_(False)
     for param in lora_parameters(model).values():

@@ -1,0 +1,97 @@
+"""Adapters in PEFT's on-disk format, which is also the engine's own adapter format.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key names
+(``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight``), so
+``peft.PeftModel.from_pretrained`` loads an exported adapter on the float base,
+and the engine reloads it onto a float or quantized model.  The scale
+``lora_alpha / r`` is PEFT's; cutting a dynamic-rank adapter to rank ``b``
+keeps ``lora_alpha``, which gives DyLoRA's ``alpha / b``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engine.errors import EngineError
+from engine.storage import atomic_save_safetensors, atomic_write_json
+from engine.train.adapters import add_lora, load_adapter_state, lora_layers
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: int | None = None) -> dict[str, Any]:
+    """Write the model's adapters, optionally cut to their first ``rank`` components."""
+    layers = lora_layers(model)
+    if not layers:
+        raise EngineError("model has no LoRA adapters to export")
+    full_rank = next(iter(layers.values())).rank
+    rank = rank or full_rank
+    if not 1 <= rank <= full_rank:
+        raise EngineError(f"export rank must be between 1 and {full_rank}, got {rank}")
+    alphas = {layer.alpha for layer in layers.values()}
+    if len(alphas) != 1:
+        raise EngineError(f"layers have different LoRA alphas {sorted(alphas)}; PEFT needs one")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()[:rank].contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()[:, :rank].contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alphas.pop(),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "modulora_layers": sorted(layers),
+        "modulora_trained_rank": full_rank,
+    }
+    out_dir = Path(out_dir)
+    atomic_save_safetensors(out_dir / WEIGHTS, tensors)
+    atomic_write_json(out_dir / CONFIG, config)
+    return config
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise EngineError(f"{path}: not an adapter directory (no {CONFIG})")
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        tensors = load_file(str(path / WEIGHTS))
+    except (json.JSONDecodeError, OSError) as exc:
+        raise EngineError(f"{path}: unreadable adapter ({exc})") from None
+    return config, tensors
+
+
+def attach_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Give ``model`` the adapter saved at ``path`` (its layers, rank and alpha)."""
+    config, tensors = read_adapter(path)
+    names = config.get("modulora_layers") or sorted(
+        {k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(PREFIX)}
+    )
+    include = "^(" + "|".join(map(re.escape, names)) + ")$"
+    add_lora(model, config["r"], config["lora_alpha"], include=include)
+    ours = {}
+    for name in names:
+        ours[f"{name}.lora_a"] = tensors[f"{PREFIX}{name}.lora_A.weight"]
+        ours[f"{name}.lora_b"] = tensors[f"{PREFIX}{name}.lora_B.weight"]
+    load_adapter_state(model, ours)
+    return config
+

@@ -1,0 +1,170 @@
+"""Whole runs behind ``modulora finetune`` and ``modulora correct`` (and the recipe stages).
+
+Output layout of a run directory::
+
+    adapter/              PEFT-format adapter (engine.export.peft_format)
+    checkpoints/step-N/   resumable training state
+    metrics.jsonl, tensorboard/, report.json
+
+``correct`` additionally writes a full quantized model directory (its base may
+have been re-quantized by the LoftQ initialisation), so ``OUT`` is itself a
+"corrected model": a quantized directory with an ``adapter/`` inside.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.data import FormatSpec, build_examples
+from engine.errors import EngineError
+from engine.eval.perplexity import perplexity, read_text, token_windows
+from engine.export.peft_format import attach_adapter, is_adapter_dir, save_adapter
+from engine.model import load_float_model, load_model, model_size, save_quantized
+from engine.quant import make_quantizer
+from engine.storage import atomic_write_json
+from engine.train.adapters import add_lora, lora_layers
+from engine.train.lrec import distillation_loss, loftq_init
+from engine.train.trainer import EvalFn, TrainConfig, Trainer
+
+ADAPTER_DIR = "adapter"
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_with_adapter(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
+    """A model as ``load_model`` gives it, plus the adapter of a corrected or finetuned directory."""
+    model, tokenizer, manifest = load_model(source)
+    adapter = Path(source) / ADAPTER_DIR
+    if Path(source).is_dir() and is_adapter_dir(adapter):
+        attach_adapter(model, adapter)
+    return model, tokenizer, manifest
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name not in COMPUTE_DTYPES:
+        raise EngineError(f"unknown compute dtype {name!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def _prepare_adapters(model: PreTrainedModel, rank: int, alpha: float | None, seed: int, dtype: torch.dtype) -> None:
+    """Fresh adapters, unless the model (a corrected one) already carries one: then training goes on from it."""
+    if not lora_layers(model):
+        add_lora(model, rank, alpha, seed=seed)
+    for layer in lora_layers(model).values():
+        layer.compute_dtype = dtype
+
+
+def perplexity_eval(tokenizer: PreTrainedTokenizerBase, path: str | Path, seq_len: int, limit: int | None) -> EvalFn:
+    windows = token_windows(tokenizer, read_text(path), seq_len)[:limit]
+    return lambda model: {"ppl": perplexity(model, windows, progress=False).ppl}
+
+
+def finetune(
+    model_source: str,
+    data: str,
+    spec: FormatSpec,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    seq_len: int = 256,
+    limit: int | None = None,
+    dtype: str = "float32",
+    eval_data: str | None = None,
+    eval_limit: int | None = 64,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """LoRA on a float model, ModuLoRA on a quantized one, or more training of a corrected one."""
+    out_dir = Path(out_dir)
+    model, tokenizer, _ = load_with_adapter(model_source)
+    _prepare_adapters(model, config.rank_max or rank, alpha, config.seed, compute_dtype(dtype))
+    examples = build_examples(data, spec, tokenizer, seq_len, limit)
+    eval_fn = perplexity_eval(tokenizer, eval_data, seq_len, eval_limit) if eval_data else None
+    start = time.perf_counter()
+    metrics = Trainer(model, examples, config, out_dir, _pad_id(tokenizer), eval_fn=eval_fn).train(resume=resume)
+    seconds = time.perf_counter() - start
+    save_adapter(model, out_dir / ADAPTER_DIR, str(model_source))
+    report = {
+        "model": str(model_source),
+        "data": data,
+        "format": spec.name,
+        "examples": len(examples),
+        "train": asdict(config),
+        "final": metrics,
+        "train_seconds": seconds,
+        "size": model_size(model),
+    }
+    atomic_write_json(out_dir / "report.json", report)
+    return report
+
+
+def correct(
+    quantized_dir: str,
+    calib: str,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    teacher: str | None = None,
+    rank: int = 8,
+    alpha: float | None = None,
+    init: str = "loftq",
+    loftq_iters: int = 4,
+    ce_weight: float = 1.0,
+    seq_len: int = 256,
+    limit: int | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """LREC: train LoRA on every decoder linear of a quantized model to match its float teacher."""
+    if init not in ("loftq", "zero"):
+        raise EngineError(f"unknown --init {init!r}; allowed: loftq, zero")
+    out_dir = Path(out_dir)
+    student, tokenizer, manifest = load_model(quantized_dir)
+    if manifest is None:
+        raise EngineError(f"{quantized_dir}: not a quantized model directory (correct needs one)")
+    teacher_source = teacher or manifest.get("source_model")
+    if not teacher_source:
+        raise EngineError(f"{quantized_dir}: no source_model in its manifest; pass --teacher MODEL")
+    teacher_model, _ = load_float_model(teacher_source)
+    correction = {"teacher": str(teacher_source), "calib": calib, "rank": rank, "init": init, "ce_weight": ce_weight}
+    if resume and (out_dir / "modulora.json").is_file():
+        student, tokenizer, _ = load_model(out_dir)  # the base as initialised (LoftQ) before the interruption
+        add_lora(student, rank, alpha, seed=config.seed)
+    else:
+        add_lora(student, rank, alpha, seed=config.seed)
+        if init == "loftq":
+            loftq_init(student, teacher_model, _requantizer(manifest), loftq_iters)
+        info = {k: v for k, v in manifest.items() if k not in ("layers", "aliases", "size", "files", "format_version")}
+        save_quantized(student, tokenizer, out_dir, {**info, "correction": correction})
+    examples = build_examples(calib, FormatSpec("text"), tokenizer, seq_len, limit)
+    start = time.perf_counter()
+    loss = distillation_loss(teacher_model, ce_weight)
+    metrics = Trainer(student, examples, config, out_dir / "train", _pad_id(tokenizer), loss_fn=loss).train(resume=resume)
+    seconds = time.perf_counter() - start
+    save_adapter(student, out_dir / ADAPTER_DIR, str(out_dir.resolve()))
+    report = {"final": metrics, "train_seconds": seconds, "size": model_size(student), **correction, "train": asdict(config)}
+    atomic_write_json(out_dir / "train" / "report.json", report)
+    return report
+
+
+def _requantizer(manifest: dict[str, Any]):
+    """The quantizer a directory was made with, to re-quantize ``W - s B A`` during LoftQ."""
+    settings = {k: v for k, v in manifest["quantizer"].items() if k != "method"}
+    quantizer = make_quantizer(manifest["quantizer"]["method"], **settings)
+    if quantizer.needs_calibration:
+        raise EngineError(
+            f"--init loftq re-quantizes weights without calibration data; {quantizer.name!r} needs it: use --init zero"
+        )
+    return quantizer
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
