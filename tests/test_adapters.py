@@ -63,18 +63,33 @@ def _round_trip(qweight):
 
 
 def _assert_tiles(qweight, dense: torch.Tensor) -> None:
-    for rows in TILES:
-        cols = (5, dense.shape[1] - 3)
-        tile = qweight.dequantize(torch.float32, rows=rows, cols=cols)
-        assert torch.equal(tile, dense[rows[0] : rows[1], cols[0] : cols[1]]), (rows, cols)
+    """Row tiles, column tiles (the forward pass's) and both, against slices of the whole weight."""
+    n_out, n_in = dense.shape
+    spans = [(r, None) for r in TILES] + [(None, (0, 7)), (None, (33, n_in))] + [(r, (5, n_in - 3)) for r in TILES]
+    for rows, cols in spans:
+        r0, r1 = rows or (0, n_out)
+        c0, c1 = cols or (0, n_in)
+        tile = qweight.dequantize(torch.float16, rows=rows, cols=cols)
+        assert torch.equal(tile, dense[r0:r1, c0:c1].half()), (rows, cols)
+
+
+def _assert_reloads_identically(model, tokenizer, out_dir, info: dict) -> dict:
+    """save_quantized + load_quantized give the same logits; returns the saved manifest."""
+    saved = save_quantized(model, tokenizer, out_dir, info)
+    reloaded, _, manifest = load_quantized(out_dir)
+    assert manifest["quantizer"] == info["quantizer"]
+    windows = torch.arange(2 * 64).view(2, 64) % 512
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, reloaded(input_ids=windows).logits)
+    return saved
 
 
 def _quantized_ppl(float_model, valid_windows, method: str, **options) -> tuple[float, float]:
+    """(quantized, float) perplexity on the first validation windows."""
     model = copy.deepcopy(float_model[0])
     quantize_model(model, make_quantizer(method, **options))
-    return perplexity(model, valid_windows[:N_WINDOWS], progress=False).ppl, perplexity(
-        float_model[0], valid_windows[:N_WINDOWS], progress=False
-    ).ppl
+    windows = valid_windows[:N_WINDOWS]
+    return perplexity(model, windows, progress=False).ppl, perplexity(float_model[0], windows, progress=False).ppl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +197,17 @@ def test_hqq_4bit_perplexity_near_float(float_model, valid_windows):
     assert float_ppl < ppl < 1.15 * float_ppl, (ppl, float_ppl)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("nf4", {"double_quant": True}), ("fp4", {"group_size": 128}), ("hqq", {"bits": 3, "group_size": 32})],
+)
+def test_adapter_models_save_and_reload_identically(float_model, tmp_path, method, options):
+    model = copy.deepcopy(float_model[0])
+    quantizer = make_quantizer(method, **options)
+    quantize_model(model, quantizer)
+    _assert_reloads_identically(model, float_model[1], tmp_path / method, {"quantizer": quantizer.describe()})
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF block formats
 
@@ -206,7 +232,7 @@ def _random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int) -> np.
 @pytest.mark.parametrize("qtype", list(F16_FIELDS))
 def test_gguf_dequantize_equals_gguf_py(qtype):
     block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-    raw = _random_blocks(qtype, rows=24, blocks_per_row=3, seed=sum(map(ord, qtype)))
+    raw = _random_blocks(qtype, rows=64, blocks_per_row=3, seed=sum(map(ord, qtype)))
     reference = torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType[qtype]).copy())
     qweight = GGUFWeight(torch.from_numpy(raw.copy()), qtype, 3 * block_size)
     assert torch.equal(qweight.dequantize(), reference)
@@ -258,7 +284,7 @@ def test_quantized_gguf_loads_into_modulora_layers(gguf_q8, float_model, valid_w
     # transformers' own loader dequantizes with gguf-py and undoes llama.cpp's Q/K row permutation.
     reference, _ = load_float_model(gguf_q8)
     ref_state = reference.state_dict()
-    for name, layer_manifest in manifest["layers"].items():
+    for name in manifest["layers"]:
         assert torch.equal(model.get_submodule(name).base.dequantize(), ref_state[f"{name}.weight"]), name
     for key, tensor in model.state_dict().items():
         if key in ref_state:
@@ -271,12 +297,8 @@ def test_quantized_gguf_loads_into_modulora_layers(gguf_q8, float_model, valid_w
 
 def test_quantized_gguf_model_saves_and_reloads(gguf_q8, tmp_path):
     model, tokenizer, manifest = load_model(gguf_q8)
-    saved = save_quantized(model, tokenizer, tmp_path / "q8", {"source_model": str(gguf_q8), "quantizer": manifest["quantizer"]})
+    saved = _assert_reloads_identically(model, tokenizer, tmp_path / "q8", {"quantizer": manifest["quantizer"]})
     assert saved["size"]["bits_per_weight"] == manifest["size"]["bits_per_weight"]
-    reloaded, _, _ = load_quantized(tmp_path / "q8")
-    windows = torch.arange(2 * 64).view(2, 64) % 512
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=windows).logits, reloaded(input_ids=windows).logits)
 
 
 def test_quantize_gguf_refuses_k_quants(tmp_path):

@@ -1,9 +1,10 @@
 """bitsandbytes NF4 / FP4: absmax-scaled 4-bit codes in flat blocks, the QLoRA storage format.
 
 bitsandbytes is the black box: ``quantize_4bit`` picks the codes, ``dequantize_4bit``
-(CPU backend or CUDA) turns them back.  Blocks run over the *flattened* weight, so
-for a width such as 172 a block may straddle two rows; a row tile dequantizes the
-whole blocks that cover it and slices.  With double quantization the per-block
+(CPU backend or CUDA) turns them back.  Blocks run over the *flattened* weight: when
+they tile every row, a tile dequantizes only the blocks under it; for a width such
+as 172 a block may straddle two rows, and a tile dequantizes the whole blocks that
+cover its rows and slices.  With double quantization the per-block
 absmax values are themselves 8-bit blockwise-quantized (blocks of 256) around their mean.
 
 Stored per weight: the packed nibbles, the absmax values (and, doubly quantized,
@@ -14,6 +15,7 @@ they do not count against every layer's bits per weight.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, ClassVar
 
@@ -23,9 +25,9 @@ from engine.errors import EngineError
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4")
 
 
+@functools.cache
 def bnb_functional() -> Any:
     """``bitsandbytes.functional``, imported on first use.
 
@@ -120,32 +122,42 @@ class BnB4BitWeight(QuantizedWeight):
         F = bnb_functional()
         return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
+    def _dequantize_run(self, packed: torch.Tensor, absmax: torch.Tensor, n: int) -> torch.Tensor:
+        """``dequantize_4bit`` on ``n`` weights: a run of whole blocks (only the last may be short)."""
+        F = bnb_functional()
+        state = F.QuantState(
+            absmax=absmax.reshape(-1).contiguous(),
+            shape=torch.Size((n,)),
+            dtype=torch.float32,
+            blocksize=self.block_size,
+            code=F.get_4bit_type(self.quant_type, device=packed.device),
+            quant_type=self.quant_type,
+        )
+        return F.dequantize_4bit(packed.reshape(-1).contiguous(), state).reshape(-1)
+
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
     ) -> torch.Tensor:
-        F = bnb_functional()
+        n_out, n_in, bs = self.out_features, self.in_features, self.block_size
+        r0, r1 = rows if rows else (0, n_out)
+        c0, c1 = cols if cols else (0, n_in)
         state = self.quant_state()
-        r0, r1 = rows if rows else (0, self.out_features)
-        c0, c1 = cols if cols else (0, self.in_features)
-        if (r0, r1) == (0, self.out_features):
-            dense = F.dequantize_4bit(self.packed, state)
-        else:
-            # The flat range of the row tile, widened to whole blocks (block sizes are even: byte-aligned).
-            n, bs = self.out_features * self.in_features, self.block_size
-            start, stop = r0 * self.in_features, r1 * self.in_features
-            b0, b1 = start // bs, -(-stop // bs)
-            lo, hi = b0 * bs, min(b1 * bs, n)
-            tile_state = F.QuantState(
-                absmax=self._block_absmax(state)[b0:b1].contiguous(),
-                shape=torch.Size((hi - lo,)),
-                dtype=torch.float32,
-                blocksize=bs,
-                code=state.code,
-                quant_type=self.quant_type,
-            )
-            flat = F.dequantize_4bit(self.packed[lo // 2 : (hi + 1) // 2], tile_state)
-            dense = flat.reshape(-1)[start - lo : stop - lo].view(r1 - r0, self.in_features)
-        return dense[:, c0:c1].to(dtype)
+        if (r0, r1, c0, c1) == (0, n_out, 0, n_in):
+            return bnb_functional().dequantize_4bit(self.packed, state).to(dtype)
+        absmax = self._block_absmax(state)
+        if n_in % bs == 0:
+            # Blocks tile every row: dequantize just the blocks under the tile (block sizes are even).
+            b0, b1 = c0 // bs, -(-c1 // bs)
+            packed = self.packed.view(n_out, -1)[r0:r1, b0 * bs // 2 : b1 * bs // 2]
+            scales = absmax.view(n_out, -1)[r0:r1, b0:b1]
+            dense = self._dequantize_run(packed, scales, scales.numel() * bs).view(r1 - r0, -1)
+            return dense[:, c0 - b0 * bs : c1 - b0 * bs].to(dtype)
+        # Blocks straddle rows: the whole blocks covering the rows' flat range.
+        start, stop = r0 * n_in, r1 * n_in
+        b0, b1 = start // bs, -(-stop // bs)
+        lo, hi = b0 * bs, min(b1 * bs, n_out * n_in)
+        flat = self._dequantize_run(self.packed[lo // 2 : (hi + 1) // 2], absmax[b0:b1], hi - lo)
+        return flat[start - lo : stop - lo].view(r1 - r0, n_in)[:, c0:c1].to(dtype)
 
 
 class BnB4BitQuantizer(Quantizer):

@@ -5,18 +5,20 @@ solver for the per-group zero points and picks the codes; ``dequantize`` applies
 ``(W_q - zero) * scale``.  Settings follow HQQ's own defaults for linear layers
 (``hqq_base_quant_config``: ``axis=1``, zero rounding at 4 bits).  With ``axis=1``
 HQQ groups ``group_size`` consecutive weights of the *flattened* matrix, so for a
-width such as 172 a group may straddle two rows.
+width such as 172 a group may straddle two rows; when groups tile every row, a
+tile dequantizes only the groups under it.
 
 Storage: one row of codes per group, bit-packed with the engine's dense packing
 (HQQ's own 3-bit layout spends 32 bits on 10 codes and pads the group count to a
 multiple of 10, which costs up to 1.5 bits per weight on small layers), plus one
 float16 scale and zero per group, the precision ``HQQLinear`` keeps them in with
-a float16 compute dtype.  A tile unpacks only the groups that cover it and hands
+a float16 compute dtype.  Dequantization unpacks the groups it needs and hands
 them to HQQ's ``dequantize``, which computes in float32.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ HQQ_BITS = (2, 3, 4, 8)
 META_DTYPE = torch.float16
 
 
+@functools.cache
 def hqq_quantizer() -> Any:
     """``hqq.core.quantize.Quantizer`` (imported on first use: importing hqq takes seconds)."""
     try:
@@ -88,32 +91,42 @@ class HQQWeight(QuantizedWeight):
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> HQQWeight:
         return cls(tensors, config)
 
-    def meta(self, g0: int = 0, g1: int | None = None) -> dict[str, Any]:
-        """HQQ's metadata for groups ``[g0, g1)`` with unpacked codes and a float32 compute dtype."""
-        scale, zero = self.scale[g0:g1], self.zero[g0:g1]
-        return {
+    def _dequantize_groups(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """HQQ's ``dequantize`` on some groups (packed code rows with their scales and zeros), float32."""
+        codes = unpack(codes.reshape(-1, codes.shape[-1]), self.bits, self.group_size)
+        meta = {
             "nbits": self.bits,
             "group_size": self.group_size,
-            "shape": torch.Size((scale.shape[0], self.group_size)),
+            "shape": codes.shape,
             "axis": 1,
             "packing": None,
             "view_as_float": False,
             "compute_dtype": torch.float32,
-            "scale": scale.float(),
-            "zero": zero.float(),
+            "scale": scale.reshape(-1, 1).float(),
+            "zero": zero.reshape(-1, 1).float(),
         }
+        return hqq_quantizer().dequantize(codes, meta)
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
     ) -> torch.Tensor:
-        r0, r1 = rows if rows else (0, self.out_features)
-        start, stop = r0 * self.in_features, r1 * self.in_features
-        g0, g1 = start // self.group_size, -(-stop // self.group_size)
-        codes = unpack(self.codes[g0:g1], self.bits, self.group_size)
-        groups = hqq_quantizer().dequantize(codes, self.meta(g0, g1))
-        offset = g0 * self.group_size
-        dense = groups.reshape(-1)[start - offset : stop - offset].view(r1 - r0, self.in_features)
-        return dense[:, slice(*cols) if cols else slice(None)].to(dtype)
+        n_out, n_in, G = self.out_features, self.in_features, self.group_size
+        r0, r1 = rows if rows else (0, n_out)
+        c0, c1 = cols if cols else (0, n_in)
+        if n_in % G == 0:
+            # Groups tile every row: dequantize just the groups under the tile.
+            g0, g1 = c0 // G, -(-c1 // G)
+            pick = (slice(r0, r1), slice(g0, g1))
+            codes = self.codes.view(n_out, n_in // G, -1)[pick]
+            scale, zero = self.scale.view(n_out, -1)[pick], self.zero.view(n_out, -1)[pick]
+            dense = self._dequantize_groups(codes, scale, zero).view(r1 - r0, -1)
+            return dense[:, c0 - g0 * G : c1 - g0 * G].to(dtype)
+        # Groups straddle rows: the whole groups covering the rows' flat range.
+        start, stop = r0 * n_in, r1 * n_in
+        g0, g1 = start // G, -(-stop // G)
+        flat = self._dequantize_groups(self.codes[g0:g1], self.scale[g0:g1], self.zero[g0:g1]).reshape(-1)
+        offset = g0 * G
+        return flat[start - offset : stop - offset].view(r1 - r0, n_in)[:, c0:c1].to(dtype)
 
 
 @register_quantizer

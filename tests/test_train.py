@@ -1,0 +1,137 @@
+"""Trainer: exact resume after SIGKILL, corrupt-checkpoint fallback, dynamic rank, LREC."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GGUF_MODEL, TRAIN_TXT
+from engine.data import FormatSpec, build_examples
+from engine.eval import perplexity
+from engine.model import quantize_model
+from engine.quant import RTNQuantizer
+from engine.train import TrainConfig, Trainer, adapter_state, add_lora, set_active_rank
+from engine.train.checkpoint import checkpoint_dirs, latest_good_checkpoint
+from engine.train.lrec import distillation_loss, loftq_layer
+
+FINETUNE = [sys.executable, "-m", "engine.cli", "finetune", str(GGUF_MODEL), "--data", str(TRAIN_TXT),
+            "--seq-len", "64", "--limit", "48", "--batch-size", "4", "--steps", "14", "--save-every", "1",
+            "--keep-last", "3", "--rank-max", "4", "--dynamic", "--lr", "3e-3"]
+
+
+def run_finetune(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*FINETUNE, "--out", str(out), *extra], capture_output=True, text=True)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    reference = run_finetune(tmp_path / "straight")
+    assert reference.returncode == 0, reference.stderr
+    kill_at = random.Random(os.getpid()).randint(3, 10)
+    proc = subprocess.Popen([*FINETUNE, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [int(p.name.split("-")[1]) for p in checkpoint_dirs(tmp_path / "killed" / "checkpoints")]
+        if done and max(done) >= kill_at:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = run_finetune(tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def q3(float_model):
+    model = copy.deepcopy(float_model[0])
+    quantize_model(model, RTNQuantizer(bits=3, group_size=32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def train_windows(float_model):
+    return build_examples(TRAIN_TXT, FormatSpec("text"), float_model[1], 128, limit=64)
+
+
+def test_corrupt_latest_checkpoint_falls_back(q3, train_windows, tmp_path):
+    model = copy.deepcopy(q3)
+    add_lora(model, 4, 8)
+    Trainer(model, train_windows, TrainConfig(steps=4, batch_size=2, save_every=1, keep_last=3), tmp_path, 0).train()
+    newest = checkpoint_dirs(tmp_path / "checkpoints")[-1]
+    weights = newest / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    checkpoint = latest_good_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint is not None and checkpoint.state["step"] == 3
+
+
+def test_dynamic_rank_trains_every_prefix(q3, train_windows, valid_windows, tmp_path):
+    model = copy.deepcopy(q3)
+    add_lora(model, 8, 16, seed=1)
+    before = {r: perplexity(_at_rank(model, r), valid_windows[:32], progress=False).ppl for r in (1, 8)}
+    config = TrainConfig(steps=30, batch_size=4, lr=3e-3, rank_max=8, seed=3)
+    Trainer(model, train_windows, config, tmp_path, 0).train()
+    after = {r: perplexity(_at_rank(model, r), valid_windows[:32], progress=False).ppl for r in (1, 8)}
+    assert after[1] < before[1] and after[8] < before[8]
+    log = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len({line.split('"rank": ')[1].split(",")[0] for line in log}) > 3  # ranks were sampled
+
+
+def _at_rank(model, rank):
+    set_active_rank(model, rank)
+    return model
+
+
+def test_frozen_variant_updates_only_the_sampled_component(q3, train_windows, tmp_path):
+    model = copy.deepcopy(q3)
+    add_lora(model, 4, 8)
+    set_active_rank(model, 3, train_last_only=True)
+    with torch.no_grad():
+        for layer in model.modules():
+            if getattr(layer, "lora_b", None) is not None:
+                layer.lora_b.normal_(0, 0.01)
+    before = adapter_state(model)
+    batch = {"input_ids": torch.tensor([train_windows[0].input_ids])}
+    model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.backward()
+    for name, param in model.named_parameters():
+        if name.endswith("lora_a"):
+            assert param.grad[:2].abs().max() == 0 and param.grad[2].abs().max() > 0 and param.grad[3:].abs().max() == 0
+    assert all(torch.equal(before[k], v) for k, v in adapter_state(model).items())
+
+
+def test_loftq_layer_reduces_error_against_plain_quantization(float_model):
+    weight = float_model[0].model.layers[1].mlp.down_proj.weight
+    quantizer = RTNQuantizer(bits=2, group_size=32)
+    plain = (quantizer.quantize(weight).dequantize() - weight).norm()
+    qweight, a, b = loftq_layer(weight, quantizer, rank=8, scaling=2.0, iters=4)
+    corrected = (qweight.dequantize() + 2.0 * b @ a - weight).norm()
+    assert corrected < 0.8 * plain
+
+
+def test_lrec_closes_most_of_the_gap(float_model, valid_windows, tmp_path):
+    teacher = float_model[0]
+    student = copy.deepcopy(teacher)
+    quantize_model(student, RTNQuantizer(bits=3, group_size=32))
+    add_lora(student, 4, 8)
+    subset = valid_windows[:32]
+    ppl_float = perplexity(teacher, subset, progress=False).ppl
+    ppl_before = perplexity(student, subset, progress=False).ppl
+    windows = build_examples(TRAIN_TXT, FormatSpec("text"), float_model[1], 256, limit=256)
+    config = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5)
+    Trainer(student, windows, config, tmp_path, 0, loss_fn=distillation_loss(teacher)).train()
+    ppl_after = perplexity(student, subset, progress=False).ppl
+    closed = (torch.log(torch.tensor(ppl_before / ppl_after)) / torch.log(torch.tensor(ppl_before / ppl_float))).item()
+    assert closed > 0.7, (ppl_float, ppl_before, ppl_after)
