@@ -18,6 +18,12 @@ class Example:
     labels: list[int]
 
 
+def check_data(path: str | Path, spec: FormatSpec) -> None:
+    """Fail fast (before any model is loaded) on an unknown format, a missing file or column."""
+    check_format(spec.name)
+    require_columns(load_records(path), spec.required_columns(), path)
+
+
 def build_examples(
     path: str | Path,
     spec: FormatSpec,
@@ -26,9 +32,8 @@ def build_examples(
     limit: int | None = None,
 ) -> list[Example]:
     """Tokenized examples of a data file in the given format (at most ``limit`` rows or windows)."""
-    check_format(spec.name)
+    check_data(path, spec)
     records = load_records(path)
-    require_columns(records, spec.required_columns(), path)
     if spec.name == "text":
         windows = pack_text(records[spec.column("text")], tokenizer, seq_len)[:limit]
         return [Example(w, list(w)) for w in windows]

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.data import FormatSpec, build_examples
+from engine.data import FormatSpec, build_examples, check_data
 from engine.errors import EngineError
 from engine.eval.perplexity import perplexity, read_text, token_windows
-from engine.export.peft_format import attach_adapter, is_adapter_dir, save_adapter
-from engine.model import load_float_model, load_model, model_size, save_quantized
+from engine.export.peft_format import attach_adapter, is_adapter_dir, read_adapter, save_adapter
+from engine.model import is_quantized_dir, load_float_model, load_model, model_size, save_quantized
 from engine.quant import make_quantizer
 from engine.storage import atomic_write_json
 from engine.train.adapters import add_lora, lora_layers
@@ -37,11 +37,17 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_with_adapter(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
-    """A model as ``load_model`` gives it, plus the adapter of a corrected or finetuned directory."""
-    model, tokenizer, manifest = load_model(source)
+    """A model with the adapter of a corrected directory or of a finetune run.
+
+    A corrected directory is a quantized model with ``adapter/`` inside; a
+    finetune run holds only ``adapter/``, whose config names the base model.
+    """
     adapter = Path(source) / ADAPTER_DIR
-    if Path(source).is_dir() and is_adapter_dir(adapter):
-        attach_adapter(model, adapter)
+    if not is_adapter_dir(adapter):
+        return load_model(source)
+    base = source if is_quantized_dir(source) else read_adapter(adapter)[0]["base_model_name_or_path"]
+    model, tokenizer, manifest = load_model(base)
+    attach_adapter(model, adapter)
     return model, tokenizer, manifest
 
 
@@ -82,6 +88,7 @@ def finetune(
 ) -> dict[str, Any]:
     """LoRA on a float model, ModuLoRA on a quantized one, or more training of a corrected one."""
     out_dir = Path(out_dir)
+    check_data(data, spec)
     model, tokenizer, _ = load_with_adapter(model_source)
     _prepare_adapters(model, config.rank_max or rank, alpha, config.seed, compute_dtype(dtype))
     examples = build_examples(data, spec, tokenizer, seq_len, limit)
@@ -124,9 +131,10 @@ def correct(
     if init not in ("loftq", "zero"):
         raise EngineError(f"unknown --init {init!r}; allowed: loftq, zero")
     out_dir = Path(out_dir)
-    student, tokenizer, manifest = load_model(quantized_dir)
-    if manifest is None:
+    check_data(calib, FormatSpec("text"))
+    if not is_quantized_dir(quantized_dir):
         raise EngineError(f"{quantized_dir}: not a quantized model directory (correct needs one)")
+    student, tokenizer, manifest = load_model(quantized_dir)
     teacher_source = teacher or manifest.get("source_model")
     if not teacher_source:
         raise EngineError(f"{quantized_dir}: no source_model in its manifest; pass --teacher MODEL")

@@ -1,0 +1,162 @@
+"""Sequential calibration (the OPTQ paper's protocol): quantize a model block by block.
+
+Each decoder block's layers are calibrated on the output of the already
+quantized blocks before it.  Within a block, layers that consume one input
+tensor (q/k/v; gate/up) are quantized together, and the layers after them
+(o; down) are calibrated with those already quantized, so every layer can
+compensate the error upstream of it ("true sequential").
+
+With ``asym_alpha > 0`` a layer is also pulled towards the *float* model's
+output (asymmetric calibration, as in GPTAQ, Li et al. 2025): with ``X`` its
+input in the float model and ``X_q`` in the partly quantized one, the weight
+handed to the quantizer is ``W + alpha * W (X - X_q)^T X_q (X_q^T X_q)^-1``,
+which at ``alpha = 1`` turns minimizing ``||(W' - Q) X_q||`` (what every
+Hessian quantizer does) into minimizing ``||W X - Q X_q||``.  It works for any
+quantizer, since only the weight it is given changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.errors import EngineError
+from engine.model.quantize import decoder_blocks, quantize_model, target_linear_names
+from engine.model.stats import recording_cross_inputs, recording_inputs
+from engine.quant.base import LayerStats, QuantizedWeight, Quantizer
+
+Wrap = Callable[[QuantizedWeight, torch.Tensor | None], nn.Module]
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+ALIGN_DAMP = 0.01  # ridge of the least-squares alignment, a fraction of the mean diagonal of X_q^T X_q
+
+
+class _BlockInputsCaptured(Exception):
+    """Raised by the hook on the first decoder block to stop the forward pass there."""
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[BlockCall]:
+    """Per batch of token windows, the arguments the model passes to its first decoder block."""
+    captured: list[BlockCall] = []
+
+    def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, kwargs))
+        raise _BlockInputsCaptured
+
+    device = next(model.parameters()).device
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for start in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            except _BlockInputsCaptured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(call: BlockCall) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
+    args, kwargs = call
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+def _run(block: nn.Module, call: BlockCall) -> torch.Tensor:
+    out = block(*call[0], **call[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, block: nn.Module, names: list[str], call: BlockCall) -> list[list[str]]:
+    """``names`` grouped by the input tensor they consume, in the order ``block`` calls them.
+
+    For a Llama block: [q, k, v], [o], [gate, up], [down].
+    """
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _m, a, name=name: calls.append((name, a[0])))
+        for name in names
+    ]
+    try:
+        _run(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    previous: torch.Tensor | None = None  # kept alive by `calls`, so identity is meaningful
+    for name, x in calls:
+        if any(name in group for group in groups):
+            continue
+        if x is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = x
+    missing = [n for n in names if not any(n in group for group in groups)]
+    if missing:
+        raise EngineError(f"layers never ran during calibration: {', '.join(missing[:3])}")
+    return groups
+
+
+def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W + alpha W (X - X_q)^T X_q (X_q^T X_q + ridge)^-1`` from ``stats.xtx = X_q^T X_q`` and
+    ``cross = X_q^T X`` (see the module docstring)."""
+    h = stats.xtx
+    ridge = torch.eye(len(h), dtype=h.dtype) * (ALIGN_DAMP * h.diagonal().mean())
+    w = weight.detach().double().cpu()
+    shift = w @ (cross.T - h)  # W (X - X_q)^T X_q
+    correction = torch.linalg.solve(h + ridge, shift.T).T
+    return (w + alpha * correction).to(weight.dtype).to(weight.device)
+
+
+@torch.no_grad()
+def quantize_sequential(
+    model: nn.Module,
+    quantizer: Quantizer,
+    windows: torch.Tensor,
+    names: list[str] | None = None,
+    batch_size: int = 8,
+    wrap: Wrap | None = None,
+    asym_alpha: float = 0.0,
+) -> list[str]:
+    """Quantize ``names`` (default: all decoder linears) block by block, as described above."""
+    if not 0.0 <= asym_alpha <= 1.0:
+        raise EngineError(f"asymmetric calibration alpha must be in [0, 1], got {asym_alpha}")
+    names = names if names is not None else target_linear_names(model)
+    blocks = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    calls = first_block_inputs(model, windows, batch_size)
+    float_hidden = [_hidden(call) for call in calls] if asym_alpha else []
+    done: list[str] = []
+    for index, block in enumerate(tqdm(blocks, desc=f"calibrate ({quantizer.name})", unit="block", leave=False)):
+        block_prefix = f"{prefix}.{index}."
+        block_names = [n for n in names if n.startswith(block_prefix)]
+        float_block = copy.deepcopy(block) if asym_alpha else None
+        for group in shared_input_groups(model, block, block_names, calls[0]) if block_names else []:
+            twins = {n: float_block.get_submodule(n[len(block_prefix) :]) for n in group} if float_block else {}
+            with recording_inputs(model, group) as stats, recording_cross_inputs(model, twins) as cross:
+                for i, call in enumerate(calls):
+                    if float_block is not None:
+                        _run(float_block, _with_hidden(call, float_hidden[i]))
+                    _run(block, call)
+            for name in cross:
+                linear = model.get_submodule(name)
+                linear.weight.data = aligned_weight(linear.weight, stats[name], cross[name], asym_alpha)
+            done += quantize_model(model, quantizer, group, stats, wrap)
+        if float_block is not None:
+            float_hidden = [_run(float_block, _with_hidden(call, h)) for call, h in zip(calls, float_hidden)]
+        calls = [_with_hidden(call, _run(block, call)) for call in calls]
+    outside = sorted(set(names) - set(done))
+    if outside:
+        raise EngineError(f"layers outside the decoder blocks cannot be calibrated sequentially: {outside[:3]}")
+    return done

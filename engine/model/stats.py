@@ -1,0 +1,136 @@
+"""Per-layer input statistics (:class:`LayerStats`): collected with forward hooks, merged, saved, loaded.
+
+Hessian-based quantizers (OPTQ, QuIP#) need, for every linear layer, the sum
+``X^T X`` of the inputs it sees on calibration text.  Sums in float64 make
+statistics from data shards merge exactly by addition (:func:`merge_stats`),
+so collection can be split across workers.
+
+Files are safetensors, one float64 ``xtx`` tensor per layer, with the row
+counts as JSON in the header metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from engine.errors import EngineError
+from engine.model.quantize import target_linear_names
+from engine.quant.base import LayerStats
+from engine.storage import atomic_save_safetensors
+
+STATS_FORMAT = "modulora-layer-stats"
+
+
+def _rows(args: tuple[Any, ...], in_features: int) -> torch.Tensor:
+    return args[0].detach().reshape(-1, in_features).to(device="cpu", dtype=torch.float64)
+
+
+@contextmanager
+def recording_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, LayerStats]]:
+    """Forward pre-hooks that add every input row ``x`` of the named layers to ``xtx += x x^T``."""
+    stats: dict[str, LayerStats] = {}
+    handles = []
+
+    def hook(name: str, in_features: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        stats[name] = LayerStats(torch.zeros(in_features, in_features, dtype=torch.float64), 0)
+
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = _rows(args, in_features)
+            stats[name].xtx.addmm_(x.T, x)
+            stats[name].count += x.shape[0]
+
+        return record
+
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(hook(name, module.in_features)))
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [name for name, s in stats.items() if s.count == 0]
+    if unused:
+        raise EngineError(f"layers never ran during calibration: {', '.join(unused[:3])}")
+
+
+@contextmanager
+def recording_cross_inputs(model: nn.Module, twins: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """``sum x_q x_f^T`` per named layer: ``x_q`` its input, ``x_f`` the input of its twin (same layer
+    in a float copy of the model), which must run first on each batch."""
+    cross: dict[str, torch.Tensor] = {}
+    latest: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, twin in twins.items():
+        n = twin.in_features
+        cross[name] = torch.zeros(n, n, dtype=torch.float64)
+        handles.append(twin.register_forward_pre_hook(lambda _m, a, name=name, n=n: latest.__setitem__(name, _rows(a, n))))
+        handles.append(
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, a, name=name, n=n: cross[name].addmm_(_rows(a, n).T, latest.pop(name))
+            )
+        )
+    try:
+        yield cross
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module, windows: torch.Tensor, names: list[str] | None = None, batch_size: int = 8
+) -> dict[str, LayerStats]:
+    """Statistics of every named layer (default: all decoder linears) from one pass of ``model`` over
+    token ``windows`` (``[n, seq_len]``)."""
+    names = names if names is not None else target_linear_names(model)
+    device = next(model.parameters()).device
+    with recording_inputs(model, names) as stats:
+        for start in range(0, len(windows), batch_size):
+            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    return stats
+
+
+def merge_stats(*shards: dict[str, LayerStats]) -> dict[str, LayerStats]:
+    """Statistics of the union of data shards: per-layer sums."""
+    if not shards:
+        raise EngineError("no statistics to merge")
+    merged = dict(shards[0])
+    for shard in shards[1:]:
+        if shard.keys() != merged.keys():
+            raise EngineError(f"statistics shards cover different layers: {sorted(shard.keys() ^ merged.keys())[:3]}")
+        for name, s in shard.items():
+            if s.xtx.shape != merged[name].xtx.shape:
+                raise EngineError(f"{name}: statistics shards disagree on shape ({tuple(s.xtx.shape)})")
+            merged[name] = merged[name].merge(s)
+    return merged
+
+
+def save_stats(stats: dict[str, LayerStats], path: str | Path) -> None:
+    """Write statistics (atomically) as safetensors; row counts go in the JSON header."""
+    metadata = {"format": STATS_FORMAT, "counts": json.dumps({name: s.count for name, s in stats.items()})}
+    atomic_save_safetensors(path, {name: s.xtx for name, s in stats.items()}, metadata)
+
+
+def load_stats(path: str | Path) -> dict[str, LayerStats]:
+    """Inverse of :func:`save_stats`."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != STATS_FORMAT:
+                raise EngineError(f"{path}: not a calibration statistics file")
+            counts = json.loads(metadata["counts"])
+            return {name: LayerStats(f.get_tensor(name), int(counts[name])) for name in f.keys()}
+    except (SafetensorError, json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise EngineError(f"{path}: unreadable statistics file ({exc})") from None
