@@ -220,10 +220,13 @@ def evaluate(model: str, data: str, batch_size: int, ranks: str | None, as_json:
     from engine.train import set_active_rank
     from engine.train.runs import load_with_adapter
 
-    loaded, tokenizer, _ = load_with_adapter(model)
-    metric = _metric(data_format, data, tokenizer, _spec(data_format, columns, label_words, template), limit, seq_len,
-                     batch_size, progress=not as_json)
+    from engine.data import check_data
+
     rank_list = _rank_list(ranks)
+    spec = _spec(data_format, columns, label_words, template)
+    check_data(data, spec)  # before the (possibly long) model load
+    loaded, tokenizer, _ = load_with_adapter(model)
+    metric = _metric(data_format, data, tokenizer, spec, limit, seq_len, batch_size, progress=not as_json)
     results = {}
     for rank in rank_list or [None]:
         set_active_rank(loaded, rank)
