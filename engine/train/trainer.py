@@ -133,6 +133,8 @@ class Trainer:
             return 0
         load_adapter_state(self.model, checkpoint.adapter)
         restore_optimizer(self.optimizer, checkpoint.optimizer, checkpoint.state["optimizer"])
+        if self.config.optimizer == "cpu_adam":
+            _replay_cpu_adam_bias_correction(self.optimizer, int(checkpoint.state["step"]))
         restore_rng(self.generators, checkpoint.rng, checkpoint.state["rng"])
         log.warning("resumed from %s", checkpoint.path)
         return int(checkpoint.state["step"])
@@ -210,6 +212,23 @@ class Trainer:
         state = {"config": asdict(self.config), "examples_seen": step * self.config.grad_accum * self.config.batch_size}
         save_checkpoint(
             self.checkpoint_root, step, adapter_state(self.model), self.optimizer, self.generators, state, self.config.keep_last
+        )
+
+
+def _replay_cpu_adam_bias_correction(optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """Make a resumed DeepSpeed CPU Adam bit-identical to an uninterrupted one.
+
+    Its C++ side keeps ``beta^t`` as a running product (``IncrementStep`` in
+    ``cpu_adam.h``); a fresh optimizer asked for step ``k + 1`` computes
+    ``pow(beta, k + 1)`` instead, which rounds differently.  Replaying steps
+    ``1..k`` on a scratch element rebuilds the same running product.
+    """
+    group = optimizer.param_groups[0]
+    scratch = [torch.zeros(1) for _ in range(4)]
+    for step in range(1, steps + 1):
+        optimizer.ds_opt_adam.adam_update(
+            optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+            group["bias_correction"], *scratch,
         )
 
 
