@@ -159,3 +159,27 @@ def test_deepspeed_cpu_adam_matches_torch_adamw_and_resumes(q3, train_windows, t
     (tmp_path / "cpu_adam" / "checkpoints" / "step-000004").rename(tmp_path / "cpu_adam" / "step-4-aside")
     Trainer(resumed, train_windows, config, tmp_path / "cpu_adam", 0).train(resume=True)
     assert all(torch.equal(v, results["cpu_adam"][k]) for k, v in adapter_state(resumed).items())
+
+
+def test_gradient_checkpointing_gives_the_same_updates(q3, train_windows, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(q3)
+        add_lora(model, 4, 8, seed=2)
+        config = TrainConfig(steps=3, batch_size=2, lr=3e-3, grad_checkpointing=checkpointing)
+        Trainer(model, train_windows, config, tmp_path / str(checkpointing), 0).train()
+        results.append(adapter_state(model))
+        assert model.is_gradient_checkpointing == checkpointing
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+
+
+def test_bfloat16_compute_trains(q3, train_windows, valid_windows, tmp_path):
+    model = copy.deepcopy(q3)
+    add_lora(model, 4, 8, seed=2)
+    for layer in model.modules():
+        if hasattr(layer, "compute_dtype"):
+            layer.compute_dtype = torch.bfloat16
+    before = perplexity(model, valid_windows[:16], progress=False).ppl
+    Trainer(model, train_windows, TrainConfig(steps=15, batch_size=4, lr=3e-3), tmp_path, 0).train()
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert perplexity(model, valid_windows[:16], progress=False).ppl < before
