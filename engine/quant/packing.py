@@ -32,10 +32,6 @@ def packed_length(n: int, bits: int) -> int:
     return -(-n // per_chunk) * chunk_bytes
 
 
-def _shifts(bits: int, per_chunk: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.arange(per_chunk, device=device, dtype=dtype) * bits
-
-
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last dim into ``uint8``."""
     per_chunk, chunk_bytes = chunk_layout(bits)
@@ -44,7 +40,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     padded = torch.zeros(*lead, n_chunks * per_chunk, dtype=torch.int32, device=codes.device)
     padded[..., :n] = codes.to(torch.int32)
     chunks = padded.view(*lead, n_chunks, per_chunk)
-    words = (chunks << _shifts(bits, per_chunk, codes.device, torch.int32)).sum(-1, dtype=torch.int32)
+    shifts = torch.arange(per_chunk, device=codes.device, dtype=torch.int32) * bits
+    words = (chunks << shifts).sum(-1, dtype=torch.int32)
     byte_shifts = torch.arange(chunk_bytes, device=codes.device, dtype=torch.int32) * 8
     out = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
     return out.to(torch.uint8).reshape(*lead, n_chunks * chunk_bytes)
@@ -56,15 +53,16 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     *lead, n_bytes = packed.shape
     n_chunks = n_bytes // chunk_bytes
     mask = (1 << bits) - 1
-    if chunk_bytes == 1:
-        # 2, 4, 8 bits: shift whole bytes, no widening needed.
-        words = packed.view(*lead, n_chunks, 1)
-        codes = (words >> _shifts(bits, per_chunk, packed.device, torch.uint8)).bitwise_and_(mask)
-    else:
-        grouped = packed.view(*lead, n_chunks, chunk_bytes).to(torch.int32)
-        byte_shifts = torch.arange(chunk_bytes, device=packed.device, dtype=torch.int32) * 8
-        words = (grouped << byte_shifts).sum(-1, keepdim=True, dtype=torch.int32)
-        codes = (words >> _shifts(bits, per_chunk, packed.device, torch.int32)).bitwise_and_(mask).to(torch.uint8)
+    if chunk_bytes == 1:  # 2, 4, 8 bits: whole bytes, no widening
+        words = packed
+    else:  # 3 bits: 8 codes in 3 bytes, read as one little-endian 24-bit word
+        grouped = packed.view(*lead, n_chunks, chunk_bytes)
+        words = grouped[..., 0].to(torch.int32)
+        for k in range(1, chunk_bytes):
+            words = words.bitwise_or_(grouped[..., k].to(torch.int32) << (8 * k))
+    # one scalar shift per code position: much faster than a broadcast shift on CPU
+    fields = [(words >> (bits * k)).bitwise_and_(mask) for k in range(per_chunk)]
+    codes = torch.stack(fields, dim=-1).to(torch.uint8) if per_chunk > 1 else fields[0].to(torch.uint8)
     return codes.reshape(*lead, n_chunks * per_chunk)[..., :n]
 
 
