@@ -137,8 +137,13 @@ def _alpha(rank: int, alpha: float | None) -> float:
 @click.option("--symmetric", is_flag=True, default=None, help="Symmetric grid (no zero points).")
 @click.option("--act-order", is_flag=True, default=None, help="OPTQ: quantize columns by decreasing Hessian diagonal.")
 @click.option("--static-groups", is_flag=True, default=None, help="OPTQ: fix group ranges before any update.")
+@click.option(
+    "--clip-search", is_flag=True, default=None, help="OPTQ: clip group ranges where it lowers the weighted error."
+)
 @click.option("--damp", type=float, help="Hessian dampening, a fraction of its mean diagonal [method's default].")
-@click.option("--calib", "calib_file", type=click.Path(dir_okay=False), help="Calibration text (UTF-8 file).")
+@click.option(
+    "--calib", "calib_file", type=click.Path(exists=True, dir_okay=False), help="Calibration text (UTF-8 file)."
+)
 @click.option(
     "--calib-mode",
     type=click.Choice(["sequential", "independent"]),
@@ -146,6 +151,11 @@ def _alpha(rank: int, alpha: float | None) -> float:
     " [sequential].",
 )
 @click.option("--calib-windows", type=click.IntRange(min=1), help="Calibration windows of 256 tokens [128].")
+@click.option(
+    "--asym-alpha",
+    type=click.FloatRange(0.0, 1.0),
+    help="Sequential calibration: pull each layer towards the float model's output (GPTAQ), 0 to 1 [0].",
+)
 @click.option("--seed", type=int, help="Seed of the calibration windows (and of the method, if random) [0].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def quantize(
@@ -154,6 +164,7 @@ def quantize(
     calib_file: str | None,
     calib_mode: str | None,
     calib_windows: int | None,
+    asym_alpha: float | None,
     seed: int | None,
     out_dir: str,
     **given: Any,
@@ -170,18 +181,22 @@ def quantize(
     if given["bits"] is not None:
         given["bits"] = int(given["bits"])
     quantizer = make_quantizer(method, **_quantizer_options(method, given, seed))
-    calib_options = {"--calib-mode": calib_mode, "--calib-windows": calib_windows}
+    calib_options = {
+        "--calib": calib_file,
+        "--calib-mode": calib_mode,
+        "--calib-windows": calib_windows,
+        "--asym-alpha": asym_alpha,
+    }
+    used = [flag for flag, value in calib_options.items() if value is not None]
+    if not quantizer.needs_calibration and used:
+        raise EngineError(f"method {method!r} does not use calibration data ({', '.join(used)})")
     if quantizer.needs_calibration and calib_file is None:
         raise EngineError(f"method {method!r} needs calibration data: pass --calib FILE")
-    if not quantizer.needs_calibration and calib_file is not None:
-        raise EngineError(f"method {method!r} does not use calibration data (--calib)")
-    if calib_file is None and any(v is not None for v in calib_options.values()):
-        raise EngineError(f"{', '.join(k for k, v in calib_options.items() if v is not None)} needs --calib FILE")
     float_model, tokenizer = load_float_model(model)
     start = time.perf_counter()
     calibration = None
     if calib_file is not None:
-        settings = {"n_windows": calib_windows, "seed": seed, "mode": calib_mode}
+        settings = {"n_windows": calib_windows, "seed": seed, "mode": calib_mode, "asym_alpha": asym_alpha}
         calibration = quantize_with_calibration(
             float_model, tokenizer, quantizer, calib_file, **{k: v for k, v in settings.items() if v is not None}
         )

@@ -35,8 +35,8 @@ BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 ALIGN_DAMP = 0.01  # ridge of the least-squares alignment, a fraction of the mean diagonal of X_q^T X_q
 
 
-class _BlockInputsCaptured(Exception):
-    """Raised by the hook on the first decoder block to stop the forward pass there."""
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it was run for has been recorded."""
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int)
 
     def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured.append((args, kwargs))
-        raise _BlockInputsCaptured
+        raise _StopForward
 
     device = next(model.parameters()).device
     handle = decoder_blocks(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
@@ -54,7 +54,7 @@ def first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int)
         for start in range(0, len(windows), batch_size):
             try:
                 model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-            except _BlockInputsCaptured:
+            except _StopForward:
                 pass
     finally:
         handle.remove()
@@ -74,6 +74,21 @@ def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
 def _run(block: nn.Module, call: BlockCall) -> torch.Tensor:
     out = block(*call[0], **call[1])
     return out[0] if isinstance(out, tuple) else out
+
+
+def _run_until(block: nn.Module, call: BlockCall, last: nn.Module) -> None:
+    """Run ``block`` only until its submodule ``last`` has run (all a group's statistics need)."""
+
+    def stop(_module: nn.Module, _args: Any, _out: Any) -> None:
+        raise _StopForward
+
+    handle = last.register_forward_hook(stop)
+    try:
+        _run(block, call)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -147,8 +162,8 @@ def quantize_sequential(
             with recording_inputs(model, group) as stats, recording_cross_inputs(model, twins) as cross:
                 for i, call in enumerate(calls):
                     if float_block is not None:
-                        _run(float_block, _with_hidden(call, float_hidden[i]))
-                    _run(block, call)
+                        _run_until(float_block, _with_hidden(call, float_hidden[i]), twins[group[-1]])
+                    _run_until(block, call, model.get_submodule(group[-1]))
             for name in cross:
                 linear = model.get_submodule(name)
                 linear.weight.data = aligned_weight(linear.weight, stats[name], cross[name], asym_alpha)

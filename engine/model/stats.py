@@ -69,15 +69,22 @@ def recording_cross_inputs(model: nn.Module, twins: dict[str, nn.Module]) -> Ite
     cross: dict[str, torch.Tensor] = {}
     latest: dict[str, torch.Tensor] = {}
     handles = []
-    for name, twin in twins.items():
-        n = twin.in_features
+
+    def hooks(name: str, n: int) -> tuple[Callable, Callable]:
         cross[name] = torch.zeros(n, n, dtype=torch.float64)
-        handles.append(twin.register_forward_pre_hook(lambda _m, a, name=name, n=n: latest.__setitem__(name, _rows(a, n))))
-        handles.append(
-            model.get_submodule(name).register_forward_pre_hook(
-                lambda _m, a, name=name, n=n: cross[name].addmm_(_rows(a, n).T, latest.pop(name))
-            )
-        )
+
+        def record_twin(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            latest[name] = _rows(args, n)
+
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            cross[name].addmm_(_rows(args, n).T, latest.pop(name))
+
+        return record_twin, record
+
+    for name, twin in twins.items():
+        record_twin, record = hooks(name, twin.in_features)
+        handles.append(twin.register_forward_pre_hook(record_twin))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(record))
     try:
         yield cross
     finally:

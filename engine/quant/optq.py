@@ -18,6 +18,10 @@ zero points as round-to-nearest, same grid from
 * a group's range is taken from the up-to-date (error-compensated) weights when
   the group's first column is reached; lazy blocks are cut so that no group
   straddles a block boundary unless it starts one, which keeps that exact.
+* ``clip_search``: a group's range is the min/max range shrunk by the factor
+  (1.0 down to 0.21) that minimizes the ``H_ii``-weighted rounding error of the
+  group, instead of the full min/max range (the reference code's ``mse``
+  option, with a Hessian-weighted error).
 * dead inputs (``H_ii == 0``: the input is always zero) get ``H_ii = 1`` and a
   zero weight column, as their weights never affect the output.
 """
@@ -47,6 +51,39 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
+CLIP_SHRINKS = [1.0 - i / 100 for i in range(80)]  # range shrink factors tried by the clip search
+SEARCH_CHUNK = 1 << 24  # elements of one batch of candidate roundings (64 MiB in float32)
+
+
+def searched_ranges(
+    w: torch.Tensor, importance: torch.Tensor, bits: int, symmetric: bool, shrinks: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(scale, zero)`` of the columns ``w``, the min/max range shrunk by whichever factor in
+    ``shrinks`` gives the least rounding error ``sum_c importance_c (w_c - q_c)^2`` (first one on ties).
+
+    Clipping a few outliers buys a finer grid for all other weights; ``importance``
+    (the Hessian diagonal) says which columns' errors matter.
+    """
+    w_min, w_max = w.amin(dim=1), w.amax(dim=1)
+    step = max(1, SEARCH_CHUNK // w.numel())
+    best_err = best_scale = best_zero = None
+    for c0 in range(0, len(shrinks), step):
+        shrink = torch.tensor(shrinks[c0 : c0 + step], dtype=w.dtype, device=w.device).unsqueeze(1)  # [S, 1]
+        scale, zero = range_params(shrink * w_min, shrink * w_max, bits, symmetric)  # [S, rows]
+        q = quantize_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
+        err = ((w - scale.unsqueeze(-1) * (q - zero.unsqueeze(-1))).square() * importance).sum(dim=-1)
+        pick = err.argmin(dim=0, keepdim=True)  # the first minimum
+        err, scale, zero = err.gather(0, pick)[0], scale.gather(0, pick)[0], zero.gather(0, pick)[0]
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def _block_end(start: int, block_size: int, group_size: int, n: int) -> int:
     """End of the lazy block at ``start``: no group may begin inside it and end after it."""
     end = min(start + block_size, n)
@@ -72,6 +109,7 @@ class OPTQQuantizer(Quantizer):
         static_groups: bool = False,
         damp: float = 0.01,
         block_size: int = 128,
+        clip_search: bool = False,
     ) -> None:
         check_settings(bits, group_size)
         if not damp >= 0:
@@ -80,7 +118,7 @@ class OPTQQuantizer(Quantizer):
             raise EngineError(f"block size must be a positive integer, got {block_size}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.act_order, self.static_groups = act_order, static_groups
-        self.damp, self.block_size = damp, block_size
+        self.damp, self.block_size, self.clip_search = damp, block_size, clip_search
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -92,9 +130,12 @@ class OPTQQuantizer(Quantizer):
             "static_groups": self.static_groups,
             "damp": self.damp,
             "block_size": self.block_size,
+            "clip_search": self.clip_search,
         }
 
-    def _ranges(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ranges(self, w: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clip_search:
+            return searched_ranges(w, importance.float(), self.bits, self.symmetric, CLIP_SHRINKS)
         return range_params(w.amin(dim=1), w.amax(dim=1), self.bits, self.symmetric)
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> GroupQuantizedWeight:
@@ -106,17 +147,18 @@ class OPTQQuantizer(Quantizer):
         G = check_settings(self.bits, self.group_size, in_f)
         n_groups = -(-in_f // G)
 
-        hessian = stats.hessian.clone()
         w = weight.detach().float().clone()
+        hessian = stats.hessian.to(w.device)  # a new tensor: the caller's statistics stay as they are
         dead = hessian.diagonal() == 0
         hessian.diagonal()[dead] = 1.0
         w[:, dead] = 0.0
 
-        scales = torch.empty(out_f, n_groups)
-        zeros = torch.empty(out_f, n_groups)
+        scales = torch.empty(out_f, n_groups, device=w.device)
+        zeros = torch.empty(out_f, n_groups, device=w.device)
         if self.static_groups:  # one range per original-order group, fixed before any update
             for g in range(n_groups):
-                scales[:, g], zeros[:, g] = self._ranges(w[:, g * G : (g + 1) * G])
+                cols = slice(g * G, (g + 1) * G)
+                scales[:, g], zeros[:, g] = self._ranges(w[:, cols], hessian.diagonal()[cols])
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True) if self.act_order else None
         if perm is not None:
             w = w[:, perm]
@@ -124,9 +166,9 @@ class OPTQQuantizer(Quantizer):
         u = inverse_hessian_factor(hessian, self.damp).float()
 
         # static groups follow the original column order, dynamic ones the processing order
-        order = perm if self.static_groups and perm is not None else torch.arange(in_f)
+        order = perm if self.static_groups and perm is not None else torch.arange(in_f, device=w.device)
         group_of = (order // G).tolist()
-        codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+        codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
         i1 = 0
         while i1 < in_f:
             i2 = _block_end(i1, self.block_size, G, in_f)
@@ -138,7 +180,8 @@ class OPTQQuantizer(Quantizer):
                 if not self.static_groups and col % G == 0:
                     # this group's columns are up to date: all inside this block, or the block starts here
                     group_cols = torch.cat([block[:, i : i + G], w[:, i2 : col + G]], dim=1)
-                    scales[:, group], zeros[:, group] = self._ranges(group_cols)
+                    importance = hessian.diagonal()[col : col + G]
+                    scales[:, group], zeros[:, group] = self._ranges(group_cols, importance)
                 scale, zero = scales[:, group], zeros[:, group]
                 q = quantize_codes(block[:, i], scale, zero, self.bits)
                 codes[:, col] = q.to(torch.uint8)
