@@ -57,7 +57,7 @@ def build(kind: str, layers: int, dim: int, rank: int, tile_numel: int | None) -
         else:
             bits = int(kind.removeprefix("modulora-"))
             qweight = RTNQuantizer(bits=bits, group_size=64).quantize(weight)
-            modules.append(ModuLoRALinear(qweight, rank=rank, alpha=rank, tile_numel=tile_numel))
+            modules.append(ModuLoRALinear(qweight, rank=rank, alpha=rank, tile_numel=tile_numel or None))
         del weight
     return nn.Sequential(*modules)
 
@@ -84,7 +84,7 @@ def measure(kind: str, layers: int, dim: int, tokens: int, rank: int, tile_numel
     """Run :func:`child` in a fresh interpreter and return its figures."""
     args = [sys.executable, __file__, "--child", kind, "--layers", str(layers), "--dim", str(dim),
             "--tokens", str(tokens), "--rank", str(rank)]
-    if tile_numel:
+    if tile_numel is not None:
         args += ["--tile-numel", str(tile_numel)]
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -96,20 +96,22 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--tile-numel", type=int, default=None)
+    parser.add_argument("--tile-numel", type=int, default=None, help="Dequantization tile size; 0 = untiled.")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.layers, args.dim, args.tokens, args.rank, args.tile_numel)))
         return
-    rows = [measure(kind, args.layers, args.dim, args.tokens, args.rank) for kind in
+    from engine.lora.linear import DEFAULT_TILE_NUMEL
+
+    rows = [measure(kind, args.layers, args.dim, args.tokens, args.rank, DEFAULT_TILE_NUMEL) for kind in
             ("dense", "modulora-8", "modulora-4", "modulora-3", "modulora-2")]
-    tile = args.dim * args.dim // 8
-    rows.append({**measure("modulora-4", args.layers, args.dim, args.tokens, args.rank, tile_numel=tile),
-                 "kind": f"modulora-4, tiles of {tile} weights"})
+    rows.append({**measure("modulora-4", args.layers, args.dim, args.tokens, args.rank, tile_numel=0),
+                 "kind": "modulora-4, untiled (whole weight dequantized at once)"})
     dense_peak = rows[0]["step_peak_MiB"]
     header = (f"Forward+backward of {args.layers} layers {args.dim}x{args.dim}, {args.tokens} tokens, "
-              f"LoRA rank {args.rank}, float32 compute (peak RSS over the post-import baseline)")
+              f"LoRA rank {args.rank}, float32 compute, RTN group 64; ModuLoRA dequantizes tiles of "
+              f"{DEFAULT_TILE_NUMEL} weights (the default) unless marked. Peak RSS over the post-import baseline.")
     lines = [header, "", "| stack | weights MiB | step peak MiB | step extra MiB | peak vs dense |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['weights_MiB']:.0f} | {r['step_peak_MiB']:.0f} | "

@@ -61,8 +61,8 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         for k in range(1, chunk_bytes):
             words = words.bitwise_or_(grouped[..., k].to(torch.int32) << (8 * k))
     # one scalar shift per code position: much faster than a broadcast shift on CPU
-    fields = [(words >> (bits * k)).bitwise_and_(mask) for k in range(per_chunk)]
-    codes = torch.stack(fields, dim=-1).to(torch.uint8) if per_chunk > 1 else fields[0].to(torch.uint8)
+    fields = [(words >> (bits * k)).bitwise_and_(mask).to(torch.uint8) for k in range(per_chunk)]
+    codes = torch.stack(fields, dim=-1) if per_chunk > 1 else fields[0]
     return codes.reshape(*lead, n_chunks * per_chunk)[..., :n]
 
 
