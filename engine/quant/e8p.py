@@ -48,7 +48,7 @@ _NORM12_HALVES = (
 
 @lru_cache(maxsize=None)
 def source_set() -> torch.Tensor:
-    """The 256 × 8 source set ``A`` (float32): 227 norm² <= 10 vectors in lexicographic order, then the 29 of norm² 12."""
+    """The 256 × 8 source set ``A`` (float32): the 227 of norm² <= 10 (lexicographic), then the 29 of norm² 12."""
     halves = torch.tensor([0.5, 1.5, 2.5])
     ball = torch.cartesian_prod(*[halves] * DIM)
     ball = ball[(ball**2).sum(-1) <= 10]

@@ -119,7 +119,7 @@ def fast_hadamard(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     lead = x.shape[:-1]
     y = x.reshape(-1, power, base.shape[0])
     if base.shape[0] > 1:
-        b = base.to(x.dtype)
+        b = base.to(x)
         y = y @ (b if transpose else b.T)
     h = 1
     while h < power:  # Sylvester butterflies (symmetric, so transpose changes nothing)

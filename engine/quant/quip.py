@@ -2,27 +2,36 @@
 
 For a weight ``W`` (``[m, n]``) with input Hessian ``H``:
 
-1. *Incoherence*: ``W' = U W Vᵀ`` and ``H' = V H Vᵀ`` with ``U``, ``V`` random-sign
-   Hadamard transforms (:mod:`engine.quant.hadamard`; widths zero-padded to a
-   Hadamard order, the input width also to a multiple of 8).  The proxy loss
-   ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` is unchanged by the rotation, and ``W'`` has
-   near-Gaussian entries that suit a ball-shaped lattice code.
-2. *Scale*: ``W'`` is divided by one per-layer scale, ``rms(W') / c``, where the
-   constant ``c`` per bit width was chosen by measuring perplexity on the shared
-   model (see :data:`DEFAULT_RMS`).
+1. *Incoherence*: ``W' = U W Vᵀ`` and ``H' = V H Vᵀ`` with ``V`` (and, in mode
+   ``"both"``, ``U``) random-sign Hadamard transforms (:mod:`engine.quant.hadamard`;
+   widths zero-padded to a Hadamard order, the input width also to a multiple
+   of 8).  The proxy loss ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` is unchanged by the
+   rotation, and the rows of ``W'`` have near-Gaussian entries that suit a
+   ball-shaped lattice code.
+2. *Scale*: ``W'`` is divided by ``rms / c`` (``c`` per bit width chosen by
+   measuring perplexity on the shared model, :data:`DEFAULT_RMS`).  Mode
+   ``"both"`` (QuIP# as published) keeps one scale per layer.  Mode ``"input"``
+   (the default) leaves the output side unrotated and keeps one float16 scale
+   per output row: on the shared model this is far better (2-bit perplexity
+   ~17 against ~39), because the low-rank q/k projections put very different
+   magnitudes on their output rows, and an output rotation spreads the same
+   error over all of them where per-row scales keep each row's error in
+   proportion to the row, as downstream attention scores need.  It costs 16 bits per
+   row (0.25 bits per weight at 64 inputs, 0.004 at 4096).
 3. *Block LDLQ*: ``H' = L D Lᵀ`` with ``L`` unit lower block-triangular (8 × 8
    blocks); blocks of 8 columns are rounded last to first, each to the nearest
    code point of ``W'_k + (W' - Ŵ')_{>k} L_{>k,k}``, which feeds the error of
-   the already-rounded blocks forward.  With a diagonal ``H`` this is plain
-   nearest rounding.
+   the already-rounded blocks forward; then ``tune_iters`` passes of block
+   coordinate descent (QuIP#'s default 10).  With a diagonal ``H`` all of this
+   is plain nearest rounding.
 4. *Codes*: 2 bits = one E8P stage (16 bits per 8 weights); 3 and 4 bits add a
    residual stage (residual vector quantization, as QuIP#'s E8P12RVQ3B/4B): the
    residual times a gain is rounded to the 1-bit E8 ball (3 bits) or to E8P again
    (4 bits).
 
-Dequantization decodes all codes and applies ``Uᵀ Ŵ' V``; a row tile multiplies
-the decoded codes by the dense rows of ``Uᵀ`` it needs (built from the Kronecker
-structure), a column tile is cut from whole rows.
+Dequantization decodes the codes and applies ``Uᵀ Ŵ' V``.  Without an output
+rotation a row tile decodes only its rows; with one, it multiplies all decoded
+rows by the dense rows of ``Uᵀ`` it needs.  A column tile is cut from whole rows.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from engine.quant.e8p import DIM, e8_ball_decode, e8_ball_encode, e8p_decode, e8
 from engine.quant.hadamard import RandomHadamard, padded_size, random_signs
 
 # name -> (encode, decode, storage dtype of one code per 8 weights)
-CODEBOOKS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], torch.dtype]] = {
+Coder = Callable[[torch.Tensor], torch.Tensor]
+CODEBOOKS: dict[str, tuple[Coder, Coder, torch.dtype]] = {
     "e8p": (e8p_encode, e8p_decode, torch.int16),
     "e8": (e8_ball_encode, e8_ball_decode, torch.uint8),
 }
@@ -49,8 +59,13 @@ STAGES: dict[int, tuple[tuple[str, float], ...]] = {
     3: (("e8p", 1.0), ("e8", 2.04)),
     4: (("e8p", 1.0), ("e8p", 3.45)),
 }
-# bits -> target RMS of the scaled, rotated weight (W' / scale), chosen by measurement.
-DEFAULT_RMS: dict[int, float] = {2: 0.9, 3: 0.98, 4: 1.03}
+# incoherence mode -> bits -> target RMS of the scaled, rotated weight (W' / scale), chosen by measuring
+# perplexity on the shared model (QuIP#'s own constants, about 0.9-1.0, suit large models' weights).
+DEFAULT_RMS: dict[str, dict[int, float]] = {
+    "input": {2: 1.2, 3: 0.95, 4: 0.85},
+    "both": {2: 1.25, 3: 0.95, 4: 0.7},
+}
+SCALE_DTYPE = torch.float16
 
 
 def _to_storage(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,12 +92,18 @@ def rvq_decode(codes: list[torch.Tensor], stages: tuple[tuple[str, float], ...])
     return sum(CODEBOOKS[name][1](code) / gain for code, (name, gain) in zip(codes, stages))
 
 
+def diagonal_blocks(matrix: torch.Tensor, block: int = DIM) -> torch.Tensor:
+    """The ``block × block`` diagonal blocks of a square matrix, ``[n / block, block, block]``."""
+    count = matrix.shape[0] // block
+    return torch.diagonal(matrix.reshape(count, block, count, block), dim1=0, dim2=2).permute(2, 0, 1)
+
+
 def block_ldl(hessian: torch.Tensor, block: int = DIM) -> torch.Tensor:
     """Unit lower block-triangular ``L`` with ``H = L D Lᵀ`` (``D`` block diagonal), from a Cholesky factor."""
     n = hessian.shape[0]
     chol = torch.linalg.cholesky(hessian)
     blocks = n // block
-    diag = torch.stack([chol[i * block : (i + 1) * block, i * block : (i + 1) * block] for i in range(blocks)])
+    diag = diagonal_blocks(chol, block)
     # L[:, k] = C[:, k] C_kk^{-1}: solve X C_kk = C[:, k] for every block column at once.
     cols = chol.view(n, blocks, block).transpose(0, 1)
     lower = torch.linalg.solve_triangular(diag, cols, upper=False, left=False)
@@ -90,20 +111,36 @@ def block_ldl(hessian: torch.Tensor, block: int = DIM) -> torch.Tensor:
 
 
 def ldlq(
-    weight: torch.Tensor, hessian: torch.Tensor, stages: tuple[tuple[str, float], ...]
+    weight: torch.Tensor, hessian: torch.Tensor, stages: tuple[tuple[str, float], ...], tune_iters: int = 0
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Block LDLQ: per-stage codes ``[m, n / 8]`` and the rounded weight ``[m, n]`` (``n % 8 == 0``)."""
+    """Block LDLQ: per-stage codes ``[m, n / 8]`` and the rounded weight ``[m, n]`` (``n % 8 == 0``).
+
+    ``tune_iters`` extra passes of block coordinate descent follow (as QuIP#'s
+    ``quip_tune_iters``): each block is re-rounded at its loss-optimal value given
+    all other blocks, ``Ŵ_k + (W - Ŵ) H_{:,k} H_{k,k}^{-1}``.
+    """
     m, n = weight.shape
+    blocks = n // DIM
     lower = block_ldl(hessian)
     rounded = torch.zeros_like(weight)
-    codes = [torch.empty(m, n // DIM, dtype=torch.int32) for _ in stages]
-    for k in reversed(range(n // DIM)):
-        c0, c1 = k * DIM, (k + 1) * DIM
-        target = weight[:, c0:c1] + (weight[:, c1:] - rounded[:, c1:]) @ lower[c1:, c0:c1]
+    codes = [torch.empty(m, blocks, dtype=torch.int32) for _ in stages]
+
+    def put(k: int, target: torch.Tensor) -> None:
         block_codes, values = rvq_encode(target, stages)
-        rounded[:, c0:c1] = values.to(rounded.dtype)
+        rounded[:, k * DIM : (k + 1) * DIM] = values.to(rounded.dtype)
         for stage, code in zip(codes, block_codes):
             stage[:, k] = code
+
+    for k in reversed(range(blocks)):
+        c0, c1 = k * DIM, (k + 1) * DIM
+        put(k, weight[:, c0:c1] + (weight[:, c1:] - rounded[:, c1:]) @ lower[c1:, c0:c1])
+    if tune_iters:
+        diag_inv = torch.linalg.inv(diagonal_blocks(hessian))
+        for _ in range(tune_iters):
+            for k in reversed(range(blocks)):
+                c0, c1 = k * DIM, (k + 1) * DIM
+                step = (weight - rounded) @ hessian[:, c0:c1] @ diag_inv[k]
+                put(k, rounded[:, c0:c1] + step)
     return codes, rounded
 
 
@@ -122,30 +159,39 @@ def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 @register_format
 class QuipWeight(QuantizedWeight):
-    """``W = Uᵀ (scale · decode(codes)) V``, cropped to ``[out_features, in_features]``."""
+    """``W = Uᵀ (scale ⊙ decode(codes)) V``, cropped to ``[out_features, in_features]``.
+
+    ``scale`` is one value or one per stored row; ``U`` is the identity when the
+    output side is not rotated (no ``signs_out``).
+    """
 
     format_name = "quip_e8p"
 
     def __init__(
         self,
         codes: list[torch.Tensor],
-        scale: float,
-        signs_out: torch.Tensor,
+        scale: torch.Tensor,
         signs_in: torch.Tensor,
+        signs_out: torch.Tensor | None,
         *,
         out_features: int,
         in_features: int,
         bits: int,
     ) -> None:
         super().__init__(out_features, in_features)
-        self.bits = bits
-        self.stages = STAGES[bits]
-        self.out_padded, self.in_padded = len(signs_out), len(signs_in)
+        self.bits, self.stages = bits, STAGES[bits]
+        self.in_padded = len(signs_in)
+        self.out_padded = out_features if signs_out is None else len(signs_out)
         for i, (code, (name, _)) in enumerate(zip(codes, self.stages)):
             self.register_buffer(f"codes{i}", _to_storage(code, CODEBOOKS[name][2]).contiguous())
-        self.register_buffer("scale", torch.tensor([scale], dtype=torch.float32))
-        self.register_buffer("signs_out", pack_signs(signs_out))
+        self.register_buffer("scale", scale.to(SCALE_DTYPE).reshape(-1).contiguous())
         self.register_buffer("signs_in", pack_signs(signs_in))
+        if signs_out is not None:
+            self.register_buffer("signs_out", pack_signs(signs_out))
+
+    @property
+    def rotate_out(self) -> bool:
+        return hasattr(self, "signs_out")
 
     def config(self) -> dict[str, Any]:
         return {
@@ -154,6 +200,7 @@ class QuipWeight(QuantizedWeight):
             "in_features": self.in_features,
             "out_padded": self.out_padded,
             "in_padded": self.in_padded,
+            "rotate_out": self.rotate_out,
             "stages": [list(stage) for stage in self.stages],
         }
 
@@ -166,31 +213,31 @@ class QuipWeight(QuantizedWeight):
         QuantizedWeight.__init__(obj, config["out_features"], config["in_features"])
         obj.bits, obj.stages = bits, STAGES[bits]
         obj.out_padded, obj.in_padded = config["out_padded"], config["in_padded"]
-        for name in [f"codes{i}" for i in range(len(obj.stages))] + ["scale", "signs_out", "signs_in"]:
+        names = [f"codes{i}" for i in range(len(obj.stages))] + ["scale", "signs_in"]
+        for name in names + (["signs_out"] if config["rotate_out"] else []):
             obj.register_buffer(name, tensors[name])
         return obj
 
-    def _transforms(self) -> tuple[RandomHadamard, RandomHadamard]:
-        return (
-            RandomHadamard(self.out_features, unpack_signs(self.signs_out, self.out_padded)),
-            RandomHadamard(self.in_features, unpack_signs(self.signs_in, self.in_padded)),
-        )
-
-    def rotated(self) -> torch.Tensor:
-        """``scale · decode(codes)``: the quantized weight in the rotated basis, ``[out_padded, in_padded]``."""
-        codes = [getattr(self, f"codes{i}") for i in range(len(self.stages))]
-        return (rvq_decode(codes, self.stages) * self.scale).reshape(self.out_padded, self.in_padded)
+    def rotated(self, rows: slice = slice(None)) -> torch.Tensor:
+        """``scale ⊙ decode(codes)`` for stored ``rows``: the weight in the rotated basis (float32)."""
+        codes = [getattr(self, f"codes{i}")[rows] for i in range(len(self.stages))]
+        decoded = rvq_decode(codes, self.stages).flatten(-2)
+        scale = self.scale.float()
+        return decoded * (scale if len(scale) == 1 else scale[rows])[:, None]
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
     ) -> torch.Tensor:
-        out_t, in_t = self._transforms()
-        q = self.rotated()
-        if rows is not None and rows != (0, self.out_features):
-            q = out_t.inverse_rows(*rows, q.dtype).to(q.device) @ q
+        r0, r1 = rows if rows else (0, self.out_features)
+        if not self.rotate_out:
+            q = self.rotated(slice(r0, r1))
         else:
-            q = out_t.inverse(q.T).T
-        dense = in_t.inverse(q)
+            out_t = RandomHadamard(self.out_features, unpack_signs(self.signs_out, self.out_padded))
+            if (r0, r1) == (0, self.out_features):
+                q = out_t.inverse(self.rotated().T).T
+            else:  # only the rows of Uᵀ this tile needs, against all decoded rows
+                q = out_t.inverse_rows(r0, r1, torch.float32).to(self.scale.device) @ self.rotated()
+        dense = RandomHadamard(self.in_features, unpack_signs(self.signs_in, self.in_padded)).inverse(q)
         if cols is not None:
             dense = dense[:, cols[0] : cols[1]]
         return dense.to(dtype)
@@ -204,23 +251,48 @@ def layer_seed(weight: torch.Tensor, seed: int) -> int:
 
 @register_quantizer
 class QuipQuantizer(Quantizer):
-    """QuIP# at 2, 3 or 4 bits per weight (needs calibration statistics)."""
+    """QuIP# at 2, 3 or 4 bits per weight (needs calibration statistics).
+
+    ``incoherence="input"`` (default) rotates the input side only and keeps one
+    scale per output row; ``"both"`` is QuIP# as published: both sides rotated,
+    one scale per layer.
+    """
 
     name = "quip"
     needs_calibration = True
 
-    def __init__(self, bits: int = 2, damp: float = 0.01, rms: float | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        bits: int = 2,
+        damp: float = 0.01,
+        incoherence: str = "input",
+        rms: float | None = None,
+        tune_iters: int = 10,
+        seed: int = 0,
+    ) -> None:
         if bits not in STAGES:
             raise EngineError(f"quip: bits must be one of {', '.join(map(str, STAGES))}, got {bits}")
+        if incoherence not in DEFAULT_RMS:
+            raise EngineError(f"quip: incoherence must be one of {', '.join(DEFAULT_RMS)}, got {incoherence!r}")
         if damp < 0:
             raise EngineError(f"quip: dampening must be >= 0, got {damp}")
         if rms is not None and rms <= 0:
             raise EngineError(f"quip: target rms must be positive, got {rms}")
-        self.bits, self.damp, self.seed = bits, damp, seed
-        self.rms = DEFAULT_RMS[bits] if rms is None else rms
+        if tune_iters < 0:
+            raise EngineError(f"quip: tune iterations must be >= 0, got {tune_iters}")
+        self.bits, self.damp, self.incoherence, self.tune_iters, self.seed = bits, damp, incoherence, tune_iters, seed
+        self.rms = DEFAULT_RMS[incoherence][bits] if rms is None else rms
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "bits": self.bits, "damp": self.damp, "rms": self.rms, "seed": self.seed}
+        return {
+            "method": self.name,
+            "bits": self.bits,
+            "damp": self.damp,
+            "incoherence": self.incoherence,
+            "rms": self.rms,
+            "tune_iters": self.tune_iters,
+            "seed": self.seed,
+        }
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuipWeight:
         m, n = weight.shape
@@ -233,16 +305,22 @@ class QuipQuantizer(Quantizer):
         w[:, torch.diagonal(hessian) == 0] = 0.0  # dead inputs: their weights never matter
 
         gen = torch.Generator().manual_seed(layer_seed(weight, self.seed))
-        out_t = RandomHadamard(m, random_signs(padded_size(m), gen).double())
         in_t = RandomHadamard(n, random_signs(padded_size(n, DIM), gen).double())
-        w_rot = out_t.forward(in_t.forward(w).T).T
+        w_rot = in_t.forward(w)
         h_rot = in_t.forward(in_t.forward(hessian).T)
         mean_diag = torch.diagonal(h_rot).mean()
         h_rot.diagonal().add_(self.damp * mean_diag if mean_diag > 0 else 1.0)
-
-        rms = w_rot.square().mean().sqrt().item()
-        scale = torch.tensor(rms / self.rms if rms > 0 else 1.0, dtype=torch.float32).item()  # as stored
-        codes, _ = ldlq(w_rot / scale, h_rot, STAGES[self.bits])
-        return QuipWeight(
-            codes, scale, out_t.signs.float(), in_t.signs.float(), out_features=m, in_features=n, bits=self.bits
-        )
+        out_signs = None
+        if self.incoherence == "both":
+            out_signs = random_signs(padded_size(m), gen)
+            w_rot = RandomHadamard(m, out_signs.double()).forward(w_rot.T).T
+            square = w_rot.square().mean().reshape(1, 1)
+        else:
+            square = w_rot.square().mean(dim=1, keepdim=True)
+        scale = (square.sqrt() / self.rms).to(SCALE_DTYPE).double()  # the stored value
+        scale = torch.where(scale > 0, scale, 1.0)
+        try:
+            codes, _ = ldlq(w_rot / scale, h_rot, STAGES[self.bits], self.tune_iters)
+        except torch.linalg.LinAlgError:
+            raise EngineError(f"quip: Hessian not positive definite ({m}x{n} layer); raise --damp") from None
+        return QuipWeight(codes, scale, in_t.signs.float(), out_signs, out_features=m, in_features=n, bits=self.bits)
