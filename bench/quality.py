@@ -1,0 +1,144 @@
+"""Quality of every quantizer on the shared model: effective bits per weight, perplexity, time.
+
+Every decoder linear layer of stories260K is quantized (the 172-wide down_proj
+included, except where a format cannot hold it: GGUF blocks of 32 keep it in
+F16, as llama.cpp does), then evaluated with the perplexity protocol of
+``modulora eval`` on the whole of ``tinystories/valid.txt``.  Calibrated
+methods draw their windows from ``tinystories/train.txt``.  Writes
+``docs/quality.md`` and ``docs/quality.png`` (perplexity against bits).
+
+    python bench/quality.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.eval import perplexity, read_text, token_windows
+from engine.model import load_float_model, model_size, quantize_model
+from engine.model.calibrate import quantize_with_calibration
+from engine.model.gguf_export import quantize_gguf
+from engine.model.gguf_quantized import load_gguf_quantized
+from engine.paths import shared_dir
+from engine.quant import make_quantizer
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Calibration: sequential, 128 windows of 256 tokens from train.txt (the OPTQ paper's protocol); the best
+# OPTQ settings add a Hessian-weighted clip search and GPTAQ-style asymmetric calibration (asym_alpha).
+# (label, method, quantizer options, calibration settings or None)
+CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
+    *[(f"rtn g{g}", "rtn", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
+    *[(f"optq g{g} act-order (reference)", "optq", {"bits": b, "group_size": g, "act_order": True}, {})
+      for b in (4, 3, 2) for g in (32, 64)],
+    *[(f"optq g{g} act-order clip-search asym 0.5", "optq",
+       {"bits": b, "group_size": g, "act_order": True, "clip_search": True}, {"asym_alpha": 0.5})
+      for b in (4, 3, 2) for g in (32, 64)],
+    *[("quip#", "quip", {"bits": b}, {}) for b in (4, 3, 2)],
+    *[(f"hqq g{g}", "hqq", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
+    *[(f"{m} block {g}", m, {"group_size": g}, None) for m in ("nf4", "fp4") for g in (32, 64)],
+]
+GGUF_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+
+
+def evaluate(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    return perplexity(model, windows, progress=False).ppl
+
+
+def run_config(float_model, tokenizer, method, options, calib, calib_text) -> tuple[torch.nn.Module, float]:
+    model = copy.deepcopy(float_model)
+    quantizer = make_quantizer(method, **options)
+    start = time.perf_counter()
+    if calib is not None:
+        quantize_with_calibration(model, tokenizer, quantizer, calib_text, **calib)
+    else:
+        quantize_model(model, quantizer)
+    return model, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="First 64 validation windows only (a smoke run).")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shared = shared_dir()
+    gguf_path = shared / "models" / "stories260K.gguf"
+    calib_text = shared / "data" / "tinystories" / "train.txt"
+    float_model, tokenizer = load_float_model(gguf_path)
+    windows = token_windows(tokenizer, read_text(shared / "data" / "tinystories" / "valid.txt"), 256)
+    if args.quick:
+        windows = windows[:64]
+    float_ppl = evaluate(float_model, windows)
+    rows: list[dict[str, Any]] = [{"label": "float32", "method": "float", "bits": 32, "bpw": 32.0, "ppl": float_ppl, "seconds": 0.0}]
+    for label, method, options, calib in CONFIGS:
+        model, seconds = run_config(float_model, tokenizer, method, options, calib, calib_text)
+        bits = options.get("bits", 4)
+        rows.append({"label": label, "method": method, "bits": bits, "bpw": model_size(model)["bits_per_weight"],
+                     "ppl": evaluate(model, windows), "seconds": seconds})
+        print(f"{method:5s} {bits} {label:28s} bpw {rows[-1]['bpw']:.3f} ppl {rows[-1]['ppl']:.3f} {seconds:.1f}s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in GGUF_TYPES:
+            start = time.perf_counter()
+            quantize_gguf(gguf_path, Path(tmp) / f"{qtype}.gguf", qtype)
+            seconds = time.perf_counter() - start
+            model, _, _ = load_gguf_quantized(Path(tmp) / f"{qtype}.gguf")
+            rows.append({"label": f"gguf {qtype} (down_proj F16)", "method": "gguf", "bits": int(qtype[1]),
+                         "bpw": model_size(model)["bits_per_weight"], "ppl": evaluate(model, windows), "seconds": seconds})
+    write_report(rows, float_ppl, windows, args.quick)
+
+
+def gap_closed(ppl: float, baseline: float, float_ppl: float) -> float:
+    """Share of ``baseline``'s log-perplexity gap to float that ``ppl`` closes."""
+    return (math.log(baseline) - math.log(ppl)) / (math.log(baseline) - math.log(float_ppl))
+
+
+def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Tensor, quick: bool) -> None:
+    rtn32 = {r["bits"]: r["ppl"] for r in rows if r["label"] == "rtn g32"}
+    lines = [
+        f"Perplexity of stories260K on tinystories/valid.txt ({windows.shape[0]} windows of {windows.shape[1]} tokens"
+        f"{', quick subset' if quick else ''}); float32 {float_ppl:.4f}. "
+        "`gap closed` is the share of RTN g32's log-perplexity gap to float that a method closes at the same bits.",
+        "",
+        "| bits | method | bits/weight | ppl | gap closed vs RTN g32 | quantize s |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows[1:], key=lambda r: (-r["bits"], r["ppl"])):
+        closed = f"{gap_closed(r['ppl'], rtn32[r['bits']], float_ppl):.0%}" if r["bits"] in rtn32 else "-"
+        lines.append(f"| {r['bits']} | {r['label']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {closed} | {r['seconds']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "quality.md").write_text(f"# Quantizer quality\n\n`python bench/quality.py`\n\n{table}\n\n![ppl vs bits](quality.png)\n")
+    plot(rows, float_ppl, DOCS / "quality.png")
+
+
+def plot(rows: list[dict[str, Any]], float_ppl: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        points = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*points), marker="o", linestyle="", label=method)
+    ax.axhline(float_ppl, color="black", linestyle="--", linewidth=1, label=f"float32 ({float_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (scales, zeros, signs included)")
+    ax.set_ylabel("perplexity (tinystories valid)")
+    ax.set_title("stories260K: perplexity against storage")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
