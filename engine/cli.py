@@ -101,7 +101,7 @@ def train_options(command: Any) -> Any:
         click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True),
-        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--lr", type=float, default=3e-3, show_default=True),
         click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True),

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 
 from conftest import GGUF_MODEL, TRAIN_TXT
 from engine.data import FormatSpec, build_examples
-from engine.eval import perplexity
+from engine.eval import perplexity, read_text
 from engine.model import quantize_model
-from engine.quant import RTNQuantizer
+from engine.model.calibrate import calibration_windows
+from engine.model.stats import collect_stats
+from engine.quant import OPTQQuantizer, RTNQuantizer
 from engine.train import TrainConfig, Trainer, adapter_state, add_lora, set_active_rank
 from engine.train.checkpoint import checkpoint_dirs, latest_good_checkpoint
 from engine.train.lrec import distillation_loss, loftq_layer
@@ -119,6 +121,24 @@ def test_loftq_layer_reduces_error_against_plain_quantization(float_model):
     qweight, a, b = loftq_layer(weight, quantizer, rank=8, scaling=2.0, iters=4)
     corrected = (qweight.dequantize() + 2.0 * b @ a - weight).norm()
     assert corrected < 0.8 * plain
+
+
+def test_loftq_with_a_calibrated_quantizer_lowers_the_weighted_error(float_model):
+    """``modulora correct --init loftq`` on an OPTQ directory re-quantizes with the teacher's input statistics."""
+    model, tokenizer = float_model
+    name = "model.layers.1.mlp.down_proj"
+    windows = calibration_windows(tokenizer, read_text(TRAIN_TXT), n_windows=16)
+    stats = collect_stats(model, windows, [name])[name]
+    weight, hessian = model.get_submodule(name).weight, stats.hessian.double()
+    quantizer = OPTQQuantizer(bits=2)
+
+    def weighted_error(approx: torch.Tensor) -> float:
+        error = approx.double() - weight.double()
+        return torch.trace(error @ hessian @ error.T).item()
+
+    plain = weighted_error(quantizer.quantize(weight, stats).dequantize())
+    qweight, a, b = loftq_layer(weight, quantizer, rank=8, scaling=2.0, iters=4, stats=stats)
+    assert weighted_error(qweight.dequantize() + 2.0 * b @ a) < 0.8 * plain
 
 
 def test_lrec_closes_most_of_the_gap(float_model, valid_windows, tmp_path):

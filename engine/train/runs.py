@@ -26,7 +26,10 @@ from engine.errors import EngineError
 from engine.eval.perplexity import perplexity, read_text, token_windows
 from engine.export.peft_format import attach_adapter, is_adapter_dir, read_adapter, save_adapter
 from engine.model import is_quantized_dir, load_float_model, load_model, model_size, save_quantized
+from engine.model.calibrate import calibration_windows
+from engine.model.stats import collect_stats
 from engine.quant import make_quantizer
+from engine.quant.base import LayerStats, Quantizer
 from engine.storage import atomic_write_json
 from engine.train.adapters import add_lora, lora_layers
 from engine.train.lrec import distillation_loss, loftq_init
@@ -146,7 +149,9 @@ def correct(
     else:
         add_lora(student, rank, alpha, seed=config.seed)
         if init == "loftq":
-            loftq_init(student, teacher_model, _requantizer(manifest), loftq_iters)
+            quantizer = _requantizer(manifest)
+            stats = _loftq_stats(teacher_model, tokenizer, calib, manifest) if quantizer.needs_calibration else None
+            loftq_init(student, teacher_model, quantizer, loftq_iters, stats)
         info = {k: v for k, v in manifest.items() if k not in ("layers", "aliases", "size", "files", "format_version")}
         save_quantized(student, tokenizer, out_dir, {**info, "correction": correction})
     examples = build_examples(calib, FormatSpec("text"), tokenizer, seq_len, limit)
@@ -160,15 +165,24 @@ def correct(
     return report
 
 
-def _requantizer(manifest: dict[str, Any]):
+def _requantizer(manifest: dict[str, Any]) -> Quantizer:
     """The quantizer a directory was made with, to re-quantize ``W - s B A`` during LoftQ."""
     settings = {k: v for k, v in manifest["quantizer"].items() if k != "method"}
-    quantizer = make_quantizer(manifest["quantizer"]["method"], **settings)
-    if quantizer.needs_calibration:
-        raise EngineError(
-            f"--init loftq re-quantizes weights without calibration data; {quantizer.name!r} needs it: use --init zero"
-        )
-    return quantizer
+    return make_quantizer(manifest["quantizer"]["method"], **settings)
+
+
+def _loftq_stats(
+    teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, calib: str, manifest: dict[str, Any]
+) -> dict[str, LayerStats]:
+    """Input statistics for LoftQ with a calibrated quantizer (OPTQ, QuIP#): the float teacher's layer
+    inputs on windows of the correction text, as many and as long as the directory was calibrated with.
+    Each layer is re-quantized on its own from the teacher's weight, so the teacher's inputs are the
+    right ones (the "independent" calibration mode)."""
+    recorded = manifest.get("calibration", {})
+    windows = calibration_windows(
+        tokenizer, read_text(calib), recorded.get("windows", 128), recorded.get("seq_len", 256), recorded.get("seed", 0)
+    )
+    return collect_stats(teacher, windows)
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -1,0 +1,115 @@
+"""QDyLoRA: one dynamic-rank run (R=16) against separate fixed-rank runs, on a quantized model.
+
+The base is the shared model quantized (3-bit RTN by default).  Every run
+finetunes LoRA on ``tinystories/train.txt`` (causal LM) for the same number of
+steps with the same batch and learning rate; the metric is perplexity on the
+whole of ``tinystories/valid.txt``.  The dynamic run (``--rank-max 16
+--dynamic``) is evaluated at every rank with one ``modulora eval --ranks``; each
+fixed-rank run at its own rank.  Prints a table and writes ``docs/qdylora.md``
+and ``docs/qdylora.png``.
+
+    python bench/qdylora.py [--method rtn] [--bits 3] [--ranks 1,2,4,8,16] [--steps 150] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import DOCS, GGUF, TRAIN_TXT, VALID_TXT, Cli, add_run_options, table, write_doc
+
+
+def finetune(cli: Cli, base: Path, out: Path, steps: int, *options: Any) -> dict[str, float]:
+    """Train; returns the command's wall seconds and the training loop's own seconds."""
+    _, wall = cli.run("finetune", base, "--data", TRAIN_TXT, "--format", "text", "--steps", steps,
+                      "--save-every", 0, "--out", out, *options)
+    return {"wall": wall, "train": json.loads((out / "report.json").read_text())["train_seconds"]}
+
+
+def plot(ranks: list[int], dynamic: dict[int, float], fixed: dict[int, float], base_ppl: float, float_ppl: float,
+         title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(ranks, [dynamic[r] for r in ranks], "o-", label="one dynamic run (R=16)")
+    ax.plot(ranks, [fixed[r] for r in ranks], "s--", label="a fixed-rank run per rank")
+    ax.axhline(base_ppl, color="grey", linestyle=":", label=f"quantized, no adapter ({base_ppl:.2f})")
+    ax.axhline(float_ppl, color="black", linestyle="--", linewidth=1, label=f"float ({float_ppl:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("adapter rank")
+    ax.set_ylabel("perplexity on valid.txt")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="rtn", help="Quantizer of the base (calibrated ones read train.txt).")
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--ranks", default="1,2,4,8,16", help="Ranks to evaluate; the largest is the dynamic R.")
+    parser.add_argument("--steps", type=int, default=150)
+    add_run_options(parser)
+    args = parser.parse_args()
+    ranks = sorted(int(r) for r in args.ranks.split(","))
+    work = args.work or Path(tempfile.mkdtemp(prefix="modulora-qdylora-"))
+    cli = Cli(work, args.threads)
+
+    base = work / "base"
+    calib = ("--calib", TRAIN_TXT) if args.method in ("optq", "quip") else ()
+    cli.run("quantize", GGUF, "--method", args.method, "--bits", args.bits, *calib, "--out", base)
+    float_ppl = cli.evaluate(GGUF, VALID_TXT)["ppl"]
+    base_ppl = cli.evaluate(base, VALID_TXT)["ppl"]
+
+    dynamic_time = finetune(cli, base, work / "dynamic", args.steps, "--rank-max", ranks[-1], "--dynamic")
+    dynamic_eval, dynamic_eval_wall = cli.run("eval", work / "dynamic", "--data", VALID_TXT, "--json",
+                                              "--ranks", ",".join(map(str, ranks)))
+    dynamic = {int(r): v["ppl"] for r, v in json.loads(dynamic_eval.strip().splitlines()[-1])["ranks"].items()}
+
+    fixed, fixed_train, fixed_wall = {}, 0.0, 0.0
+    for rank in ranks:
+        times = finetune(cli, base, work / f"rank-{rank}", args.steps, "--rank", rank)
+        out, eval_wall = cli.run("eval", work / f"rank-{rank}", "--data", VALID_TXT, "--json")
+        fixed[rank] = json.loads(out.strip().splitlines()[-1])["ppl"]
+        fixed_train += times["train"]
+        fixed_wall += times["wall"] + eval_wall
+
+    rows = [[r, f"{dynamic[r]:.3f}", f"{fixed[r]:.3f}", f"{dynamic[r] - fixed[r]:+.3f}"] for r in ranks]
+    times = [
+        ["one dynamic run", 1, f"{dynamic_time['train']:.0f}", f"{dynamic_time['wall'] + dynamic_eval_wall:.0f}"],
+        [f"{len(ranks)} fixed-rank runs", len(ranks), f"{fixed_train:.0f}", f"{fixed_wall:.0f}"],
+    ]
+    name = f"{args.bits}-bit {args.method}"
+    body = "\n\n".join([
+        f"Base: the shared model quantized with {name} (perplexity {base_ppl:.3f}; float {float_ppl:.3f}). "
+        f"Every run: `modulora finetune` on `train.txt` (format text) for {args.steps} steps with the CLI's "
+        f"default batch, learning rate and alpha = 2 x rank (the dynamic run: alpha = {2 * ranks[-1]}, scaled "
+        "alpha / b at rank b, DyLoRA's convention). Metric: perplexity on the whole of `valid.txt`.",
+        table(["rank", "ppl, dynamic run at this rank", "ppl, fixed-rank run", "dynamic - fixed"], rows),
+        "![perplexity per rank](qdylora.png)",
+        "Wall time (this machine, shared CPU; `train s` is the training loop alone, `total s` every command "
+        "including model loading and evaluation):\n\n"
+        + table(["approach", "training runs", "train s", "total s"], times),
+    ])
+    print(body)
+    plot(ranks, dynamic, fixed, base_ppl, float_ppl, f"QDyLoRA on {name}, {args.steps} steps", DOCS / "qdylora.png")
+    path = write_doc("qdylora", "QDyLoRA: one dynamic-rank run against fixed-rank runs", "qdylora.py", body,
+                     cli.commands)
+    print(f"wrote {path}", file=sys.stderr)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
