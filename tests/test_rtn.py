@@ -43,14 +43,17 @@ def test_matches_reference(bits, symmetric, shape, group):
     assert (diff > 1e-6).float().mean() < 2e-3
 
 
-def test_zero_is_exact_and_error_bounded():
-    w = torch.randn(64, 172)
+@pytest.mark.parametrize("seed", range(8))
+def test_zero_is_exact_and_error_bounded(seed):
+    w = torch.randn(64, 172, generator=torch.Generator().manual_seed(seed))
     w[:, :5] = 0
     q = RTNQuantizer(bits=3, group_size=32).quantize(w)
     dense = q.dequantize()
     assert torch.all(dense[:, :5] == 0)
     scale_cols = q.scales.float().repeat_interleave(32, 1)[:, :172]
-    assert torch.all((dense - w).abs() <= scale_cols / 2 + 1e-6)
+    # The fp16 scale can be up to 2**-11 short of range/7, so a clamped end of the range may
+    # miss by 7 * 2**-11 scale on top of the half step.
+    assert torch.all((dense - w).abs() <= scale_cols * (0.5 + 7 * 2**-11) + 1e-6)
 
 
 def test_tiles_equal_slices_of_whole():
