@@ -105,6 +105,8 @@ def train_options(command: Any) -> Any:
         click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True),
+        click.option("--offload-optimizer", is_flag=True,
+                     help="Keep float32 master weights and Adam moments in host memory (needs --optimizer cpu_adam)."),
         click.option("--grad-checkpointing", is_flag=True, help="Recompute each decoder block in backward."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--save-every", type=click.IntRange(min=0), default=50, show_default=True),
@@ -122,7 +124,9 @@ def _train_config(given: dict[str, Any], **extra: Any) -> Any:
     from engine.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in given.items() if k in names}, **extra)
+    config = TrainConfig(**{k: v for k, v in given.items() if k in names}, **extra)
+    config.validate()  # before any model is loaded
+    return config
 
 
 def _alpha(rank: int, alpha: float | None) -> float:
@@ -322,13 +326,19 @@ def info(directory: str, as_json: bool) -> None:
 @click.option("--rank-max", type=click.IntRange(min=1), default=None, help="QDyLoRA: train every rank 1..R at once.")
 @click.option("--dynamic", is_flag=True, help="QDyLoRA: sample the rank each step (needs --rank-max).")
 @click.option("--frozen", is_flag=True, help="QDyLoRA: update only the sampled rank's row/column.")
+@click.option("--offload", type=click.Choice(["device", "host", "disk"]), default=None,
+              help="Stream the decoder blocks' packed weights from this tier [resident, no streaming].")
+@click.option("--offload-dir", default=None, type=click.Path(file_okay=False),
+              help="Block files of the disk tier [OUT/blocks].")
+@click.option("--prefetch", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Blocks fetched ahead of the one computing.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @data_options
 @train_options
 def finetune(model: str, data: str, eval_data: str | None, dtype: str, rank_max: int | None, dynamic: bool,
-             frozen: bool, out_dir: str, data_format: str, columns: tuple[str, ...], label_words: tuple[str, ...],
-             template: str | None, limit: int | None, seq_len: int, rank: int, alpha: float | None, resume: bool,
-             **given: Any) -> None:
+             frozen: bool, offload: str | None, offload_dir: str | None, prefetch: int, out_dir: str,
+             data_format: str, columns: tuple[str, ...], label_words: tuple[str, ...], template: str | None,
+             limit: int | None, seq_len: int, rank: int, alpha: float | None, resume: bool, **given: Any) -> None:
     """Train LoRA on MODEL: a float model, a quantized directory, or a corrected one."""
     from engine.train.runs import finetune as run_finetune
 
@@ -341,7 +351,7 @@ def finetune(model: str, data: str, eval_data: str | None, dtype: str, rank_max:
     report = run_finetune(
         model, data, _spec(data_format, columns, label_words, template), out_dir, config,
         rank=adapter_rank, alpha=_alpha(adapter_rank, alpha), seq_len=seq_len, limit=limit, dtype=dtype,
-        eval_data=eval_data, resume=resume,
+        eval_data=eval_data, resume=resume, offload=offload, offload_dir=offload_dir, prefetch=prefetch,
     )
     click.echo(f"{out_dir}: {report['examples']} examples, final loss {report['final'].get('loss', float('nan')):.4f}, "
                f"{report['train_seconds']:.1f} s")

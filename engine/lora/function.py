@@ -20,6 +20,13 @@ from engine.quant.base import QuantizedWeight
 TILE_ALIGN = 64  # column tiles are multiples of this, so they start on group and packing-chunk boundaries
 
 
+def _resident(weight: torch.Tensor) -> torch.Tensor:
+    """Refuse a shape-only placeholder: CPU matmuls against ``meta`` tensors return garbage silently."""
+    if weight.is_meta:
+        raise RuntimeError("quantized weight is not resident: its decoder block was not streamed in")
+    return weight
+
+
 def _spans(n: int, step: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, step):
         yield start, min(start + step, n)
@@ -30,12 +37,12 @@ def quantized_matmul(x: torch.Tensor, qweight: QuantizedWeight, tile_numel: int 
     and the partial products accumulate in place into one output buffer."""
     n_out, n_in = qweight.out_features, qweight.in_features
     if tile_numel is None or tile_numel >= n_out * n_in:
-        return x @ qweight.dequantize(x.dtype).T
+        return x @ _resident(qweight.dequantize(x.dtype)).T
     step = max(TILE_ALIGN, tile_numel // n_out // TILE_ALIGN * TILE_ALIGN)
     x2 = x.reshape(-1, n_in)
     y = torch.zeros(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
     for c0, c1 in _spans(n_in, step):
-        y.addmm_(x2[:, c0:c1], qweight.dequantize(x.dtype, cols=(c0, c1)).T)
+        y.addmm_(x2[:, c0:c1], _resident(qweight.dequantize(x.dtype, cols=(c0, c1))).T)
     return y.view(*x.shape[:-1], n_out)
 
 
@@ -43,12 +50,12 @@ def quantized_matmul_transposed(g: torch.Tensor, qweight: QuantizedWeight, tile_
     """``g @ W`` (the input gradient); with a tile budget, accumulated over blocks of ``W``'s rows."""
     n_out, n_in = qweight.out_features, qweight.in_features
     if tile_numel is None or tile_numel >= n_out * n_in:
-        return g @ qweight.dequantize(g.dtype)
+        return g @ _resident(qweight.dequantize(g.dtype))
     step = max(1, tile_numel // n_in)
     g2 = g.reshape(-1, n_out)
     out = torch.zeros(g2.shape[0], n_in, dtype=g.dtype, device=g.device)
     for r0, r1 in _spans(n_out, step):
-        out.addmm_(g2[:, r0:r1], qweight.dequantize(g.dtype, rows=(r0, r1)))
+        out.addmm_(g2[:, r0:r1], _resident(qweight.dequantize(g.dtype, rows=(r0, r1))))
     return out.view(*g.shape[:-1], n_in)
 
 

@@ -28,6 +28,7 @@ from engine.export.peft_format import attach_adapter, is_adapter_dir, read_adapt
 from engine.model import is_quantized_dir, load_float_model, load_model, model_size, save_quantized
 from engine.model.calibrate import calibration_windows
 from engine.model.stats import collect_stats
+from engine.offload import BlockStreamer, make_store
 from engine.quant import make_quantizer
 from engine.quant.base import LayerStats, Quantizer
 from engine.storage import atomic_write_json
@@ -88,16 +89,32 @@ def finetune(
     eval_data: str | None = None,
     eval_limit: int | None = 64,
     resume: bool = False,
+    offload: str | None = None,
+    offload_dir: str | Path | None = None,
+    prefetch: int = 1,
 ) -> dict[str, Any]:
-    """LoRA on a float model, ModuLoRA on a quantized one, or more training of a corrected one."""
+    """LoRA on a float model, ModuLoRA on a quantized one, or more training of a corrected one.
+
+    With ``offload`` the decoder blocks' packed weights live on that tier
+    (``device``, ``host`` or ``disk`` under ``offload_dir``) and are streamed in
+    block by block; the updates are the same bit for bit.
+    """
     out_dir = Path(out_dir)
     check_data(data, spec)
     model, tokenizer, _ = load_with_adapter(model_source)
     _prepare_adapters(model, config.rank_max or rank, alpha, config.seed, compute_dtype(dtype))
     examples = build_examples(data, spec, tokenizer, seq_len, limit)
     eval_fn = perplexity_eval(tokenizer, eval_data, seq_len, eval_limit) if eval_data else None
+    streamer = None
+    if offload is not None:
+        store = make_store(offload, directory=offload_dir or out_dir / "blocks")
+        streamer = BlockStreamer(model, store, prefetch)
     start = time.perf_counter()
-    metrics = Trainer(model, examples, config, out_dir, _pad_id(tokenizer), eval_fn=eval_fn).train(resume=resume)
+    try:
+        metrics = Trainer(model, examples, config, out_dir, _pad_id(tokenizer), eval_fn=eval_fn).train(resume=resume)
+    finally:
+        if streamer is not None:
+            streamer.close()
     seconds = time.perf_counter() - start
     save_adapter(model, out_dir / ADAPTER_DIR, str(model_source))
     report = {
@@ -110,6 +127,9 @@ def finetune(
         "train_seconds": seconds,
         "size": model_size(model),
     }
+    if streamer is not None:
+        report["offload"] = {"tier": offload, "prefetch": prefetch, "bytes_fetched": streamer.store.bytes_fetched,
+                             "max_blocks_resident": streamer.max_resident}
     atomic_write_json(out_dir / "report.json", report)
     return report
 

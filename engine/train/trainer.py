@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from engine.data import Example, collate
 from engine.errors import EngineError
 from engine.train.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
 from engine.train.checkpoint import latest_good_checkpoint, restore_optimizer, restore_rng, save_checkpoint
+
+if TYPE_CHECKING:
+    from engine.offload.optimizer import HostOffloadedAdam
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     rank_max: int | None = None
     dynamic_frozen: bool = False
+    offload_optimizer: bool = False
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -61,6 +65,8 @@ class TrainConfig:
                 raise EngineError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise EngineError(f"lr must be > 0, got {self.lr}")
+        if self.offload_optimizer and self.optimizer != "cpu_adam":
+            raise EngineError(f"offload_optimizer needs optimizer 'cpu_adam', got {self.optimizer!r}")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
@@ -75,7 +81,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer | HostOffloadedAdam:
+    if name == "cpu_adam" and config.offload_optimizer:
+        from engine.offload.optimizer import HostOffloadedAdam
+
+        return HostOffloadedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
     if name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -215,7 +225,7 @@ class Trainer:
         )
 
 
-def _replay_cpu_adam_bias_correction(optimizer: torch.optim.Optimizer, steps: int) -> None:
+def _replay_cpu_adam_bias_correction(optimizer: torch.optim.Optimizer | HostOffloadedAdam, steps: int) -> None:
     """Make a resumed DeepSpeed CPU Adam bit-identical to an uninterrupted one.
 
     Its C++ side keeps ``beta^t`` as a running product (``IncrementStep`` in
