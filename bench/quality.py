@@ -42,6 +42,8 @@ CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
        {"bits": b, "group_size": g, "act_order": True, "clip_search": True}, {"asym_alpha": 0.5})
       for b in (4, 3, 2) for g in (32, 64)],
     *[("quip#", "quip", {"bits": b}, {}) for b in (4, 3, 2)],
+    *[("quip# asym 0.5", "quip", {"bits": b}, {"asym_alpha": 0.5}) for b in (4, 3, 2)],
+    ("quip# incoherence both (reference)", "quip", {"bits": 2, "incoherence": "both"}, {}),
     *[(f"hqq g{g}", "hqq", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
     *[(f"{m} block {g}", m, {"group_size": g}, None) for m in ("nf4", "fp4") for g in (32, 64)],
 ]
