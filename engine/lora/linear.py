@@ -53,11 +53,18 @@ class ModuLoRALinear(nn.Module):
         if rank > 0:
             self.add_adapter(rank, alpha, adapter_dtype)
 
-    def add_adapter(self, rank: int, alpha: float | None = None, dtype: torch.dtype = torch.float32) -> None:
-        """Attach a fresh rank-``rank`` adapter (replacing any previous one)."""
+    def add_adapter(
+        self,
+        rank: int,
+        alpha: float | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Attach a fresh rank-``rank`` adapter (replacing any previous one), by default on the base's device
+        (pass ``device`` when the base is a streamed placeholder)."""
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
-        device = next(self.base.buffers()).device
+        device = device if device is not None else next(self.base.buffers()).device
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))

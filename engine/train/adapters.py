@@ -22,6 +22,7 @@ def add_lora(
     alpha: float | None = None,
     seed: int = 0,
     include: str | None = None,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Give every decoder linear (or those matching ``include``) a fresh rank-``rank`` adapter.
 
@@ -37,7 +38,7 @@ def add_lora(
         if isinstance(layer, nn.Linear):
             layer = ModuLoRALinear(DenseWeight(layer.weight.data), layer.bias)
             replace_module(model, name, layer)
-        layer.add_adapter(rank, alpha)
+        layer.add_adapter(rank, alpha, device=device)
     model.requires_grad_(False)
     for param in lora_parameters(model).values():
         param.requires_grad_(True)
