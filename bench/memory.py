@@ -11,7 +11,6 @@ writes ``docs/memory.md``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -20,14 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.procstat import PeakRss
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 class DenseLoRA(nn.Module):
@@ -64,19 +58,18 @@ def build(kind: str, layers: int, dim: int, rank: int, tile_numel: int | None) -
 
 def child(kind: str, layers: int, dim: int, tokens: int, rank: int, tile_numel: int | None) -> dict[str, float]:
     torch.set_num_threads(2)
-    baseline = _rss_kib("VmRSS")
+    rss = PeakRss()
     stack = build(kind, layers, dim, rank, tile_numel)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand construction temporaries back, so RSS is what the stack holds
-    built = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    rss.reset()  # trims construction temporaries, so the step's peak starts from what the stack holds
+    built = rss.current()
     x = torch.randn(tokens, dim, requires_grad=True)
     stack(x).square().mean().backward()
-    peak = _rss_kib("VmHWM")
+    peak = rss.peak()
     return {
         "kind": kind,
-        "weights_MiB": (built - baseline) / 1024,
-        "step_peak_MiB": (peak - baseline) / 1024,
-        "step_extra_MiB": (peak - built) / 1024,
+        "weights_MiB": built / 2**20,
+        "step_peak_MiB": peak / 2**20,
+        "step_extra_MiB": (peak - built) / 2**20,
     }
 
 
