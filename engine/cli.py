@@ -178,6 +178,23 @@ def quantize(
     Methods that need calibration (optq, quip) take --calib FILE: statistics of
     each layer's inputs over random windows of that text.
     """
+    quantize_to_dir(model, method, calib_file, calib_mode, calib_windows, asym_alpha, seed, out_dir, given)
+
+
+def quantize_to_dir(
+    model: str,
+    method: str,
+    calib_file: str | None,
+    calib_mode: str | None,
+    calib_windows: int | None,
+    asym_alpha: float | None,
+    seed: int | None,
+    out_dir: str,
+    given: dict[str, Any],
+    runner_factory: Any = None,
+) -> None:
+    """The ``quantize`` command's work; ``runner_factory`` runs the calibration shards elsewhere
+    (``modulora calibrate`` passes Ray's)."""
     from engine.model import load_float_model, quantize_model, save_quantized
     from engine.model.calibrate import quantize_with_calibration
     from engine.quant import make_quantizer
@@ -200,7 +217,8 @@ def quantize(
     start = time.perf_counter()
     calibration = None
     if calib_file is not None:
-        settings = {"n_windows": calib_windows, "seed": seed, "mode": calib_mode, "asym_alpha": asym_alpha}
+        settings = {"n_windows": calib_windows, "seed": seed, "mode": calib_mode, "asym_alpha": asym_alpha,
+                    "runner_factory": runner_factory}
         calibration = quantize_with_calibration(
             float_model, tokenizer, quantizer, calib_file, **{k: v for k, v in settings.items() if v is not None}
         )
@@ -405,9 +423,27 @@ def export(run_dir: str, out_dir: str, rank: int | None, merged: bool) -> None:
     click.echo(f"{out_dir}: adapter rank {rank or config['r']}" + (", merged model" if merged else ""))
 
 
+PLUGIN_GROUP = "modulora.commands"
+
+
+def add_plugin_commands() -> None:
+    """Commands other packages register under the ``modulora.commands`` entry-point group (``cluster``
+    adds its Ray commands this way, so the engine never imports the cluster runner)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        if entry.name in cli.commands:
+            continue
+        try:
+            cli.add_command(entry.load(), entry.name)
+        except Exception as exc:  # a broken plugin must not take the engine's own commands down
+            logging.getLogger(__name__).warning("plugin command %r unavailable: %s", entry.name, exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click's own errors and EngineError both become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    add_plugin_commands()
     try:
         cli.main(args=argv, prog_name="modulora", standalone_mode=False)
     except click.exceptions.Abort:

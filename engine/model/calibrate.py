@@ -19,6 +19,7 @@ Typical use::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.errors import EngineError
 from engine.eval.perplexity import read_text
-from engine.model.quantize import quantize_model
-from engine.model.sequential import Wrap, quantize_sequential
-from engine.model.stats import collect_stats
+from engine.model.quantize import target_linear_names
+from engine.model.sequential import ShardRunner, Wrap, quantize_sequential, sum_in_order
+from engine.model.stats import SHARD_WINDOWS
 from engine.quant.base import Quantizer
 from engine.storage import sha256_file
 
 MODES = ("sequential", "independent")
+# (model, windows, batch_size, asymmetric, shard_windows) -> a runner of calibration shards
+RunnerFactory = Callable[[nn.Module, torch.Tensor, int, bool, int], ShardRunner]
 
 
 def calibration_windows(
@@ -59,19 +62,26 @@ def quantize_calibrated(
     batch_size: int = 8,
     wrap: Wrap | None = None,
     asym_alpha: float = 0.0,
+    shard_windows: int = SHARD_WINDOWS,
+    runner_factory: RunnerFactory = ShardRunner,
 ) -> list[str]:
     """Quantize ``names`` (default: all decoder linears) in place, calibrated on token ``windows``.
 
     ``asym_alpha`` (sequential mode only) pulls each layer towards the float
-    model's output; see :mod:`engine.model.sequential`.
+    model's output; see :mod:`engine.model.sequential`.  The statistics are
+    summed over shards of ``shard_windows`` windows; ``runner_factory`` decides
+    where the shards run (this process by default; ``cluster.calibrate`` runs
+    them on Ray workers, with the same result).
     """
-    if mode == "sequential":
-        return quantize_sequential(model, quantizer, windows, names, batch_size, wrap, asym_alpha)
-    if mode != "independent":
+    if mode not in MODES:
         raise EngineError(f"unknown calibration mode {mode!r}; allowed: {', '.join(MODES)}")
-    if asym_alpha:
+    if asym_alpha and mode != "sequential":
         raise EngineError("asymmetric calibration needs the sequential calibration mode")
-    return quantize_model(model, quantizer, names, collect_stats(model, windows, names, batch_size), wrap)
+    runner = runner_factory(model, windows, batch_size, asym_alpha > 0, shard_windows)
+    if mode == "sequential":
+        return quantize_sequential(model, quantizer, runner, names, wrap, asym_alpha)
+    names = names if names is not None else target_linear_names(model)
+    return runner.quantize(model, quantizer, names, sum_in_order(runner.call("stats", names)), wrap)
 
 
 def quantize_with_calibration(
@@ -88,6 +98,7 @@ def quantize_with_calibration(
     names: list[str] | None = None,
     batch_size: int = 8,
     wrap: Wrap | None = None,
+    runner_factory: RunnerFactory = ShardRunner,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place, calibrated on ``n_windows`` random windows of the text file ``calib_file``.
 
@@ -96,7 +107,7 @@ def quantize_with_calibration(
     """
     path = Path(calib_file)
     windows = calibration_windows(tokenizer, read_text(path), n_windows, seq_len, seed)
-    quantize_calibrated(model, quantizer, windows, mode, names, batch_size, wrap, asym_alpha)
+    quantize_calibrated(model, quantizer, windows, mode, names, batch_size, wrap, asym_alpha, runner_factory=runner_factory)
     return {
         "file": str(path.resolve()),
         "sha256": sha256_file(path),

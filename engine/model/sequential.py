@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import EngineError
 from engine.model.quantize import decoder_blocks, quantize_model, target_linear_names
-from engine.model.stats import recording_cross_inputs, recording_inputs
+from engine.model.stats import collect_stats, recording_cross_inputs, recording_inputs, shard_spans
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer
 
 Wrap = Callable[[QuantizedWeight, torch.Tensor | None], nn.Module]
@@ -134,43 +134,128 @@ def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor,
     return (w + alpha * correction).to(weight.dtype).to(weight.device)
 
 
+class CalibrationShard:
+    """One shard of calibration windows: its statistics in either mode, its activations block by block.
+
+    *Independent* mode needs only :meth:`stats` (a float-model pass).  In
+    *sequential* mode the shard keeps its windows' activations at the current
+    block, computes each group's statistics from them, then advances them
+    through the (now quantized) block.  The driver sums the shards' statistics
+    in shard order, so the result does not depend on how many processes held
+    the shards (see :class:`ShardRunner`).
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool) -> None:
+        self.model, self.windows, self.batch_size, self.asym = model, windows, batch_size, asym
+        self.blocks = decoder_blocks(model)
+        self.prefix = next(name for name, module in model.named_modules() if module is self.blocks)
+        self._calls: list[BlockCall] | None = None
+        self.float_hidden: list[torch.Tensor] | None = None
+        self.float_block: nn.Module | None = None
+
+    def stats(self, names: list[str]) -> dict[str, LayerStats]:
+        """Independent mode: every named layer's statistics from one pass of the model over the shard."""
+        return collect_stats(self.model, self.windows, names, self.batch_size, shard_windows=len(self.windows))
+
+    @property
+    def calls(self) -> list[BlockCall]:
+        if self._calls is None:  # the first block's inputs, captured on first use
+            self._calls = first_block_inputs(self.model, self.windows, self.batch_size)
+            self.float_hidden = [_hidden(call) for call in self._calls] if self.asym else None
+        return self._calls
+
+    @torch.no_grad()
+    def groups(self, index: int, names: list[str]) -> list[list[str]]:
+        return shared_input_groups(self.model, self.blocks[index], names, self.calls[0])
+
+    def begin_block(self, index: int) -> None:
+        """Keep the float block beside the one being quantized (asymmetric calibration needs both)."""
+        if self.asym:
+            self.float_block = copy.deepcopy(self.blocks[index])
+
+    @torch.no_grad()
+    def group_stats(self, index: int, group: list[str]) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
+        """``X_q^T X_q`` of each layer in ``group`` over this shard, and ``X_q^T X`` (float twin) if asymmetric."""
+        block, block_prefix = self.blocks[index], f"{self.prefix}.{index}."
+        twins = {n: self.float_block.get_submodule(n[len(block_prefix) :]) for n in group} if self.float_block else {}
+        with recording_inputs(self.model, group) as stats, recording_cross_inputs(self.model, twins) as cross:
+            for i, call in enumerate(self.calls):
+                if self.float_block is not None:
+                    _run_until(self.float_block, _with_hidden(call, self.float_hidden[i]), twins[group[-1]])
+                _run_until(block, call, self.model.get_submodule(group[-1]))
+        return stats, cross
+
+    @torch.no_grad()
+    def end_block(self, index: int) -> None:
+        """Advance the activations through block ``index``, now quantized (and the float twin's)."""
+        block = self.blocks[index]
+        if self.float_block is not None:
+            self.float_hidden = [_run(self.float_block, _with_hidden(c, h)) for c, h in zip(self.calls, self.float_hidden)]
+            self.float_block = None
+        self._calls = [_with_hidden(call, _run(block, call)) for call in self.calls]
+
+
+class ShardRunner:
+    """Runs :class:`CalibrationShard` methods over every shard and quantizes layers: here, in this process.
+
+    The Ray runner (``cluster.calibrate``) implements the same three methods
+    with shards on workers and layers quantized in parallel; the driver loop in
+    :func:`quantize_sequential` is shared, so both give the same weights.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int) -> None:
+        spans = shard_spans(len(windows), shard_windows)
+        self.shards = [CalibrationShard(model, windows[a:b], batch_size, asym) for a, b in spans]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every shard, results in shard order."""
+        return [getattr(shard, method)(*args) for shard in self.shards]
+
+    def quantize(
+        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None
+    ) -> list[str]:
+        """Quantize ``names`` of the driver's ``model`` in place and make every shard's model agree."""
+        return quantize_model(model, quantizer, names, stats, wrap)  # the shards share ``model`` here
+
+
+def sum_in_order(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-key sums of shard results, added in shard order (float sums depend on the order)."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        for key, value in part.items():
+            total[key] = total[key].merge(value) if isinstance(value, LayerStats) else total[key] + value
+    return total
+
+
 @torch.no_grad()
 def quantize_sequential(
     model: nn.Module,
     quantizer: Quantizer,
-    windows: torch.Tensor,
+    runner: ShardRunner,
     names: list[str] | None = None,
-    batch_size: int = 8,
     wrap: Wrap | None = None,
     asym_alpha: float = 0.0,
 ) -> list[str]:
-    """Quantize ``names`` (default: all decoder linears) block by block, as described above."""
+    """Quantize ``names`` (default: all decoder linears) block by block, as described above, with the
+    calibration shards of ``runner``."""
     if not 0.0 <= asym_alpha <= 1.0:
         raise EngineError(f"asymmetric calibration alpha must be in [0, 1], got {asym_alpha}")
     names = names if names is not None else target_linear_names(model)
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
-    calls = first_block_inputs(model, windows, batch_size)
-    float_hidden = [_hidden(call) for call in calls] if asym_alpha else []
     done: list[str] = []
-    for index, block in enumerate(tqdm(blocks, desc=f"calibrate ({quantizer.name})", unit="block", leave=False)):
-        block_prefix = f"{prefix}.{index}."
-        block_names = [n for n in names if n.startswith(block_prefix)]
-        float_block = copy.deepcopy(block) if asym_alpha else None
-        for group in shared_input_groups(model, block, block_names, calls[0]) if block_names else []:
-            twins = {n: float_block.get_submodule(n[len(block_prefix) :]) for n in group} if float_block else {}
-            with recording_inputs(model, group) as stats, recording_cross_inputs(model, twins) as cross:
-                for i, call in enumerate(calls):
-                    if float_block is not None:
-                        _run_until(float_block, _with_hidden(call, float_hidden[i]), twins[group[-1]])
-                    _run_until(block, call, model.get_submodule(group[-1]))
+    for index in tqdm(range(len(blocks)), desc=f"calibrate ({quantizer.name})", unit="block", leave=False):
+        block_names = [n for n in names if n.startswith(f"{prefix}.{index}.")]
+        runner.call("begin_block", index)
+        for group in runner.call("groups", index, block_names)[0] if block_names else []:
+            partials = runner.call("group_stats", index, group)
+            stats = sum_in_order([p[0] for p in partials])
+            cross = sum_in_order([p[1] for p in partials]) if asym_alpha else {}
             for name in cross:
                 linear = model.get_submodule(name)
                 linear.weight.data = aligned_weight(linear.weight, stats[name], cross[name], asym_alpha)
-            done += quantize_model(model, quantizer, group, stats, wrap)
-        if float_block is not None:
-            float_hidden = [_run(float_block, _with_hidden(call, h)) for call, h in zip(calls, float_hidden)]
-        calls = [_with_hidden(call, _run(block, call)) for call in calls]
+            done += runner.quantize(model, quantizer, group, stats, wrap)
+        runner.call("end_block", index)
     outside = sorted(set(names) - set(done))
     if outside:
         raise EngineError(f"layers outside the decoder blocks cannot be calibrated sequentially: {outside[:3]}")

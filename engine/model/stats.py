@@ -27,6 +27,7 @@ from engine.quant.base import LayerStats
 from engine.storage import atomic_save_safetensors
 
 STATS_FORMAT = "modulora-layer-stats"
+SHARD_WINDOWS = 32  # calibration windows per statistics shard: the unit of data parallelism
 
 
 def _rows(args: tuple[Any, ...], in_features: int) -> torch.Tensor:
@@ -92,18 +93,38 @@ def recording_cross_inputs(model: nn.Module, twins: dict[str, nn.Module]) -> Ite
             handle.remove()
 
 
+def shard_spans(n_windows: int, shard_windows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each shard of calibration windows.
+
+    Statistics are summed within a shard and then across shards in shard
+    order, wherever the shards were computed: float sums depend on their
+    order, and this one fixes it, so one process and any number of Ray
+    workers give bit-identical statistics.
+    """
+    if shard_windows < 1:
+        raise EngineError(f"shard size must be >= 1 window, got {shard_windows}")
+    return [(start, min(start + shard_windows, n_windows)) for start in range(0, n_windows, shard_windows)]
+
+
 @torch.no_grad()
 def collect_stats(
-    model: nn.Module, windows: torch.Tensor, names: list[str] | None = None, batch_size: int = 8
+    model: nn.Module,
+    windows: torch.Tensor,
+    names: list[str] | None = None,
+    batch_size: int = 8,
+    shard_windows: int = SHARD_WINDOWS,
 ) -> dict[str, LayerStats]:
     """Statistics of every named layer (default: all decoder linears) from one pass of ``model`` over
-    token ``windows`` (``[n, seq_len]``)."""
+    token ``windows`` (``[n, seq_len]``), summed shard by shard (see :func:`shard_spans`)."""
     names = names if names is not None else target_linear_names(model)
     device = next(model.parameters()).device
-    with recording_inputs(model, names) as stats:
-        for start in range(0, len(windows), batch_size):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    return stats
+    total: dict[str, LayerStats] | None = None
+    for first, stop in shard_spans(len(windows), shard_windows):
+        with recording_inputs(model, names) as shard:
+            for start in range(first, stop, batch_size):
+                model(input_ids=windows[start : min(start + batch_size, stop)].to(device), use_cache=False)
+        total = shard if total is None else merge_stats(total, shard)
+    return total
 
 
 def merge_stats(*shards: dict[str, LayerStats]) -> dict[str, LayerStats]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine.errors import EngineError
 from engine.quant.base import QuantizedWeight, Span, register_format
-from engine.quant.packing import SUPPORTED_BITS, pack, unpack, unpack_columns
+from engine.quant.kernels import dequantize_groups
+from engine.quant.packing import SUPPORTED_BITS, pack, unpack
 
 SCALE_DTYPE = torch.float16
 
@@ -128,26 +128,21 @@ class GroupQuantizedWeight(QuantizedWeight):
             obj.register_buffer("inv_perm", torch.argsort(tensors["perm"]).to(torch.int64), persistent=False)
         return obj
 
-    def _zero_points(self, rows: slice, g0: int, g1: int, dtype: torch.dtype) -> torch.Tensor:
+    def _zero_points(self, rows: slice, g0: int, g1: int) -> torch.Tensor | None:
         if self.symmetric:
-            return torch.tensor(float(1 << (self.bits - 1)), dtype=dtype, device=self.scales.device)
+            return None
         zeros = unpack(self.zeros, self.bits, self.out_features * self.n_groups)
-        return zeros.view(self.out_features, self.n_groups)[rows, g0:g1].to(dtype)
+        return zeros.view(self.out_features, self.n_groups)[rows, g0:g1]
 
     def _dequantize_stored(self, dtype: torch.dtype, rows: slice, c0: int, c1: int) -> torch.Tensor:
         """Columns ``[c0, c1)`` in storage order, computed one whole group at a time."""
         G = self.group_size
         g0, g1 = c0 // G, -(-c1 // G)
         lo, hi = g0 * G, min(g1 * G, self.in_features)
-        codes = unpack_columns(self.codes[rows], self.bits, lo, hi).to(dtype)
-        if hi - lo < (g1 - g0) * G:  # ragged last group: pad to whole groups
-            codes = F.pad(codes, (0, (g1 - g0) * G - (hi - lo)))
-        n_rows = codes.shape[0]
-        grouped = codes.view(n_rows, g1 - g0, G)
-        zeros = self._zero_points(rows, g0, g1, dtype)
-        grouped.sub_(zeros.unsqueeze(-1) if zeros.dim() else zeros)
-        grouped.mul_(self.scales[rows, g0:g1].to(dtype).unsqueeze(-1))  # in place: one dense buffer per call
-        return codes.view(n_rows, -1)[:, c0 - lo : c1 - lo]
+        dense = dequantize_groups(
+            self.codes[rows], self.scales[rows, g0:g1], self._zero_points(rows, g0, g1), self.bits, G, lo, hi, dtype
+        )
+        return dense[:, c0 - lo : c1 - lo]
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
