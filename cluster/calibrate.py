@@ -1,0 +1,177 @@
+"""Calibration on Ray: the engine's calibration shards on Ray workers, layers quantized in parallel.
+
+The driver loop is the engine's own (:func:`engine.model.calibrate.quantize_calibrated`);
+this module only supplies its :class:`~engine.model.sequential.ShardRunner` on Ray:
+
+* each worker (an actor) loads the float model from its source itself and
+  holds a contiguous run of the calibration shards; the windows go through
+  Ray's object store once;
+* shard statistics come back per shard and the driver sums them in shard
+  order, exactly as one process does, so the weights are bit-identical;
+* the layers of a group are quantized in parallel, spread over the same
+  workers (actors hold their CPUs, so separate tasks could starve), and the
+  packed results are sent to the workers once per group (one ``ray.put``);
+* a worker that dies is replaced: the new one replays the calls that changed
+  its state (blocks begun and ended, layers installed) and the lost call is
+  asked again.
+
+    modulora calibrate MODEL --method optq --bits 3 --calib train.txt --workers 2 --out q3
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from engine.cli import quantize as quantize_command
+from engine.cli import quantize_to_dir
+from engine.errors import EngineError
+from engine.lora import ModuLoRALinear
+from engine.model import load_float_model
+from engine.model.quantize import replace_module
+from engine.model.sequential import CalibrationShard, ShardRunner, Wrap
+from engine.model.stats import shard_spans
+from engine.quant import weight_from_state
+from engine.quant.base import LayerStats, Quantizer
+
+from cluster.runtime import ray_session
+
+STATEFUL_CALLS = ("begin_block", "end_block")  # what a replacement worker must replay (with installs)
+
+LayerState = tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]  # tensors, manifest, bias
+
+
+class ShardWorker:
+    """A Ray actor: the float model and a run of calibration shards, kept in step with the driver."""
+
+    def __init__(self, model_source: str, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
+                 asym: bool, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model, _ = load_float_model(model_source)
+        self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(shard, method)(*args) for shard in self.shards]
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, quantizer: Quantizer) -> tuple[dict, dict]:
+        """One layer's packed tensors and manifest (workers quantize a group's layers in parallel)."""
+        qweight = quantizer.quantize(weight, stats)
+        return dict(qweight.state_dict()), qweight.manifest()
+
+    def install(self, layers: dict[str, LayerState]) -> None:
+        for name, state in layers.items():
+            replace_module(self.model, name, packed_layer(state))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def packed_layer(state: LayerState) -> ModuLoRALinear:
+    """The module ``quantize_model`` puts in place of a linear layer (its default ``wrap``)."""
+    tensors, manifest, bias = state
+    return ModuLoRALinear(weight_from_state(tensors, manifest), bias)
+
+
+class RayShardRunner(ShardRunner):
+    """The calibration shards of ``windows`` on ``workers`` Ray actors (fewer if there are fewer shards)."""
+
+    def __init__(self, model_source: str, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int,
+                 workers: int, threads: int = 1) -> None:
+        import ray
+
+        spans = shard_spans(len(windows), shard_windows)
+        n = max(1, min(workers, len(spans)))
+        per_worker = [spans[i * len(spans) // n : (i + 1) * len(spans) // n] for i in range(n)]
+        self._actor = ray.remote(num_cpus=threads)(ShardWorker)
+        self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads) for spans_i in per_worker]
+        self.workers = [self._actor.remote(*args) for args in self._spawn_args]
+        self.journal: list[tuple[str, tuple[Any, ...]]] = []  # state-changing calls, replayed by replacements
+
+    def _revive(self, index: int) -> None:
+        """Replace dead worker ``index`` and bring it to the state of the others."""
+        import ray
+
+        self.workers[index] = worker = self._actor.remote(*self._spawn_args[index])
+        for method, args in self.journal:
+            ray.get(getattr(worker, method).remote(*args))
+
+    def _gather(self, requests: list[tuple[int, str, tuple[Any, ...]]]) -> list[Any]:
+        """Run ``(worker index, method, args)`` requests in parallel; a worker that died meanwhile is
+        revived and asked again."""
+        import ray
+
+        refs = [getattr(self.workers[i], method).remote(*args) for i, method, args in requests]
+        results = []
+        for (index, method, args), ref in zip(requests, refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                self._revive(index)
+                results.append(ray.get(getattr(self.workers[index], method).remote(*args)))
+        return results
+
+    def _on_all(self, method: str, *args: Any) -> list[Any]:
+        return self._gather([(i, method, args) for i in range(len(self.workers))])
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        per_worker = self._on_all("call", method, *args)
+        if method in STATEFUL_CALLS:
+            self.journal.append(("call", (method, *args)))
+        return [result for results in per_worker for result in results]  # shard order
+
+    def quantize(
+        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None
+    ) -> list[str]:
+        import ray
+
+        if wrap is not None:
+            raise EngineError("Ray calibration installs plain ModuLoRA layers; a custom wrap runs in one process")
+        requests = [(k % len(self.workers), "quantize", (model.get_submodule(n).weight.data, stats[n], quantizer))
+                    for k, n in enumerate(names)]
+        layers = {n: (*packed, model.get_submodule(n).bias) for n, packed in zip(names, self._gather(requests))}
+        for name, state in layers.items():
+            replace_module(model, name, packed_layer(state))
+        layers_ref = ray.put(layers)
+        self._on_all("install", layers_ref)
+        self.journal.append(("install", (layers_ref,)))
+        return names
+
+
+def runner_factory(model_source: str, workers: int, threads: int) -> Any:
+    """The ``runner_factory`` that ``quantize_calibrated`` calls, with the model's source bound in."""
+
+    def make(model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int) -> RayShardRunner:
+        return RayShardRunner(model_source, windows, batch_size, asym, shard_windows, workers, threads)
+
+    return make
+
+
+def _calibrate(workers: int, address: str | None, threads: int, model: str, method: str,
+               calib_file: str | None, calib_mode: str | None, calib_windows: int | None, asym_alpha: float | None,
+               seed: int | None, out_dir: str, **given: Any) -> None:
+    if calib_file is None:
+        raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
+    with ray_session(address, num_cpus=None if address else workers * threads):
+        quantize_to_dir(model, method, calib_file, calib_mode, calib_windows, asym_alpha, seed, out_dir, given,
+                        runner_factory=runner_factory(model, workers, threads))
+
+
+calibrate_command = click.Command(
+    "calibrate",
+    callback=_calibrate,
+    params=[
+        click.Option(["--workers"], type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Ray workers holding calibration shards (and parallel quantization tasks)."),
+        click.Option(["--address"], default=None,
+                     help="Ray cluster address [RAY_ADDRESS, else a local Ray on 127.0.0.1]."),
+        click.Option(["--threads"], type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Torch threads per worker and task."),
+        *quantize_command.params,
+    ],
+    help="Like `modulora quantize --calib`, with calibration shards and layer quantization on Ray workers "
+    "(bit-identical to one process with the same threads).",
+)

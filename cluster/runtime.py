@@ -1,0 +1,34 @@
+"""Connecting to Ray: an existing cluster when given its address, else one started in-process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LOCALHOST = "127.0.0.1"
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """``ray.init`` for the duration of a command, and ``ray.shutdown`` after it.
+
+    Without ``address`` (nor ``RAY_ADDRESS``) Ray starts embedded in this
+    process, bound to 127.0.0.1 and without its dashboard, so nothing listens
+    on a public interface unless a cluster was deliberately started that way.
+    Inside ``ray job submit`` the job's cluster is found through ``RAY_ADDRESS``.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():  # already connected (a test, or a notebook): leave the session to its owner
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOCALHOST, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
