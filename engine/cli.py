@@ -423,6 +423,49 @@ def export(run_dir: str, out_dir: str, rank: int | None, merged: bool) -> None:
     click.echo(f"{out_dir}: adapter rank {rank or config['r']}" + (", merged model" if merged else ""))
 
 
+@cli.command(name="plan")
+@click.option("--model", "model_name", required=True,
+              help="Built-in shape (llama-7b/13b/30b/65b, llama-2-70b, falcon-40b) or a config.json.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), required=True)
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="LoRA rank.")
+@click.option("--seq-len", type=click.IntRange(min=1), required=True)
+@click.option("--batch", type=click.IntRange(min=1), required=True)
+@click.option("--device-mem", default=None, help="Device memory, e.g. 24GiB (not with --device cpu).")
+@click.option("--host-mem", required=True, help="Host memory, e.g. 64GiB.")
+@click.option("--group-size", type=int, default=64, show_default=True)
+@click.option("--tier", type=click.Choice(["auto", "device", "host", "disk"]), default="auto", show_default=True,
+              help="Where the packed weights live; auto: the fastest that fits.")
+@click.option("--prefetch", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--optimizer-offload", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cpu: the device is host RAM.")
+@click.option("--disk-gbps", type=float, default=1.0, show_default=True)
+@click.option("--h2d-gbps", type=float, default=25.0, show_default=True, help="Host-to-device copy rate.")
+@click.option("--tflops", type=float, default=150.0, show_default=True, help="Matmul rate.")
+@click.option("--dequant-gweights", type=float, default=50.0, show_default=True, help="Dequantization rate, G weights/s.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_command(model_name: str, bits: str, device_mem: str | None, host_mem: str, as_json: bool,
+                 **given: Any) -> None:
+    """Predict the peak memory and step time of finetuning a model, from its shapes alone.
+
+    Exit code 0 whether it fits or not; the verdict says which memory is short and what would fit.
+    """
+    from engine.offload.plan import PlanInputs, make_plan, parse_size
+    from engine.offload.shapes import load_config, model_shapes
+
+    host = parse_size(host_mem, "--host-mem")
+    if device_mem is None and given["device"] == "cuda":
+        raise EngineError("--device-mem is required with --device cuda")
+    device = host if device_mem is None else parse_size(device_mem, "--device-mem")
+    shapes = model_shapes(load_config(model_name))
+    result = make_plan(PlanInputs(shapes, bits=int(bits), device_mem=device, host_mem=host, **given))
+    if as_json:
+        click.echo(json.dumps({"model": model_name, **result.to_json()}, indent=2))
+    else:
+        click.echo(result.render(model_name))
+
+
 PLUGIN_GROUP = "modulora.commands"
 
 
