@@ -18,16 +18,21 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     on a public interface unless a cluster was deliberately started that way.
     Inside ``ray job submit`` the job's cluster is found through ``RAY_ADDRESS``.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray swaps a given 127.0.0.1 for the machine's public address, and binds its servers there,
+        # unless multi-node clusters are off; this switch (read when ray is imported) turns them off.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():  # already connected (a test, or a notebook): leave the session to its owner
         yield
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOCALHOST, log_to_driver=False)
+    else:  # "local": always a private Ray, never some other one that happens to run on this machine
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 _node_ip_address=LOCALHOST, log_to_driver=False)
     try:
         yield
     finally:

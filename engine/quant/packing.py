@@ -16,14 +16,16 @@ import math
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# bits -> (codes per chunk, bytes per chunk): a chunk is lcm(bits, 8) bits (a table, not math.lcm,
+# so that torch.compile traces the unpacking without a graph break)
+CHUNK_LAYOUT = {bits: (math.lcm(bits, 8) // bits, math.lcm(bits, 8) // 8) for bits in SUPPORTED_BITS}
 
 
 def chunk_layout(bits: int) -> tuple[int, int]:
     """(codes per chunk, bytes per chunk) for a bit width."""
-    if bits not in SUPPORTED_BITS:
+    if bits not in CHUNK_LAYOUT:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    chunk_bits = math.lcm(bits, 8)
-    return chunk_bits // bits, chunk_bits // 8
+    return CHUNK_LAYOUT[bits]
 
 
 def packed_length(n: int, bits: int) -> int:

@@ -1,0 +1,282 @@
+"""``modulora sweep``: real Ray Tune sweeps of the shared model at tiny settings, a killed worker, a
+killed driver, racing trials, and one-line errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT
+
+TINY: dict[str, Any] = {
+    "model": str(GGUF_MODEL),
+    "data": str(TRAIN_TXT),
+    "eval_data": str(VALID_TXT),
+    "grid": {"method": ["rtn"], "bits": [3, 4], "group_size": [32], "rank": [2, 4], "lr": [3.0e-3]},
+    "finetune": {"steps": 3, "batch_size": 4, "seq_len": 64, "limit": 16},
+    "eval_windows": 8,
+    "eval_seq_len": 128,
+    "resources_per_trial": {"cpu": 1},
+    "max_failures": 2,
+}
+
+
+def write_config(path: Path, **changes: Any) -> Path:
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+def modulora(*args: Any) -> int:
+    """The exit code of ``modulora ARGS`` run in this interpreter (saves a subprocess's imports)."""
+    from engine.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code)
+    return 0
+
+
+def rows(out_dir: Path) -> list[dict[str, Any]]:
+    return pq.read_table(out_dir / "results.parquet").to_pylist()
+
+
+def attempts(out_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in (out_dir / "attempts.jsonl").read_text().splitlines():
+        point = json.loads(line)["point"]
+        counts[point] = counts.get(point, 0) + 1
+    return counts
+
+
+def reuse_quantized(tiny_sweep: tuple[Path, Any], out_dir: Path) -> None:
+    """Start ``out_dir`` with the tiny sweep's cached quantized models (the cache is meant to be shared
+    this way), so a test does not spend a quantizing process on them again."""
+    shutil.copytree(tiny_sweep[0] / "quantized", out_dir / "quantized")
+
+
+def by_point(table: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    return {(r["method"], r["bits"], r["group_size"], r["rank"], r["lr"]): r for r in table}
+
+
+class ListeningAddresses(threading.Thread):
+    """Samples, every 0.2 s until stopped, the addresses this process and its descendants (the local Ray
+    a sweep starts) listen on."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.addresses: set[str] = set()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stopped.wait(0.2):
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    connections = process.net_connections(kind="inet")
+                except psutil.Error:
+                    continue  # exited meanwhile
+                self.addresses |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory) -> tuple[Path, set[str] | None]:
+    """rtn x {3, 4} bits x ranks {2, 4}: four trials, two at a time.  Also returns the addresses the local
+    Ray listened on (None where ray was imported before, which the sweep's localhost setting needs)."""
+    work = tmp_path_factory.mktemp("sweep")
+    ray_imported = "ray" in sys.modules
+    sampler = ListeningAddresses()
+    sampler.start()
+    try:
+        code = modulora("sweep", write_config(work / "tiny.yaml"), "--out", work / "out")
+    finally:
+        sampler.stopped.set()
+        sampler.join()
+    assert code == 0
+    return work / "out", None if ray_imported else sampler.addresses
+
+
+def test_tiny_sweep_writes_results_and_plot(tiny_sweep):
+    out, _ = tiny_sweep
+    table = rows(out)
+    assert [(r["bits"], r["rank"]) for r in table] == [(3, 2), (3, 4), (4, 2), (4, 4)]
+    assert all(r["status"] == "ok" and r["attempt"] == 1 for r in table)
+    assert all(math.isfinite(r["metric"]) and r["metric"] > 1 for r in table)
+    assert all(r["peak_rss_mib"] > 0 and r["wall_s"] > 0 for r in table)
+    bits_per_weight = {bits: [r["bits_per_weight"] for r in table if r["bits"] == bits] for bits in (3, 4)}
+    assert min(bits_per_weight[4]) > max(bits_per_weight[3])
+    assert pq.read_schema(out / "results.parquet").metadata[b"metric"] == b"eval_ppl"
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cached = sorted(p.name for p in (out / "quantized").iterdir() if p.is_dir())
+    assert cached == ["rtn-3bit-g32", "rtn-4bit-g32"]  # one per bit width, shared by both ranks
+    assert set(attempts(out).values()) == {1}
+    assert len(list((out / "runs").iterdir())) == 4  # one finetune run per point
+
+
+def test_killed_worker_is_retried_with_the_same_results(tmp_path, tiny_sweep):
+    """The first trial's worker SIGKILLs itself after finetuning, on its first attempt: FailureConfig runs
+    the trial again, and every metric equals the undisturbed sweep's (everything is seeded)."""
+    grid = {**TINY["grid"], "bits": [3, 4], "rank": [2]}
+    config = write_config(tmp_path / "kill.yaml", grid=grid, test_kill_first_trial=True)
+    reuse_quantized(tiny_sweep, tmp_path / "out")
+    code = modulora("sweep", config, "--out", tmp_path / "out")
+    assert code == 0
+    assert attempts(tmp_path / "out") == {"rtn-3bit-g32-r2-lr0.003": 2, "rtn-4bit-g32-r2-lr0.003": 1}
+    killed, undisturbed = by_point(rows(tmp_path / "out")), by_point(rows(tiny_sweep[0]))
+    assert [r["attempt"] for r in killed.values()] == [2, 1]
+    for key, row in killed.items():
+        assert row["status"] == "ok"
+        assert row["metric"] == undisturbed[key]["metric"]
+        assert row["bits_per_weight"] == undisturbed[key]["bits_per_weight"]
+
+
+def test_local_ray_listens_on_loopback_only(tiny_sweep):
+    _, addresses = tiny_sweep
+    if addresses is None:
+        pytest.skip("ray was imported before the sweep started")
+    assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def _terminated_points(experiment: Path) -> set[str]:
+    """Points whose trials Tune's saved experiment state records as finished."""
+    done = set()
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (json.JSONDecodeError, KeyError):
+            continue  # being written
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            if trial["status"] == "TERMINATED":
+                done.add(Path(trial["relative_logdir"]).name.rsplit("-", 1)[0])
+    return done
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_sweep):
+    """The driver is SIGKILLed once Tune has saved a finished trial; ``--resume`` runs only the others."""
+    grid = {**TINY["grid"], "bits": [3, 4], "rank": [2]}
+    # One trial at a time, so when the driver dies one trial is finished and the other is not.
+    config = write_config(tmp_path / "resume.yaml", grid=grid, resources_per_trial={"cpu": os.cpu_count()})
+    out = tmp_path / "out"
+    reuse_quantized(tiny_sweep, out)
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "sweep", str(config), "--out", str(out)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (finished := _terminated_points(out / "trials")):
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        driver.wait()
+    assert not (out / "results.parquet").exists()
+    before = attempts(out)
+    assert len(finished) == 1
+
+    code = modulora("sweep", config, "--out", out, "--resume")
+    assert code == 0
+    table = rows(out)
+    assert [r["bits"] for r in table] == [3, 4] and all(r["status"] == "ok" for r in table)
+    after = attempts(out)
+    assert set(after) == {f"rtn-{b}bit-g32-r2-lr0.003" for b in (3, 4)}
+    for point in finished:
+        assert before[point] == after[point] == 1
+
+
+def test_racing_trials_quantize_a_shared_model_once(tmp_path, monkeypatch):
+    from cluster import sweep
+    from engine.model import load_model
+
+    config = sweep.load_config(write_config(tmp_path / "race.yaml"))
+    real_quantize, calls = sweep.quantize_in_child, []
+
+    def slow_quantize(*args: Any) -> None:
+        calls.append(args)
+        time.sleep(0.5)  # a wide window for the other trial to look at a half-written cache entry
+        real_quantize(*args)
+
+    monkeypatch.setattr(sweep, "quantize_in_child", slow_quantize)
+    point = sweep.Point("rtn", 3, 32, 2, 3e-3)
+    results: list[Path] = []
+
+    def trial() -> None:
+        results.append(sweep.ensure_quantized(config, point, tmp_path))
+
+    threads = [threading.Thread(target=trial) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and results == [tmp_path / "quantized" / "rtn-3bit-g32"] * 2
+    _, _, manifest = load_model(results[0])  # complete: its files match their checksums
+    assert manifest["quantizer"]["bits"] == 3
+
+
+def test_dynamic_sweep_points(tmp_path):
+    """QDyLoRA: one point per rank 1..rank_max unless grid.rank picks some."""
+    from cluster.sweep import load_config
+
+    grid = {k: v for k, v in TINY["grid"].items() if k != "rank"}
+    config = load_config(write_config(tmp_path / "dyn.yaml", grid=grid, dynamic={"rank_max": 3}))
+    assert config.rank_max == 3
+    assert sorted({p.rank for p in config.points}) == [1, 2, 3] and len(config.points) == 6
+
+
+def test_dynamic_sweep_trains_once_and_evaluates_every_rank(tmp_path, tiny_sweep):
+    grid = {**{k: v for k, v in TINY["grid"].items() if k != "rank"}, "bits": [3]}
+    config = write_config(tmp_path / "dyn.yaml", grid=grid, dynamic={"rank_max": 2})
+    reuse_quantized(tiny_sweep, tmp_path / "out")
+    assert modulora("sweep", config, "--out", tmp_path / "out") == 0
+    table = rows(tmp_path / "out")
+    assert [r["rank"] for r in table] == [1, 2] and all(r["status"] == "ok" for r in table)
+    assert table[0]["metric"] != table[1]["metric"]  # the same run, cut to different ranks
+    runs = [p.name for p in (tmp_path / "out" / "dynamic").iterdir() if p.is_dir()]
+    assert runs == ["rtn-3bit-g32-lr0.003-rmax2"]
+
+
+def test_pareto_front():
+    from cluster.sweep import pareto_front
+
+    costs = [(3.0, 10.0), (4.0, 8.0), (4.0, 9.0), (5.0, 8.0), (2.0, 20.0)]
+    assert pareto_front(costs) == [True, True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"epochs": 3}, "epochs: unknown key; allowed: model, data"),
+        ({"finetune": {"steps": 3, "stepz": 1}}, "finetune.stepz: unknown key; allowed: steps, batch_size"),
+        ({"grid": {**TINY["grid"], "bits": [3, 5]}}, "bits must be one of 2, 3, 4, 8, got 5"),
+        ({"grid": {}}, "grid.method: missing"),
+        ({"grid": {**TINY["grid"], "rank": []}}, "grid.rank: empty list"),
+        ({"grid": {**TINY["grid"], "method": ["optq"]}}, "grid.method: 'optq' needs calibration data"),
+        ({"dynamic": {"rank_max": 2}}, "grid.rank: 4 is above dynamic.rank_max 2"),
+    ],
+)
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path, capsys, changes, message):
+    code = modulora("sweep", write_config(tmp_path / "bad.yaml", **changes), "--out", tmp_path / "out")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith("modulora: error: ") and message in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_resume_needs_a_sweep(tmp_path, capsys):
+    code = modulora("sweep", write_config(tmp_path / "c.yaml"), "--out", tmp_path / "none", "--resume")
+    assert code == 2 and "no sweep to resume" in capsys.readouterr().err
