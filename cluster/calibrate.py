@@ -156,8 +156,8 @@ def _calibrate(workers: int, address: str | None, threads: int, model: str, meth
     if calib_file is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
     with ray_session(address, num_cpus=None if address else workers * threads):
-        quantize_to_dir(model, method, calib_file, calib_mode, calib_windows, asym_alpha, seed, out_dir, given,
-                        runner_factory=runner_factory(model, workers, threads))
+        quantize_to_dir(model, method, calib_file, calib_mode, calib_windows, asym_alpha, seed, out_dir,
+                        runner_factory=runner_factory(model, workers, threads), **given)
 
 
 calibrate_command = click.Command(

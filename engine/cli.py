@@ -162,23 +162,13 @@ def _alpha(rank: int, alpha: float | None) -> float:
 )
 @click.option("--seed", type=int, help="Seed of the calibration windows (and of the method, if random) [0].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def quantize(
-    model: str,
-    method: str,
-    calib_file: str | None,
-    calib_mode: str | None,
-    calib_windows: int | None,
-    asym_alpha: float | None,
-    seed: int | None,
-    out_dir: str,
-    **given: Any,
-) -> None:
+def quantize(**options: Any) -> None:
     """Quantize MODEL's decoder linear layers and save a quantized directory.
 
     Methods that need calibration (optq, quip) take --calib FILE: statistics of
     each layer's inputs over random windows of that text.
     """
-    quantize_to_dir(model, method, calib_file, calib_mode, calib_windows, asym_alpha, seed, out_dir, given)
+    quantize_to_dir(**options)
 
 
 def quantize_to_dir(
@@ -190,8 +180,8 @@ def quantize_to_dir(
     asym_alpha: float | None,
     seed: int | None,
     out_dir: str,
-    given: dict[str, Any],
     runner_factory: Any = None,
+    **given: Any,
 ) -> None:
     """The ``quantize`` command's work; ``runner_factory`` runs the calibration shards elsewhere
     (``modulora calibrate`` passes Ray's)."""
