@@ -13,8 +13,10 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,16 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="Torch threads per command (1: on a tiny model, more threads mostly wait on each other).")
 
 
+@contextmanager
+def work_dir(given: Path | None, name: str) -> Iterator[Path]:
+    """``--work`` if given (kept), else a temporary directory removed at the end, also on failure."""
+    if given is not None:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=f"modulora-{name}-") as tmp:
+        yield Path(tmp)
+
+
 def gap_closed(before: float, after: float, reference: float) -> float:
     """Share of the log-perplexity gap to ``reference`` that going from ``before`` to ``after`` closes."""
     return (math.log(before) - math.log(after)) / (math.log(before) - math.log(reference))
@@ -95,4 +107,5 @@ def write_doc(name: str, title: str, script: str, body: str, commands: Sequence[
             f"default `../shared`)\n\n{body}\n\n## Commands\n\n```\n{listing}\n```\n")
     path = DOCS / f"{name}.md"
     path.write_text(text)
+    print(f"wrote {path}", file=sys.stderr)
     return path

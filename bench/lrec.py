@@ -14,13 +14,10 @@ bit width.  Prints the tables and writes ``docs/lrec.md`` and ``docs/lrec.png``.
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import DOCS, GGUF, TRAIN_TXT, VALID_TXT, Cli, add_run_options, gap_closed, table, write_doc
+from _common import DOCS, GGUF, TRAIN_TXT, VALID_TXT, Cli, add_run_options, gap_closed, table, work_dir, write_doc
 
 # method -> extra `modulora quantize` options (calibrated methods read train.txt, never valid.txt)
 QUANTIZERS: dict[str, tuple[Any, ...]] = {
@@ -86,63 +83,60 @@ def main() -> None:
     args = parser.parse_args()
     bit_widths = [int(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
-    work = args.work or Path(tempfile.mkdtemp(prefix="modulora-lrec-"))
-    cli = Cli(work, args.threads)
-    float_ppl = cli.evaluate(GGUF, VALID_TXT)["ppl"]
+    with work_dir(args.work, "lrec") as work:
+        cli = Cli(work, args.threads)
+        float_ppl = cli.evaluate(GGUF, VALID_TXT)["ppl"]
 
-    candidates, rows = [], []
-    for bits in bit_widths:
-        quantized = quantize_candidates(cli, bits, methods)
-        for method, r in quantized.items():
-            candidates.append([bits, method, f"{r['ppl']:.3f}", f"{r['bits_per_weight']:.3f}", f"{r['seconds']:.0f}"])
-        method = min(quantized, key=lambda m: quantized[m]["ppl"])
-        before = quantized[method]
-        after = correct(cli, before["dir"], f"c{bits}-{method}")
-        rows.append({"bits": bits, "method": method, "before": before, "after": after})
+        candidates, rows = [], []
+        for bits in bit_widths:
+            quantized = quantize_candidates(cli, bits, methods)
+            for method, r in quantized.items():
+                candidates.append([bits, method, f"{r['ppl']:.3f}", f"{r['bits_per_weight']:.3f}", f"{r['seconds']:.0f}"])
+            method = min(quantized, key=lambda m: quantized[m]["ppl"])
+            before = quantized[method]
+            after = correct(cli, before["dir"], f"c{bits}-{method}")
+            rows.append({"bits": bits, "method": method, "before": before, "after": after})
 
-    main_rows = [
-        [r["bits"], r["method"], f"{r['before']['ppl']:.3f}", f"{r['after']['ppl']:.3f}",
-         f"{100 * gap_closed(r['before']['ppl'], r['after']['ppl'], float_ppl):.1f}%",
-         f"{r['before']['bits_per_weight']:.3f}", f"{r['after']['bits_per_weight_with_adapter']:.3f}",
-         f"{r['after']['seconds']:.0f}"]
-        for r in rows
-    ]
-    sections = [
-        f"Float model: perplexity **{float_ppl:.4f}** on the whole of `valid.txt` (windows of 256 tokens). "
-        "LREC with the `modulora correct` defaults (LoftQ initialisation, rank 8, KL + cross-entropy on "
-        "`train.txt`), starting from the best quantizer at each bit width (lowest perplexity below).",
-        table(["bits", "quantizer", "ppl quantized", "ppl corrected", "log-ppl gap closed",
-               "bits/weight", "bits/weight with adapter", "correct s"], main_rows),
-        "![LREC perplexity](lrec.png)",
-        "## Quantizers tried\n\n" + table(["bits", "method", "ppl", "bits/weight", "quantize s"], candidates),
-    ]
-    if not args.no_ablations:
-        first = rows[0]
-        ablation_rows = []
-        for label, options in ABLATIONS:
-            name = f"ablation-{len(ablation_rows)}"
-            result = correct(cli, first["before"]["dir"], name, *options) if options else first["after"]
-            ablation_rows.append([label, f"{result['ppl']:.3f}",
-                                  f"{100 * gap_closed(first['before']['ppl'], result['ppl'], float_ppl):.1f}%",
-                                  f"{result['bits_per_weight_with_adapter']:.3f}", f"{result['seconds']:.0f}"])
-        sections.append(f"## One change at a time ({first['bits']}-bit {first['method']})\n\n"
-                        + table(["modulora correct options", "ppl", "gap closed", "bits/weight with adapter", "s"],
-                                ablation_rows))
-    sections.append(
-        "The gap closed can pass 100%: the adapter adds parameters and the cross-entropy term trains them on "
-        "in-domain TinyStories text, so the corrected model can end below the float model's perplexity (the KL "
-        "term alone only pulls it towards the teacher). Effective bits per "
-        "weight count the adapter's float32 A and B over the decoder linears' weights: on this 64-wide model a "
-        "rank-8 adapter is an eighth of the width, so it costs several bits per weight (on a 4096-wide model the "
-        "same rank would cost about 0.1)."
-    )
-    body = "\n\n".join(sections)
-    print(body)
-    plot(rows, float_ppl, DOCS / "lrec.png")
-    path = write_doc("lrec", "LREC: low-rank error correction of 2- and 3-bit models", "lrec.py", body, cli.commands)
-    print(f"wrote {path}", file=sys.stderr)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+        main_rows = [
+            [r["bits"], r["method"], f"{r['before']['ppl']:.3f}", f"{r['after']['ppl']:.3f}",
+             f"{100 * gap_closed(r['before']['ppl'], r['after']['ppl'], float_ppl):.1f}%",
+             f"{r['before']['bits_per_weight']:.3f}", f"{r['after']['bits_per_weight_with_adapter']:.3f}",
+             f"{r['after']['seconds']:.0f}"]
+            for r in rows
+        ]
+        sections = [
+            f"Float model: perplexity **{float_ppl:.4f}** on the whole of `valid.txt` (windows of 256 tokens). "
+            "LREC with the `modulora correct` defaults (LoftQ initialisation, rank 8, KL + cross-entropy on "
+            "`train.txt`), starting from the best quantizer at each bit width (lowest perplexity below).",
+            table(["bits", "quantizer", "ppl quantized", "ppl corrected", "log-ppl gap closed",
+                   "bits/weight", "bits/weight with adapter", "correct s"], main_rows),
+            "![LREC perplexity](lrec.png)",
+            "## Quantizers tried\n\n" + table(["bits", "method", "ppl", "bits/weight", "quantize s"], candidates),
+        ]
+        if not args.no_ablations:
+            first = rows[0]
+            ablation_rows = []
+            for label, options in ABLATIONS:
+                name = f"ablation-{len(ablation_rows)}"
+                result = correct(cli, first["before"]["dir"], name, *options) if options else first["after"]
+                ablation_rows.append([label, f"{result['ppl']:.3f}",
+                                      f"{100 * gap_closed(first['before']['ppl'], result['ppl'], float_ppl):.1f}%",
+                                      f"{result['bits_per_weight_with_adapter']:.3f}", f"{result['seconds']:.0f}"])
+            sections.append(f"## One change at a time ({first['bits']}-bit {first['method']})\n\n"
+                            + table(["modulora correct options", "ppl", "gap closed", "bits/weight with adapter", "s"],
+                                    ablation_rows))
+        sections.append(
+            "The gap closed can pass 100%: the adapter adds parameters and the cross-entropy term trains them on "
+            "in-domain TinyStories text, so the corrected model can end below the float model's perplexity (the KL "
+            "term alone only pulls it towards the teacher). Effective bits per "
+            "weight count the adapter's float32 A and B over the decoder linears' weights: on this 64-wide model a "
+            "rank-8 adapter is an eighth of the width, so it costs several bits per weight (on a 4096-wide model the "
+            "same rank would cost about 0.1)."
+        )
+        body = "\n\n".join(sections)
+        print(body)
+        plot(rows, float_ppl, DOCS / "lrec.png")
+        write_doc("lrec", "LREC: low-rank error correction of 2- and 3-bit models", "lrec.py", body, cli.commands)
 
 
 if __name__ == "__main__":

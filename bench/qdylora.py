@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import DOCS, GGUF, TRAIN_TXT, VALID_TXT, Cli, add_run_options, table, write_doc
+from _common import DOCS, GGUF, TRAIN_TXT, VALID_TXT, Cli, add_run_options, table, work_dir, write_doc
 
 
 def finetune(cli: Cli, base: Path, out: Path, steps: int, *options: Any) -> dict[str, float]:
@@ -63,52 +60,49 @@ def main() -> None:
     add_run_options(parser)
     args = parser.parse_args()
     ranks = sorted(int(r) for r in args.ranks.split(","))
-    work = args.work or Path(tempfile.mkdtemp(prefix="modulora-qdylora-"))
-    cli = Cli(work, args.threads)
+    with work_dir(args.work, "qdylora") as work:
+        cli = Cli(work, args.threads)
 
-    base = work / "base"
-    calib = ("--calib", TRAIN_TXT) if args.method in ("optq", "quip") else ()
-    cli.run("quantize", GGUF, "--method", args.method, "--bits", args.bits, *calib, "--out", base)
-    float_ppl = cli.evaluate(GGUF, VALID_TXT)["ppl"]
-    base_ppl = cli.evaluate(base, VALID_TXT)["ppl"]
+        base = work / "base"
+        calib = ("--calib", TRAIN_TXT) if args.method in ("optq", "quip") else ()
+        cli.run("quantize", GGUF, "--method", args.method, "--bits", args.bits, *calib, "--out", base)
+        float_ppl = cli.evaluate(GGUF, VALID_TXT)["ppl"]
+        base_ppl = cli.evaluate(base, VALID_TXT)["ppl"]
 
-    dynamic_time = finetune(cli, base, work / "dynamic", args.steps, "--rank-max", ranks[-1], "--dynamic")
-    dynamic_eval, dynamic_eval_wall = cli.run("eval", work / "dynamic", "--data", VALID_TXT, "--json",
-                                              "--ranks", ",".join(map(str, ranks)))
-    dynamic = {int(r): v["ppl"] for r, v in json.loads(dynamic_eval.strip().splitlines()[-1])["ranks"].items()}
+        dynamic_time = finetune(cli, base, work / "dynamic", args.steps, "--rank-max", ranks[-1], "--dynamic")
+        dynamic_eval, dynamic_eval_wall = cli.run("eval", work / "dynamic", "--data", VALID_TXT, "--json",
+                                                  "--ranks", ",".join(map(str, ranks)))
+        dynamic = {int(r): v["ppl"] for r, v in json.loads(dynamic_eval.strip().splitlines()[-1])["ranks"].items()}
 
-    fixed, fixed_train, fixed_wall = {}, 0.0, 0.0
-    for rank in ranks:
-        times = finetune(cli, base, work / f"rank-{rank}", args.steps, "--rank", rank)
-        out, eval_wall = cli.run("eval", work / f"rank-{rank}", "--data", VALID_TXT, "--json")
-        fixed[rank] = json.loads(out.strip().splitlines()[-1])["ppl"]
-        fixed_train += times["train"]
-        fixed_wall += times["wall"] + eval_wall
+        fixed, fixed_train, fixed_wall = {}, 0.0, 0.0
+        for rank in ranks:
+            times = finetune(cli, base, work / f"rank-{rank}", args.steps, "--rank", rank)
+            out, eval_wall = cli.run("eval", work / f"rank-{rank}", "--data", VALID_TXT, "--json")
+            fixed[rank] = json.loads(out.strip().splitlines()[-1])["ppl"]
+            fixed_train += times["train"]
+            fixed_wall += times["wall"] + eval_wall
 
-    rows = [[r, f"{dynamic[r]:.3f}", f"{fixed[r]:.3f}", f"{dynamic[r] - fixed[r]:+.3f}"] for r in ranks]
-    times = [
-        ["one dynamic run", 1, f"{dynamic_time['train']:.0f}", f"{dynamic_time['wall'] + dynamic_eval_wall:.0f}"],
-        [f"{len(ranks)} fixed-rank runs", len(ranks), f"{fixed_train:.0f}", f"{fixed_wall:.0f}"],
-    ]
-    name = f"{args.bits}-bit {args.method}"
-    body = "\n\n".join([
-        f"Base: the shared model quantized with {name} (perplexity {base_ppl:.3f}; float {float_ppl:.3f}). "
-        f"Every run: `modulora finetune` on `train.txt` (format text) for {args.steps} steps with the CLI's "
-        f"default batch, learning rate and alpha = 2 x rank (the dynamic run: alpha = {2 * ranks[-1]}, scaled "
-        "alpha / b at rank b, DyLoRA's convention). Metric: perplexity on the whole of `valid.txt`.",
-        table(["rank", "ppl, dynamic run at this rank", "ppl, fixed-rank run", "dynamic - fixed"], rows),
-        "![perplexity per rank](qdylora.png)",
-        "Wall time (this machine, shared CPU; `train s` is the training loop alone, `total s` every command "
-        "including model loading and evaluation):\n\n"
-        + table(["approach", "training runs", "train s", "total s"], times),
-    ])
-    print(body)
-    plot(ranks, dynamic, fixed, base_ppl, float_ppl, f"QDyLoRA on {name}, {args.steps} steps", DOCS / "qdylora.png")
-    path = write_doc("qdylora", "QDyLoRA: one dynamic-rank run against fixed-rank runs", "qdylora.py", body,
-                     cli.commands)
-    print(f"wrote {path}", file=sys.stderr)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+        rows = [[r, f"{dynamic[r]:.3f}", f"{fixed[r]:.3f}", f"{dynamic[r] - fixed[r]:+.3f}"] for r in ranks]
+        times = [
+            ["one dynamic run", 1, f"{dynamic_time['train']:.0f}", f"{dynamic_time['wall'] + dynamic_eval_wall:.0f}"],
+            [f"{len(ranks)} fixed-rank runs", len(ranks), f"{fixed_train:.0f}", f"{fixed_wall:.0f}"],
+        ]
+        name = f"{args.bits}-bit {args.method}"
+        body = "\n\n".join([
+            f"Base: the shared model quantized with {name} (perplexity {base_ppl:.3f}; float {float_ppl:.3f}). "
+            f"Every run: `modulora finetune` on `train.txt` (format text) for {args.steps} steps with the CLI's "
+            f"default batch, learning rate and alpha = 2 x rank (the dynamic run: alpha = {2 * ranks[-1]}, scaled "
+            "alpha / b at rank b, DyLoRA's convention). Metric: perplexity on the whole of `valid.txt`.",
+            table(["rank", "ppl, dynamic run at this rank", "ppl, fixed-rank run", "dynamic - fixed"], rows),
+            "![perplexity per rank](qdylora.png)",
+            "Wall time (this machine, shared CPU; `train s` is the training loop alone, `total s` every command "
+            "including model loading and evaluation):\n\n"
+            + table(["approach", "training runs", "train s", "total s"], times),
+        ])
+        print(body)
+        plot(ranks, dynamic, fixed, base_ppl, float_ppl, f"QDyLoRA on {name}, {args.steps} steps", DOCS / "qdylora.png")
+        write_doc("qdylora", "QDyLoRA: one dynamic-rank run against fixed-rank runs", "qdylora.py", body,
+                         cli.commands)
 
 
 if __name__ == "__main__":

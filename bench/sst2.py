@@ -15,14 +15,11 @@ from ``modulora quantize`` (``--quantizer``; calibrated methods read
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import DOCS, GGUF, SST2_DEV, SST2_LABELS, SST2_TRAIN, TRAIN_TXT, Cli, add_run_options, table, write_doc
+from _common import DOCS, GGUF, SST2_DEV, SST2_LABELS, SST2_TRAIN, TRAIN_TXT, Cli, add_run_options, table, work_dir, write_doc
 
 QUANTIZE_OPTIONS: dict[str, tuple[Any, ...]] = {
     "rtn": (),
@@ -66,61 +63,58 @@ def main() -> None:
     add_run_options(parser)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    work = args.work or Path(tempfile.mkdtemp(prefix="modulora-sst2-"))
-    cli = Cli(work, args.threads)
-    labelled = (*SST2_LABELS, "--seq-len", args.seq_len)
-    budget = ("--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--rank", args.rank,
-              "--limit", args.limit, "--save-every", 0)
+    with work_dir(args.work, "sst2") as work:
+        cli = Cli(work, args.threads)
+        labelled = (*SST2_LABELS, "--seq-len", args.seq_len)
+        budget = ("--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--rank", args.rank,
+                  "--limit", args.limit, "--save-every", 0)
 
-    bases: list[tuple[str, Any]] = [("float", GGUF)]
-    for bits in (int(b) for b in args.bits.split(",")):
-        out = work / f"q{bits}"
-        cli.run("quantize", GGUF, "--method", args.quantizer, "--bits", bits, *QUANTIZE_OPTIONS[args.quantizer],
-                "--out", out)
-        bases.append((f"{bits}-bit {args.quantizer}", out))
+        bases: list[tuple[str, Any]] = [("float", GGUF)]
+        for bits in (int(b) for b in args.bits.split(",")):
+            out = work / f"q{bits}"
+            cli.run("quantize", GGUF, "--method", args.quantizer, "--bits", bits, *QUANTIZE_OPTIONS[args.quantizer],
+                    "--out", out)
+            bases.append((f"{bits}-bit {args.quantizer}", out))
 
-    rows = []
-    for name, base in bases:
-        before = cli.evaluate(base, SST2_DEV, *labelled)
-        finetuned, seconds = [], 0.0
-        for seed in seeds:
-            run = work / f"{name.split()[0]}-seed{seed}"
-            _, wall = cli.run("finetune", base, "--data", SST2_TRAIN, *labelled, *budget, "--seed", seed,
-                              "--out", run)
-            seconds += wall
-            finetuned.append(cli.evaluate(run, SST2_DEV, *labelled)["accuracy"])
-        rows.append({"name": name, "zero_shot": before["accuracy"], "finetuned": finetuned,
-                     "bits": before["bits_per_weight"], "seconds": seconds / len(seeds)})
-    labels = [line.split("\t")[-1].strip() for line in SST2_DEV.read_text().splitlines()[1:]]
-    majority = max(labels.count("0"), labels.count("1")) / len(labels)
-    for row in rows:
-        row["majority"] = majority
+        rows = []
+        for name, base in bases:
+            before = cli.evaluate(base, SST2_DEV, *labelled)
+            finetuned, seconds = [], 0.0
+            for seed in seeds:
+                run = work / f"{name.split()[0]}-seed{seed}"
+                _, wall = cli.run("finetune", base, "--data", SST2_TRAIN, *labelled, *budget, "--seed", seed,
+                                  "--out", run)
+                seconds += wall
+                finetuned.append(cli.evaluate(run, SST2_DEV, *labelled)["accuracy"])
+            rows.append({"name": name, "zero_shot": before["accuracy"], "finetuned": finetuned,
+                         "bits": before["bits_per_weight"], "seconds": seconds / len(seeds)})
+        labels = [line.split("\t")[-1].strip() for line in SST2_DEV.read_text().splitlines()[1:]]
+        majority = max(labels.count("0"), labels.count("1")) / len(labels)
+        for row in rows:
+            row["majority"] = majority
 
-    reference = statistics.mean(rows[0]["finetuned"])
-    table_rows = [
-        [r["name"], f"{r['bits']:.3f}", f"{100 * r['zero_shot']:.1f}",
-         " / ".join(f"{100 * a:.1f}" for a in r["finetuned"]) if len(seeds) > 1 else f"{100 * r['finetuned'][0]:.1f}",
-         f"{100 * statistics.mean(r['finetuned']):.1f}", f"{100 * (statistics.mean(r['finetuned']) - reference):+.1f}",
-         f"{r['seconds']:.0f}"]
-        for r in rows
-    ]
-    body = "\n\n".join([
-        f"Budget for every model: {args.steps} steps x batch {args.batch_size} (first {args.limit} rows of "
-        f"`train.tsv`), lr {args.lr:g}, LoRA rank {args.rank} (alpha {2 * args.rank}) on every decoder linear, "
-        f"prompts cut to {args.seq_len} tokens, seed(s) {args.seeds}. Quantized bases: `modulora quantize "
-        f"--method {args.quantizer}` (see lrec.md for how the quantizers compare). Dev set: all "
-        f"{len(labels)} rows; majority class {100 * majority:.1f}%; one row is 0.11 points.",
-        table(["model", "bits/weight", "acc. before (%)", "acc. per seed (%)", "acc. (%)", "vs float (points)",
-               "finetune s"], table_rows),
-        "![SST-2 accuracy](sst2.png)",
-    ])
-    print(body)
-    plot(rows, DOCS / "sst2.png")
-    path = write_doc("sst2", "SST-2: LoRA on the float model and ModuLoRA at 4, 3 and 2 bits", "sst2.py", body,
-                     cli.commands)
-    print(f"wrote {path}", file=sys.stderr)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+        reference = statistics.mean(rows[0]["finetuned"])
+        table_rows = [
+            [r["name"], f"{r['bits']:.3f}", f"{100 * r['zero_shot']:.1f}",
+             " / ".join(f"{100 * a:.1f}" for a in r["finetuned"]) if len(seeds) > 1 else f"{100 * r['finetuned'][0]:.1f}",
+             f"{100 * statistics.mean(r['finetuned']):.1f}", f"{100 * (statistics.mean(r['finetuned']) - reference):+.1f}",
+             f"{r['seconds']:.0f}"]
+            for r in rows
+        ]
+        body = "\n\n".join([
+            f"Budget for every model: {args.steps} steps x batch {args.batch_size} (first {args.limit} rows of "
+            f"`train.tsv`), lr {args.lr:g}, LoRA rank {args.rank} (alpha {2 * args.rank}) on every decoder linear, "
+            f"prompts cut to {args.seq_len} tokens, seed(s) {args.seeds}. Quantized bases: `modulora quantize "
+            f"--method {args.quantizer}` (see lrec.md for how the quantizers compare). Dev set: all "
+            f"{len(labels)} rows; majority class {100 * majority:.1f}%; one row is 0.11 points.",
+            table(["model", "bits/weight", "acc. before (%)", "acc. per seed (%)", "acc. (%)", "vs float (points)",
+                   "finetune s"], table_rows),
+            "![SST-2 accuracy](sst2.png)",
+        ])
+        print(body)
+        plot(rows, DOCS / "sst2.png")
+        write_doc("sst2", "SST-2: LoRA on the float model and ModuLoRA at 4, 3 and 2 bits", "sst2.py", body,
+                         cli.commands)
 
 
 if __name__ == "__main__":
