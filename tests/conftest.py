@@ -39,6 +39,19 @@ def float_model():
     return load_float_model(GGUF_MODEL)
 
 
+@pytest.fixture(scope="module")
+def q3(float_model):
+    """The shared model with every decoder linear RTN 3-bit g32 (do not modify: deep-copy first)."""
+    import copy
+
+    from engine.model import quantize_model
+    from engine.quant import RTNQuantizer
+
+    model = copy.deepcopy(float_model[0])
+    quantize_model(model, RTNQuantizer(bits=3, group_size=32))
+    return model
+
+
 @pytest.fixture(scope="session")
 def valid_windows(float_model):
     """All 256-token windows of the shared validation text (the perplexity protocol)."""

@@ -14,18 +14,9 @@ from conftest import GGUF_MODEL, TRAIN_TXT
 from engine.cli import cli
 from engine.data import FormatSpec, build_examples
 from engine.errors import EngineError
-from engine.model import quantize_model
 from engine.offload import HostOffloadedAdam
-from engine.quant import RTNQuantizer
 from engine.train import TrainConfig, Trainer, adapter_state, add_lora
 from engine.train.adapters import lora_layers
-
-
-@pytest.fixture(scope="module")
-def q3(float_model):
-    model = copy.deepcopy(float_model[0])
-    quantize_model(model, RTNQuantizer(bits=3, group_size=32))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,6 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def q3(float_model):
-    model = copy.deepcopy(float_model[0])
-    quantize_model(model, RTNQuantizer(bits=3, group_size=32))
-    return model
-
-
-@pytest.fixture(scope="module")
 def train_windows(float_model):
     return build_examples(TRAIN_TXT, FormatSpec("text"), float_model[1], 128, limit=64)
 
