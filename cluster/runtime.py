@@ -21,9 +21,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Ray swaps a given 127.0.0.1 for the machine's public address, and binds its servers there,
-        # unless multi-node clusters are off; this switch (read when ray is imported) turns them off.
+        # unless multi-node clusters are off.  The switch is read when ray is imported (here and in the
+        # processes it starts); set on the module too, it holds where ray was imported earlier.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
+
+    if not address:
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
     if ray.is_initialized():  # already connected (a test, or a notebook): leave the session to its owner
         yield

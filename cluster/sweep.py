@@ -48,7 +48,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from engine.errors import EngineError
-from engine.paths import shared_dir
+from engine.validate import (
+    REQUIRED, boolean, choice, file, integer, later, listof, load_yaml, mapping, model, number, section, string,
+)
 from engine.storage import atomic_write_bytes, atomic_write_json
 
 from cluster.runtime import ray_session
@@ -129,167 +131,44 @@ class SweepConfig:
     test_kill_first_trial: bool  # test hook: the first point's first attempt kills its own worker
 
 
-Convert = Callable[[Any, str], Any]
-REQUIRED = object()
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _section(raw: Any, path: str, keys: dict[str, tuple[Convert, Any]]) -> dict[str, Any]:
-    """``raw`` read as a mapping with exactly ``keys`` (each ``(converter, default)``): values converted,
-    defaults filled in, and an unknown or missing key refused with its full path."""
-    if not isinstance(raw, dict):
-        raise EngineError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
-    for key in raw:
-        if key not in keys:
-            raise EngineError(f"{_join(path, str(key))}: unknown key; allowed: {', '.join(keys)}")
-    out = {}
-    for key, (convert, default) in keys.items():
-        where = _join(path, key)
-        if key in raw:
-            out[key] = convert(raw[key], where)
-        elif default is REQUIRED:
-            raise EngineError(f"{where}: missing")
-        else:
-            out[key] = default
-    return out
-
-
-def _int(minimum: int) -> Convert:
-    def convert(value: Any, where: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise EngineError(f"{where}: expected an integer >= {minimum}, got {value!r}")
-        return value
-
-    return convert
-
-
-def _positive_float(value: Any, where: str) -> float:
-    """A float > 0; YAML reads ``3e-3`` (no dot) as a string, so numeric strings are taken too."""
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not number > 0:
-        raise EngineError(f"{where}: expected a number > 0, got {value!r}")
-    return number
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise EngineError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise EngineError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _choice(allowed: tuple[str, ...]) -> Convert:
-    def convert(value: Any, where: str) -> str:
-        if value not in allowed:
-            raise EngineError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    return convert
-
-
-def _list(item: Convert) -> Convert:
-    """A non-empty list of items (a single value is a list of one)."""
-
-    def convert(value: Any, where: str) -> list[Any]:
-        values = value if isinstance(value, list) else [value]
-        if not values:
-            raise EngineError(f"{where}: empty list")
-        return [item(v, f"{where}[{i}]") for i, v in enumerate(values)]
-
-    return convert
-
-
-def _mapping(keys: dict[str, tuple[Convert, Any]]) -> Convert:
-    return lambda value, where: _section(value, where, keys)
-
-
-def _later(value: Any, where: str) -> Any:
-    """Kept as written, for a section read once the ones it depends on are known."""
-    return value
-
-
-def _expand(value: str, base: Path) -> Path:
-    return (base / value.replace("{shared}", str(shared_dir()))).resolve()
-
-
-def _file(base: Path) -> Convert:
-    def convert(value: Any, where: str) -> str:
-        path = _expand(_str(value, where), base)
-        if not path.is_file():
-            raise EngineError(f"{where}: {path}: no such file")
-        return str(path)
-
-    return convert
-
-
-def _model(base: Path) -> Convert:
-    """A model path (relative to the config, or under ``{shared}``), else a hub id left as written."""
-
-    def convert(value: Any, where: str) -> str:
-        path = _expand(_str(value, where), base)
-        if path.exists():
-            return str(path)
-        if "{shared}" in value or value.startswith((".", "/")):
-            raise EngineError(f"{where}: {path}: no such file or directory")
-        return value
-
-    return convert
-
-
 def load_config(config_file: str | Path) -> SweepConfig:
     """Read and validate a sweep config; every problem is an EngineError naming the key."""
-    import yaml
+    return read_config(load_yaml(config_file), Path(config_file).resolve().parent)
 
-    config_file = Path(config_file)
-    if not config_file.is_file():
-        raise EngineError(f"{config_file}: no such file")
-    try:
-        raw = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise EngineError(f"{config_file}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    base = config_file.resolve().parent
-    top = _section(raw, "", {
-        "model": (_model(base), REQUIRED),
-        "data": (_file(base), REQUIRED),
-        "eval_data": (_file(base), REQUIRED),
-        "grid": (_later, REQUIRED),
-        "dynamic": (_mapping({"rank_max": (_int(1), REQUIRED)}), None),
-        "finetune": (_later, {}),
-        "calib": (_later, None),
-        "metric": (_choice(METRICS), "eval_ppl"),
-        "eval_windows": (_int(1), 64),
-        "eval_seq_len": (_int(2), 256),
-        "resources_per_trial": (_mapping({"cpu": (_int(1), 1)}), {"cpu": 1}),
-        "max_failures": (_int(0), 2),
-        "test_kill_first_trial": (_bool, False),
+
+def read_config(raw: Any, base: Path) -> SweepConfig:
+    """Validate a parsed sweep config whose relative paths are relative to ``base``."""
+    top = section(raw, "", {
+        "model": (model(base), REQUIRED),
+        "data": (file(base), REQUIRED),
+        "eval_data": (file(base), REQUIRED),
+        "grid": (later, REQUIRED),
+        "dynamic": (mapping({"rank_max": (integer(1), REQUIRED)}), None),
+        "finetune": (later, {}),
+        "calib": (later, None),
+        "metric": (choice(METRICS), "eval_ppl"),
+        "eval_windows": (integer(1), 64),
+        "eval_seq_len": (integer(2), 256),
+        "resources_per_trial": (mapping({"cpu": (integer(1), 1)}), {"cpu": 1}),
+        "max_failures": (integer(0), 2),
+        "test_kill_first_trial": (boolean, False),
     })
     rank_max = top["dynamic"]["rank_max"] if top["dynamic"] else None
-    finetune = FinetuneSettings(**_section(top["finetune"], "finetune", {
-        "steps": (_int(1), 100),
-        "batch_size": (_int(1), 8),
-        "seq_len": (_int(2), 256),
-        "limit": (_int(1), None),
-        "warmup_steps": (_int(0), 0),
-        "seed": (_int(0), 0),
-        "save_every": (_int(0), 0),
+    finetune = FinetuneSettings(**section(top["finetune"], "finetune", {
+        "steps": (integer(1), 100),
+        "batch_size": (integer(1), 8),
+        "seq_len": (integer(2), 256),
+        "limit": (integer(1), None),
+        "warmup_steps": (integer(0), 0),
+        "seed": (integer(0), 0),
+        "save_every": (integer(0), 0),
     }))
     calib = None
     if top["calib"] is not None:
-        calib = CalibSettings(**_section(top["calib"], "calib", {
-            "file": (_file(base), REQUIRED),
-            "windows": (_int(1), 128),
-            "seed": (_int(0), 0),
+        calib = CalibSettings(**section(top["calib"], "calib", {
+            "file": (file(base), REQUIRED),
+            "windows": (integer(1), 128),
+            "seed": (integer(0), 0),
         }))
     points = _grid_points(top["grid"], rank_max, calib is not None)
     return SweepConfig(
@@ -304,12 +183,12 @@ def _grid_points(raw: Any, rank_max: int | None, has_calib: bool) -> tuple[Point
     """Every combination of the grid, ranks outermost: the first trials to run then quantize different
     models in parallel instead of queueing for the same one.  Each quantizer is built once here, so a
     bad method or bit width fails before Ray starts."""
-    grid = _section(raw, "grid", {
-        "method": (_list(_str), REQUIRED),
-        "bits": (_list(_int(1)), REQUIRED),
-        "group_size": (_list(_int(-1)), REQUIRED),
-        "rank": (_list(_int(1)), REQUIRED if rank_max is None else None),
-        "lr": (_list(_positive_float), REQUIRED),
+    grid = section(raw, "grid", {
+        "method": (listof(string), REQUIRED),
+        "bits": (listof(integer(1)), REQUIRED),
+        "group_size": (listof(integer(-1)), REQUIRED),
+        "rank": (listof(integer(1)), REQUIRED if rank_max is None else None),
+        "lr": (listof(number()), REQUIRED),
     })
     ranks = grid["rank"] or list(range(1, rank_max + 1))
     if rank_max is not None and max(ranks) > rank_max:

@@ -243,17 +243,17 @@ def evaluate(model: str, data: str, batch_size: int, ranks: str | None, as_json:
     windows of --seq-len, float64 NLL); classification reports accuracy of the
     most likely label word; summarization reports ROUGE-1/2/L of greedy summaries.
     """
+    from engine.data import check_data
+    from engine.eval.tasks import task_metric
     from engine.model import model_size
     from engine.train import set_active_rank
     from engine.train.runs import load_with_adapter
-
-    from engine.data import check_data
 
     rank_list = _rank_list(ranks)
     spec = _spec(data_format, columns, label_words, template)
     check_data(data, spec)  # before the (possibly long) model load
     loaded, tokenizer, _ = load_with_adapter(model)
-    metric = _metric(data_format, data, tokenizer, spec, limit, seq_len, batch_size, progress=not as_json)
+    metric = task_metric(data_format, data, tokenizer, spec, limit, seq_len, batch_size, progress=not as_json)
     results = {}
     for rank in rank_list or [None]:
         set_active_rank(loaded, rank)
@@ -283,22 +283,6 @@ def _rank_list(ranks: str | None) -> list[int]:
     if not values or min(values) < 1:
         raise EngineError(f"--ranks must list ranks >= 1, got {ranks!r}")
     return values
-
-
-def _metric(data_format: str, data: str, tokenizer: Any, spec: Any, limit: int | None, seq_len: int, batch_size: int,
-            progress: bool) -> Any:
-    """A function model -> metrics for the data format."""
-    from engine.eval import perplexity, read_text, token_windows
-    from engine.eval.tasks import classification_accuracy, summarization_rouge
-
-    if data_format == "text":
-        windows = token_windows(tokenizer, read_text(data), seq_len)[:limit]
-        return lambda m: {k: v for k, v in vars(perplexity(m, windows, batch_size, progress)).items()}
-    if data_format == "classification":
-        return lambda m: classification_accuracy(m, tokenizer, data, spec, limit, seq_len)
-    if data_format == "summarization":
-        return lambda m: summarization_rouge(m, tokenizer, data, spec, limit, max_len=seq_len)
-    raise EngineError(f"eval supports --format text, classification, summarization; got {data_format!r}")
 
 
 @cli.command()
@@ -398,19 +382,10 @@ def correct(quantized_dir: str, calib: str, teacher: str | None, init: str, loft
 @click.option("--merged", is_flag=True, help="Also write a merged float model (transformers format) to OUT/merged.")
 def export(run_dir: str, out_dir: str, rank: int | None, merged: bool) -> None:
     """Export the adapter of a finetune or correct run as PEFT (and optionally a merged float model)."""
-    from engine.export import attach_adapter, read_adapter, save_adapter, save_merged
-    from engine.model import load_model
-    from engine.train import set_active_rank
-    from engine.train.runs import ADAPTER_DIR
+    from engine.train.runs import export_run
 
-    config, _ = read_adapter(Path(run_dir) / ADAPTER_DIR)
-    model, tokenizer, _ = load_model(config["base_model_name_or_path"])
-    attach_adapter(model, Path(run_dir) / ADAPTER_DIR)
-    save_adapter(model, Path(out_dir) / "adapter", config["base_model_name_or_path"], rank)
-    if merged:
-        set_active_rank(model, rank)
-        save_merged(model, tokenizer, Path(out_dir) / "merged")
-    click.echo(f"{out_dir}: adapter rank {rank or config['r']}" + (", merged model" if merged else ""))
+    result = export_run(run_dir, out_dir, rank, merged)
+    click.echo(f"{out_dir}: adapter rank {result['rank']}" + (", merged model" if merged else ""))
 
 
 @cli.command(name="plan")

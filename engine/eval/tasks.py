@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data.formats import FormatSpec, classification_prompt, label_word, summarization_prompt
 from engine.data.records import load_records, require_columns
+from engine.errors import EngineError
+from engine.eval.perplexity import perplexity, read_text, token_windows
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_len: int) -> list[int]:
@@ -89,3 +92,17 @@ def summarization_rouge(
         for key, score in scorer.score(row[spec.column("summary")], summary).items():
             totals[key] += score.fmeasure
     return {**{k: v / len(rows) for k, v in totals.items()}, "rows": len(rows)}
+
+
+def task_metric(data_format: str, data: str, tokenizer: PreTrainedTokenizerBase, spec: FormatSpec, limit: int | None,
+                seq_len: int, batch_size: int, progress: bool) -> Callable[[PreTrainedModel], dict[str, Any]]:
+    """A function model -> metrics for a data file of ``data_format``: perplexity for text (the whole
+    file, BOS first, non-overlapping windows), accuracy for classification, ROUGE for summarization."""
+    if data_format == "text":
+        windows = token_windows(tokenizer, read_text(data), seq_len)[:limit]
+        return lambda m: dict(vars(perplexity(m, windows, batch_size, progress)))
+    if data_format == "classification":
+        return lambda m: classification_accuracy(m, tokenizer, data, spec, limit, seq_len)
+    if data_format == "summarization":
+        return lambda m: summarization_rouge(m, tokenizer, data, spec, limit, max_len=seq_len)
+    raise EngineError(f"evaluation supports formats text, classification, summarization; got {data_format!r}")

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine.data import FormatSpec, build_examples, check_data
 from engine.errors import EngineError
 from engine.eval.perplexity import perplexity, read_text, token_windows
+from engine.export.merge import save_merged
 from engine.export.peft_format import attach_adapter, is_adapter_dir, read_adapter, save_adapter
 from engine.model import is_quantized_dir, load_float_model, load_model, model_size, save_quantized
 from engine.model.calibrate import calibration_windows
@@ -32,7 +33,7 @@ from engine.offload import BlockStreamer, make_store
 from engine.quant import make_quantizer
 from engine.quant.base import LayerStats, Quantizer
 from engine.storage import atomic_write_json
-from engine.train.adapters import add_lora, lora_layers
+from engine.train.adapters import add_lora, lora_layers, set_active_rank
 from engine.train.lrec import distillation_loss, loftq_init
 from engine.train.trainer import EvalFn, TrainConfig, Trainer
 
@@ -183,6 +184,20 @@ def correct(
     report = {"final": metrics, "train_seconds": seconds, "size": model_size(student), **correction, "train": asdict(config)}
     atomic_write_json(out_dir / "train" / "report.json", report)
     return report
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, rank: int | None = None, merged: bool = False) -> dict[str, Any]:
+    """The adapter of a finetune or correct run as a PEFT adapter in ``out_dir/adapter`` (cut to ``rank`` for a
+    dynamic-rank run) and, with ``merged``, a float model with the adapter folded in, in ``out_dir/merged``."""
+    adapter = Path(run_dir) / ADAPTER_DIR
+    config, _ = read_adapter(adapter)
+    model, tokenizer, _ = load_model(config["base_model_name_or_path"])
+    attach_adapter(model, adapter)
+    save_adapter(model, Path(out_dir) / "adapter", config["base_model_name_or_path"], rank)
+    if merged:
+        set_active_rank(model, rank)
+        save_merged(model, tokenizer, Path(out_dir) / "merged")
+    return {"rank": rank or config["r"], "base": config["base_model_name_or_path"], "merged": merged}
 
 
 def _requantizer(manifest: dict[str, Any]) -> Quantizer:

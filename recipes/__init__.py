@@ -1,0 +1,1 @@
+"""YAML pipelines (quantize -> correct -> finetune -> evaluate -> export) and their runner."""
