@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +17,17 @@ SHARED = shared_dir()
 GGUF_MODEL = SHARED / "models" / "stories260K.gguf"
 VALID_TXT = SHARED / "data" / "tinystories" / "valid.txt"
 TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
+
+
+def modulora(*args: Any) -> int:
+    """The exit code of ``modulora ARGS`` run in this interpreter (saves a subprocess's imports)."""
+    from engine.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code)
+    return 0
 
 
 def pytest_configure(config: pytest.Config) -> None:

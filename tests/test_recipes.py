@@ -4,6 +4,7 @@ pipeline killed mid-finetune that resumes without redoing finished stages."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import GGUF_MODEL, SHARED, TRAIN_TXT, VALID_TXT
+from conftest import GGUF_MODEL, SHARED, TRAIN_TXT, VALID_TXT, modulora
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -38,17 +39,6 @@ BASE: dict[str, Any] = {
 }
 DELETE = object()
 OPTQ = {"method": "optq", "bits": 3, "calib": {"file": str(TRAIN_TXT), "windows": 4}}
-
-
-def modulora(*args: Any) -> int:
-    """The exit code of ``modulora ARGS`` run in this interpreter (saves a subprocess's imports)."""
-    from engine.cli import main
-
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code)
-    return 0
 
 
 def changed(**changes: Any) -> dict[str, Any]:
@@ -188,8 +178,8 @@ MALFORMED: list[tuple[str, Any, list[str], str]] = [
 @pytest.fixture(scope="module", autouse=True)
 def _imported():
     """Import the CLI's plugins once, so no import-time log line lands in a captured error."""
-    import cluster.sweep  # noqa: F401
-    import recipes.runner  # noqa: F401
+    for module in ("cluster.sweep", "recipes.runner"):
+        importlib.import_module(module)
 
 
 def write_recipe(path: Path, recipe: Any) -> Path:

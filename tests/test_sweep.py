@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT
+from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT, modulora
 
 TINY: dict[str, Any] = {
     "model": str(GGUF_MODEL),
@@ -37,17 +37,6 @@ TINY: dict[str, Any] = {
 def write_config(path: Path, **changes: Any) -> Path:
     path.write_text(yaml.safe_dump({**TINY, **changes}))
     return path
-
-
-def modulora(*args: Any) -> int:
-    """The exit code of ``modulora ARGS`` run in this interpreter (saves a subprocess's imports)."""
-    from engine.cli import main
-
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code)
-    return 0
 
 
 def rows(out_dir: Path) -> list[dict[str, Any]]:
