@@ -338,7 +338,7 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> dict
         atomic_write_json(record_file, record)
         pending_file.unlink()
         records[stage] = {**record, "skipped": False}
-        echo(f"      {stage}: {record['seconds']:.1f} s, peak RSS +{record['peak_rss_bytes'] / 2**20:.0f} MiB")
+        echo(f"      {stage}: {record['seconds']:.1f} s, peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
         _write_report(recipe, records, stages, time.perf_counter() - start)
     return _write_report(recipe, records, stages, time.perf_counter() - start)
 
