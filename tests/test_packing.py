@@ -62,3 +62,15 @@ def test_three_bit_codes_cross_byte_boundaries():
 def test_storage_is_dense():
     for bits in SUPPORTED_BITS:
         assert packed_length(4096, bits) * 8 == 4096 * bits
+
+
+def test_portable_unpacking_matches_the_fast_path():
+    """The shift-and-stack path (used on big-endian hosts) gives the same codes as word spreading."""
+    from engine.quant.packing import _unpack_shifts
+
+    for bits in SUPPORTED_BITS:
+        codes = random_codes(3, 203, bits, bits)
+        packed = pack(codes, bits)
+        portable = _unpack_shifts(packed, bits).reshape(3, -1)[:, :203]
+        assert torch.equal(portable, unpack(packed, bits, 203))
+        assert torch.equal(portable.long(), codes)

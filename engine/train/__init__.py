@@ -1,6 +1,7 @@
 """Training: adapters, the resumable trainer, checkpoints."""
 
 from engine.train.adapters import add_lora, adapter_state, load_adapter_state, lora_parameters, set_active_rank
+from engine.train.losses import chunked_causal_lm_loss
 from engine.train.trainer import TrainConfig, Trainer, causal_lm_loss
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "adapter_state",
     "add_lora",
     "causal_lm_loss",
+    "chunked_causal_lm_loss",
     "load_adapter_state",
     "lora_parameters",
     "set_active_rank",

@@ -1,0 +1,75 @@
+"""The chunked causal-LM loss: the model's own loss and gradients without the full logits tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine.train.losses import chunked_causal_lm_loss, linear_cross_entropy, supports_chunked_loss
+
+
+def tiny_llama(dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=97, use_cache=False, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(dtype)
+    for name, param in model.named_parameters():
+        param.requires_grad_("q_proj" in name or "down_proj" in name)
+    return model
+
+
+def batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 97, (2, 23))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    labels[1, 17:] = -100  # padding
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def loss_and_grads(model: LlamaForCausalLM, loss: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
+def test_matches_the_models_own_loss_and_gradients(chunk_tokens):
+    model, data = tiny_llama(torch.float32), batch()
+    ref_loss, ref_grads = loss_and_grads(model, model(**data).loss)
+    loss, grads = loss_and_grads(model, chunked_causal_lm_loss(model, data, chunk_tokens))
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_bfloat16_model_matches_closely():
+    model, data = tiny_llama(torch.bfloat16), batch()
+    ref_loss, ref_grads = loss_and_grads(model, model(**data).loss)
+    loss, grads = loss_and_grads(model, chunked_causal_lm_loss(model, data, chunk_tokens=7))
+    assert loss == pytest.approx(ref_loss, rel=1e-3)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=0.05, atol=2e-3 * float(ref.abs().max()))
+
+
+def test_scaled_output_gradient_and_no_grad():
+    head = torch.nn.Linear(8, 11, bias=True, dtype=torch.float64).requires_grad_(False)
+    hidden = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (1, 6))
+    (3.0 * linear_cross_entropy(hidden, head, labels, chunk_tokens=4)).backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = head(ref_hidden)[0, :-1]
+    (3.0 * torch.nn.functional.cross_entropy(logits, labels[0, 1:])).backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+    with torch.no_grad():
+        assert float(linear_cross_entropy(hidden, head, labels)) == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, labels[0, 1:])))
+
+
+def test_a_trained_head_falls_back_to_the_models_loss():
+    model, data = tiny_llama(torch.float64), batch()
+    model.lm_head.weight.requires_grad_(True)
+    assert not supports_chunked_loss(model)
+    torch.testing.assert_close(chunked_causal_lm_loss(model, data), model(**data).loss)
+    with pytest.raises(ValueError, match="frozen output head"):
+        linear_cross_entropy(torch.zeros(1, 2, 32, dtype=torch.float64), model.lm_head, data["labels"][:1, :2])
