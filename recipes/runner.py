@@ -37,7 +37,7 @@ from engine.errors import EngineError
 from engine.procstat import PeakRss, status_bytes
 from engine.storage import atomic_write_bytes, atomic_write_json
 
-from recipes.schema import GGUF_METHOD, Recipe, adapter_rank, plan_settings, quantizer_options, sweep_config
+from recipes.schema import GGUF_METHOD, PRODUCTS, Recipe, adapter_rank, plan_settings, quantizer_options, sweep_config
 
 STAGE_DIRS = {"quantize": "quantized", "correct": "corrected", "finetune": "finetuned", "sweep": "sweep",
               "evaluate": "eval", "export": "export"}
@@ -120,7 +120,7 @@ class Context:
         """The model a stage left behind: ``float``, ``quantized``, ``corrected`` or ``finetuned``."""
         if name == "float":
             return self.recipe.get("model")["path"]
-        return str(self.stage_dir({"quantized": "quantize", "corrected": "correct", "finetuned": "finetune"}[name]))
+        return str(self.stage_dir(PRODUCTS[name]))
 
     def last_model(self) -> str:
         """The newest model before finetuning: corrected, else quantized, else the recipe's model."""
