@@ -149,7 +149,7 @@ def build_engine(system: str, shape: Shape, seq_len: int, rank: int, work: Path,
     import torch
 
     from engine.model import quantize_model
-    from engine.offload import BlockStreamer, make_store
+    from engine.offload import BlockStreamer, make_store, offload_vocab_tables
     from engine.quant import make_quantizer
     from engine.train import add_lora
     from engine.train.adapters import lora_layers
@@ -169,6 +169,8 @@ def build_engine(system: str, shape: Shape, seq_len: int, rank: int, work: Path,
     if tier is not None:
         store = make_store(tier, directory=work / f"blocks-{system}")
         info["streamer"] = BlockStreamer(model, store, prefetch=prefetch)
+        if tier == "disk":
+            offload_vocab_tables(model, store.directory)
     checkpointing(model)
     return model, info
 
@@ -659,9 +661,11 @@ def document(args: argparse.Namespace, results: dict[str, dict[str, dict[str, An
         "group_size=64)` (`engine.model.quantize_model`), `engine.train.add_lora`, compute dtype bfloat16 "
         "and the embeddings, norms and lm_head cast to bfloat16 (`-fp32`: all float32). `-host` / `-disk`: "
         "the packed blocks in a host or disk `BlockStore` streamed by `BlockStreamer` (prefetch "
-        f"{args.prefetch}); the disk store reads each block file with the page cache dropped. The engine's "
-        "loss is `engine.train.losses.chunked_causal_lm_loss` (the output head and cross-entropy 64 "
-        "positions at a time, the same value and gradients as the model's own loss); `-hfloss` uses "
+        f"{args.prefetch}); the disk store reads each block file with the page cache dropped. On the disk "
+        "tier the input embeddings and the output head are on disk too, read a row per distinct token and a "
+        "tile of vocabulary rows at a time (`offload_vocab_tables`, as `modulora finetune --offload disk`). The engine's "
+        "loss is the trainer's, `engine.train.losses.chunked_causal_lm_loss` (the output head and "
+        "cross-entropy 64 positions at a time, the same value and gradients as the model's own loss); `-hfloss` uses "
         "`model(..., labels=...).loss` like PEFT, and `peft-bf16-chunked` gives PEFT the chunked loss, to "
         "show what each part contributes.",
     ]

@@ -28,6 +28,20 @@ def disk_read_bytes() -> int:
     raise RuntimeError("read_bytes not in /proc/self/io")
 
 
+_LIBC = ctypes.CDLL(None)  # the C library the process already uses
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``; a no-op where there is none).
+
+    glibc keeps freed memory for reuse, raising its thresholds as large buffers come and go, so a process that
+    allocates and frees many tensors holds far more than it uses; trimming makes RSS follow the live tensors again.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 class PeakRss:
     """Peak resident memory of a phase, over the RSS when this object was made (the post-import baseline)."""
 
@@ -36,7 +50,7 @@ class PeakRss:
 
     def reset(self) -> None:
         """Start a phase: trim the heap, then reset the high-water mark to the current RSS."""
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_free_heap()
         Path("/proc/self/clear_refs").write_text("5")
 
     def current(self) -> int:

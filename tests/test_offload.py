@@ -14,7 +14,7 @@ from engine.data import FormatSpec, build_examples
 from engine.errors import EngineError
 from engine.eval import perplexity
 from engine.model import decoder_blocks, quantize_model
-from engine.offload import BlockStreamer, DiskStore, make_store
+from engine.offload import BlockStreamer, DiskEmbedding, DiskStore, make_store, offload_vocab_tables
 from engine.offload.store import read_safetensors
 from engine.quant import OPTQQuantizer, RTNQuantizer
 from engine.quant.base import LayerStats
@@ -76,6 +76,8 @@ def test_streamed_training_equals_resident(q4, examples, resident_runs, tmp_path
     model = copy.deepcopy(q4)
     add_lora(model, 4, 8)
     streamer = BlockStreamer(model, make_store(tier, directory=tmp_path / "blocks"), prefetch=1)
+    if tier == "disk":  # as modulora finetune --offload disk
+        assert offload_vocab_tables(model, tmp_path / "blocks") == ["input embeddings", "output head"]
     recorder = Recorder(model)
     recorder.attach()
     streamed = train(model, examples, tmp_path / "streamed", grad_checkpointing=checkpointing)
@@ -103,6 +105,21 @@ def test_streamed_evaluation_equals_resident(q4, float_model, tmp_path):
     streamer.materialize()
     streamer.close()
     assert perplexity(model, windows, progress=False).ppl == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disk_embedding_gives_what_nn_embedding_gives(tmp_path, dtype):
+    table = torch.nn.Embedding(300, 24).to(dtype).requires_grad_(False)
+    ids = torch.randint(0, 300, (3, 50), generator=torch.Generator().manual_seed(2))
+    ids[1, :10] = ids[0, :10]  # repeated tokens
+    ids[2, 0], ids[2, 1] = 0, 299  # the first and last rows
+    disk = DiskEmbedding.offload(table.weight, tmp_path / "embeddings.safetensors")
+    assert torch.equal(disk(ids), table(ids))
+    assert torch.equal(load_file(tmp_path / "embeddings.safetensors")["weight"], table.weight)
+    with pytest.raises(IndexError, match="300 rows"):
+        disk(torch.tensor([[5, 300]]))
+    with pytest.raises(EngineError, match="frozen"):
+        DiskEmbedding.offload(torch.nn.Embedding(4, 2).weight, tmp_path / "trainable.safetensors")
 
 
 def test_disk_store_round_trip_and_checksums(tmp_path):

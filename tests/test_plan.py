@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from engine.cli import main as modulora_main
 from engine.lora.linear import ModuLoRALinear
 from engine.model import quantize_model
-from engine.offload import BlockStreamer, make_store
+from engine.offload import BlockStreamer, make_store, offload_vocab_tables
 from engine.offload.plan import GIB, MIB, Plan, PlanInputs, make_plan, parse_size
 from engine.offload.shapes import ModelShapes, load_config, model_shapes
 from engine.procstat import PeakRss
@@ -59,8 +59,8 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     Model: random init, RTN-quantized, LoRA on every decoder linear, float parameters and
     compute in ``spec["dtype"]``, its blocks resident or streamed from a disk store.  The
-    step is the trainer's: forward and backward with gradient checkpointing, gradient
-    clipping, AdamW.  One step runs before the measured one: the plan is of a step in the
+    step is the trainer's (forward and backward with gradient checkpointing, gradient
+    clipping, AdamW) but with the model's own loss, the one the plan models.  One step runs before the measured one: the plan is of a step in the
     steady state, when Adam's moments exist (the first step creates them only after its
     activations are gone) and kernels are set up for these shapes (a shorter first step
     left 10 MB of that setup to the measured one).
@@ -84,6 +84,8 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     streamer = None
     if spec["tier"] != "device":
         streamer = BlockStreamer(model, make_store(spec["tier"], directory=spec["block_dir"]), spec["prefetch"])
+        if spec["tier"] == "disk":  # as modulora finetune --offload disk
+            offload_vocab_tables(model, spec["block_dir"])
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = list(lora_parameters(model).values())
@@ -91,7 +93,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     tokens = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq_len"]))
 
     def step() -> float:
-        loss = model(input_ids=tokens, labels=tokens).loss
+        loss = model(input_ids=tokens, labels=tokens).loss  # the loss the plan models (an upper bound for the trainer's)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -47,14 +47,20 @@ BACKWARD_FFN_COPIES = 7  # gate, up, SiLU(gate), product, and the gradients flow
 # itself (the block's checkpoint, the attention's residual sum), already counted.
 NORM_FLOAT32_COPIES = {"bfloat16": 2, "float32": 0}
 DEQUANT_TILE_EXTRA_BYTES = 1  # per weight of a tile, beyond its dense copy: the unpacked uint8 codes
-# The loss: the log-softmax output (saved), the NLL gradient and the log-softmax input gradient, all [T, vocab]
-# float32 and alive together at the start of backward; 12.0 bytes per token per vocabulary entry in 3 measured shapes
-# (vocabulary 16000 and 32000, bfloat16 and float32).  Loss and block peaks come one after the other, never together.
+# The loss, as the model computes it (``model(..., labels=...)``): the log-softmax output (saved), the NLL gradient
+# and the log-softmax input gradient, all [T, vocab] float32 and alive together at the start of backward; 12.0 bytes
+# per token per vocabulary entry in 3 measured shapes (vocabulary 16000 and 32000, bfloat16 and float32).  The
+# trainer's tiled loss (engine.train.losses) holds far less, so for it this phase is an upper bound.  Loss and block
+# peaks come one after the other, never together.
 LOSS_FLOAT32_COPIES = 3
 # CPU resident memory beyond live tensors during a step (oneDNN scratch, the autograd graph, small-object heap):
 # measured RSS peak - exact tensor peak over 12 shapes: 17-33 MiB, mean 25 MiB, with glibc's mmap threshold fixed
 # (MALLOC_MMAP_THRESHOLD_=131072; glibc's default moving threshold left 100 MB more in a fragmented heap here).
 CPU_STEP_OVERHEAD_BYTES = 25 * MIB
+# The disk tier's step beyond that and the blocks in flight: the prefetch thread's own malloc arena, the block kept
+# over the forward/backward turn, the tables' row and tile reads.  Measured: 12 MiB over the rest of the plan on 8
+# Llama blocks of hidden 1024 (tests/test_plan.py), where the resident step of the same shape is within 6%.
+CPU_DISK_STREAMING_BYTES = 12 * MIB
 # The process itself: torch, transformers and the engine imported, dequantization kernels compiled (measured RSS).
 FRAMEWORK_HOST_BYTES = 530 * MIB
 # Not measured (no GPU here): CUDA context, cuBLAS workspaces and allocator fragmentation, a common rule of thumb.
@@ -358,14 +364,17 @@ def build_plan(i: PlanInputs, tier: str, optimizer_offloaded: bool) -> Plan:
     params = lora_params(s, i.rank)
     phases = activation_phases(i)
     opt_where = "host" if optimizer_offloaded else "device"
+    on_disk = s.disk_vocab_params if tier == "disk" else 0
     parts = [
         Part(f"packed decoder weights ({s.n_blocks} blocks)", s.n_blocks * block, tier),
-        Part(f"float params outside the blocks ({i.compute_dtype})", s.outside_params * a, "device"),
+        Part(f"float params outside the blocks ({i.compute_dtype})", (s.outside_params - on_disk) * a, "device"),
         Part(f"float params inside the blocks ({i.compute_dtype})", s.n_blocks * s.block_other_params * a, "device"),
         Part("LoRA weights (float32)", params * FLOAT32, "device"),
         Part("LoRA gradients (float32)", params * FLOAT32, "device"),
         Part("optimizer: Adam moments", params * ADAM_MOMENT_BYTES, opt_where),
     ]
+    if on_disk:
+        parts.append(Part(f"input embeddings and output head, read by rows ({i.compute_dtype})", on_disk * a, "disk"))
     if optimizer_offloaded:
         parts.append(Part("optimizer: float32 masters + gradient buffers", params * 2 * FLOAT32, "host"))
     transient = max(("loss", "logits + loss"), ("block_recompute", "one block's recompute, dequantizing"),
@@ -381,6 +390,8 @@ def build_plan(i: PlanInputs, tier: str, optimizer_offloaded: bool) -> Plan:
         parts.append(Part("buffers: disk reads staged for the device", (2 + i.prefetch) * block, "host"))
     if i.device == "cpu":
         parts.append(Part("runtime: step scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "device"))
+        if tier == "disk":
+            parts.append(Part("runtime: disk streaming (prefetch thread, reads)", CPU_DISK_STREAMING_BYTES, "device"))
     else:
         parts.append(Part("runtime: CUDA context and workspaces", CUDA_RUNTIME_BYTES, "device"))
     parts.append(Part("runtime: framework (imports, kernels)", FRAMEWORK_HOST_BYTES, "host"))

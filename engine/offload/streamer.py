@@ -16,6 +16,12 @@ With gradient checkpointing the recomputed forward runs between those two
 markers, so the block is resident for it.  At most ``1 + prefetch`` blocks are
 held at once (plus, at the forward/backward turn, the blocks the backward
 needs first, which are kept instead of being read again).
+
+On the disk tier, chosen when memory is what is short, the heap's free pages
+go back to the kernel twice a training step, when the forward is done and when
+the backward is: glibc otherwise keeps what the blocks' buffers and temporaries
+freed, so the process grows well past its live tensors.  This trades a few
+percent of throughput (pages faulted in again) for a lower peak.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import nn
 from engine.errors import EngineError
 from engine.model.quantize import decoder_blocks
 from engine.offload.store import BlockStore, Tensors
+from engine.procstat import release_free_heap
 from engine.quant.base import QuantizedWeight
 
 Slot = tuple[QuantizedWeight, str, str]  # (module, buffer name, key in the block's tensor dict)
@@ -89,6 +96,7 @@ class BlockStreamer:
         self._in_backward: set[int] = set()
         self._training_pass = False
         self.max_resident = 0
+        self.trim_heap = store.tier == "disk"
         self._anchor = torch.zeros((), requires_grad=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-prefetch")
         self._hooks = []
@@ -163,6 +171,8 @@ class BlockStreamer:
                 self._release(index)
             if not self._training_pass:
                 return None
+            if self.trim_heap and index == self.n_blocks - 1:  # the forward is done; the loss and backward come next
+                release_free_heap()
             if isinstance(output, tuple):
                 return (_BlockOutput.apply(output[0], self, index), *output[1:])
             return _BlockOutput.apply(output, self, index)
@@ -178,6 +188,8 @@ class BlockStreamer:
     def _backward_done(self, index: int) -> None:
         self._in_backward.discard(index)
         self._release(index)
+        if self.trim_heap and index == 0:  # the backward is done; the optimizer's step comes next
+            release_free_heap()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

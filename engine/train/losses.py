@@ -1,21 +1,27 @@
-"""Causal-LM loss without the full logits tensor: the output head and cross-entropy run a chunk of positions at a time.
+"""Causal-LM loss without the full logits tensor: the output head and cross-entropy run a tile of the vocabulary at a time.
 
 With a 32000-word vocabulary and 512 positions the logits alone are 65 MB in
 float32, and the usual ``model(..., labels=...)`` path holds several tensors of
 that size at once (the logits, their float32 copy, the log-softmax saved for
 backward, then its gradient): on a small model that is more than the packed
 weights and every checkpointed activation together.  Here the frozen output
-head is applied to ``chunk_tokens`` positions at a time, and the gradient with
-respect to the hidden states is computed right there in the forward pass
-(``softmax - one_hot``, times the head's weight), so nothing the size of the
-logits outlives its chunk and the backward pass only scales a saved
-``[tokens, hidden]`` gradient.  The arithmetic is the usual path's: logits in
-the head's dtype, upcast to float32 (at least) for the log-softmax, the gradient
-cast back before the matmul with the head's weight.
+head is applied a tile of vocabulary rows at a time (as many logits as
+``chunk_tokens`` positions over the whole vocabulary), with a running
+log-sum-exp per position, and the gradient with respect to the hidden states is
+gathered in the same pass (``softmax - one_hot``, times the head's weight, with
+the softmax's running normaliser rescaled as the maximum moves), so nothing the
+size of the logits outlives its tile, the head is read once, and the backward
+pass only scales a saved ``[tokens, hidden]`` gradient.  The arithmetic is the
+usual path's: logits in the head's dtype, upcast to float32 (at least), the
+softmax cast back to the hidden states' dtype before the matmul with the head's
+weight.  The tiles come from the head's weight or, for a head kept on disk
+(``engine.offload.vocab.DiskHead``), from its ``weight_tiles``: the same tiles,
+so the same bits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,66 +31,86 @@ from torch import nn
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 64
 
+Tiles = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]]  # (first row, weight, bias) per tile
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """``scale * sum_i CE(hidden_i @ weight^T + bias, target_i)`` over rows; the head (``weight``, ``bias``) is frozen.
 
-    ``scale`` (``1 / rows`` for a mean) is applied to the logits' gradient before it is cast back to the
-    hidden states' dtype, where the usual path applies it too.
+class TiledCrossEntropy(torch.autograd.Function):
+    """``scale * sum_i CE(head(hidden_i), target_i)`` over rows, the frozen head given as ``tiles()``.
+
+    ``scale`` (``1 / rows`` for a mean) multiplies the gradient saved for the hidden states.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        chunk_tokens: int,
-        scale: float,
-    ) -> torch.Tensor:
+    def forward(ctx: Any, hidden: torch.Tensor, tiles: Tiles, targets: torch.Tensor, scale: float) -> torch.Tensor:
         want_grad = ctx.needs_input_grad[0]
         loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # at least float32, as the usual path
-        total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grad else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            logits = F.linear(hidden[rows], weight, bias).to(loss_dtype)
-            target = targets[rows]
-            log_z = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-            total += (log_z - picked).sum()
+        running_max = torch.full((hidden.shape[0],), float("-inf"), dtype=loss_dtype, device=hidden.device)
+        sum_exp, picked = torch.zeros_like(running_max), torch.zeros_like(running_max)
+        if want_grad:  # sum over the vocabulary of exp(logit - running_max) * weight row; the targets' weight rows
+            weighted = torch.zeros(hidden.shape, dtype=loss_dtype, device=hidden.device)
+            target_rows = torch.zeros_like(weighted)
+        for start, weight, bias in tiles():
+            logits = F.linear(hidden, weight, bias).to(loss_dtype)
+            positions = ((targets >= start) & (targets < start + weight.shape[0])).nonzero().squeeze(1)
+            columns = targets[positions] - start
+            picked[positions] = logits[positions, columns]
+            new_max = torch.maximum(running_max, logits.amax(dim=-1))
+            rescale = (running_max - new_max).exp_()
+            probs = logits.sub_(new_max.unsqueeze(1)).exp_()  # unnormalised, in the logits' buffer
+            sum_exp.mul_(rescale).add_(probs.sum(dim=-1))
             if want_grad:
-                probs = logits.sub_(log_z.unsqueeze(1)).exp_()  # softmax, in the logits' buffer
-                probs.scatter_add_(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-                grad_hidden[rows] = probs.mul_(scale).to(hidden.dtype) @ weight
+                weighted.mul_(rescale.unsqueeze(1)).add_(probs.to(hidden.dtype) @ weight)
+                target_rows[positions] = weight[columns].to(loss_dtype)
+            running_max = new_max
+        grad_hidden = None
+        if want_grad:
+            grad_hidden = weighted.div_(sum_exp.unsqueeze(1)).sub_(target_rows).mul_(scale).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
-        return total * scale
+        return (running_max + sum_exp.log() - picked).sum() * scale
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (grad_hidden,) = ctx.saved_tensors
         if grad_hidden is None:
-            return None, None, None, None, None, None
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+            return None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def head_tiles(head: nn.Module, tile_rows: int) -> Tiles:
+    """The tiles of ``tile_rows`` vocabulary rows of an ``nn.Linear`` (views) or of a head on disk (reads)."""
+    if hasattr(head, "weight_tiles"):
+        return lambda: ((start, weight, None) for start, weight in head.weight_tiles(tile_rows))
+
+    def linear() -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        for start in range(0, head.out_features, tile_rows):
+            rows = slice(start, start + tile_rows)
+            yield start, head.weight[rows], None if head.bias is None else head.bias[rows]
+
+    return linear
 
 
 def linear_cross_entropy(
     hidden: torch.Tensor,
-    head: nn.Linear,
+    head: nn.Module,
     labels: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``head(hidden)`` against ``labels`` shifted by one (``-100``: ignored)."""
-    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+    """Mean next-token cross-entropy of ``head(hidden)`` against ``labels`` shifted by one (``-100``: ignored).
+
+    ``head`` is a frozen ``nn.Linear`` or a head on disk; the logits alive at once are as many as
+    ``chunk_tokens`` positions over the whole vocabulary.
+    """
+    if any(p.requires_grad for p in head.parameters()):
         raise ValueError("linear_cross_entropy needs a frozen output head")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
     valid = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
+    vocab = head.rows if hasattr(head, "weight_tiles") else head.out_features
+    tile_rows = max(1, chunk_tokens * vocab // max(rows.shape[0], 1))
     scale = 1.0 / max(valid.numel(), 1)
-    return LinearCrossEntropy.apply(rows, head.weight, head.bias, targets.index_select(0, valid), chunk_tokens, scale)
+    return TiledCrossEntropy.apply(rows, head_tiles(head, tile_rows), targets.index_select(0, valid), scale)
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:
@@ -94,10 +120,9 @@ def supports_chunked_loss(model: nn.Module) -> bool:
         return False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (
-        isinstance(head, nn.Linear)
+        (isinstance(head, nn.Linear) or hasattr(head, "weight_tiles"))
         and hasattr(model, "get_decoder")
-        and not head.weight.requires_grad
-        and (head.bias is None or not head.bias.requires_grad)
+        and not any(p.requires_grad for p in head.parameters())
     )
 
 

@@ -29,7 +29,7 @@ from engine.export.peft_format import attach_adapter, is_adapter_dir, read_adapt
 from engine.model import is_quantized_dir, load_float_model, load_model, model_size, save_quantized
 from engine.model.calibrate import calibration_windows
 from engine.model.stats import collect_stats
-from engine.offload import BlockStreamer, make_store
+from engine.offload import BlockStreamer, make_store, offload_vocab_tables
 from engine.quant import make_quantizer
 from engine.quant.base import LayerStats, Quantizer
 from engine.storage import atomic_write_json
@@ -106,10 +106,13 @@ def finetune(
     _prepare_adapters(model, config.rank_max or rank, alpha, config.seed, compute_dtype(dtype))
     examples = build_examples(data, spec, tokenizer, seq_len, limit)
     eval_fn = perplexity_eval(tokenizer, eval_data, seq_len, eval_limit) if eval_data else None
+    size = model_size(model)  # before offloading: the same figures as a resident run
     streamer = None
     if offload is not None:
         store = make_store(offload, directory=offload_dir or out_dir / "blocks")
         streamer = BlockStreamer(model, store, prefetch)
+        if offload == "disk":
+            offload_vocab_tables(model, store.directory)
     start = time.perf_counter()
     try:
         metrics = Trainer(model, examples, config, out_dir, _pad_id(tokenizer), eval_fn=eval_fn).train(resume=resume)
@@ -126,7 +129,7 @@ def finetune(
         "train": asdict(config),
         "final": metrics,
         "train_seconds": seconds,
-        "size": model_size(model),
+        "size": size,
     }
     if streamer is not None:
         report["offload"] = {"tier": offload, "prefetch": prefetch, "bytes_fetched": streamer.store.bytes_fetched,

@@ -26,6 +26,7 @@ from engine.data import Example, collate
 from engine.errors import EngineError
 from engine.train.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
 from engine.train.checkpoint import latest_good_checkpoint, restore_optimizer, restore_rng, save_checkpoint
+from engine.train.losses import chunked_causal_lm_loss
 
 if TYPE_CHECKING:
     from engine.offload.optimizer import HostOffloadedAdam
@@ -76,11 +77,6 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens whose label is not ignored."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-
-
 def make_optimizer(name: str, params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer | HostOffloadedAdam:
     if name == "cpu_adam" and config.offload_optimizer:
         from engine.offload.optimizer import HostOffloadedAdam
@@ -103,7 +99,7 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | Path,
         pad_id: int,
-        loss_fn: LossFn = causal_lm_loss,
+        loss_fn: LossFn = chunked_causal_lm_loss,
         eval_fn: EvalFn | None = None,
     ) -> None:
         config.validate()

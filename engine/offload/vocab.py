@@ -1,0 +1,113 @@
+"""The vocabulary-sized tables on disk: input embeddings read a row per token, the output head a tile of rows at a time.
+
+On the disk tier only the decoder block at work is in memory, and at small and
+middle sizes the two float ``[vocab, hidden]`` tables are then most of what is
+left (two fifths of a 134M-parameter Llama).  Both are frozen, and neither is
+needed whole at once:
+
+* the input embeddings are only gathered from: a step of 512 tokens reads at
+  most 512 rows;
+* the output head is a matmul over its rows, which the trainer's loss
+  (``engine.train.losses``) takes a tile at a time through
+  :meth:`DiskHead.weight_tiles`, gradients included, in one pass: the head is
+  read once a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import EngineError
+from engine.storage import atomic_save_safetensors
+
+TABLE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+HEAD_TILE_BYTES = 16 << 20  # rows per read of the head in its own forward (evaluation's full logits)
+
+
+class DiskTable(nn.Module):
+    """A frozen ``[rows, columns]`` float table kept in a safetensors file (tensor ``weight``), read by rows."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.path, self.device = Path(path), torch.device(device)
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(header_len))["weight"]
+        if entry["dtype"] not in TABLE_DTYPES:
+            raise EngineError(f"{self.path}: table dtype {entry['dtype']} not one of {', '.join(TABLE_DTYPES)}")
+        self.dtype = TABLE_DTYPES[entry["dtype"]]
+        self.rows, self.columns = entry["shape"]
+        self.row_bytes = self.columns * self.dtype.itemsize
+        self.data_start = 8 + header_len + entry["data_offsets"][0]
+
+    @classmethod
+    def offload(cls, weight: torch.Tensor, path: str | Path) -> DiskTable:
+        """Write ``weight`` to ``path`` (atomically) and return the module that reads it from there."""
+        if weight.requires_grad:
+            raise EngineError(f"only a frozen table can live on disk ({Path(path).name} trains here)")
+        atomic_save_safetensors(path, {"weight": weight.detach().cpu()})
+        return cls(path, weight.device)
+
+    def read_rows(self, start: int, stop: int, fd: int) -> torch.Tensor:
+        out = torch.empty(stop - start, self.columns, dtype=self.dtype)
+        if os.preadv(fd, [out.view(torch.uint8).numpy()], self.data_start + start * self.row_bytes) != out.nbytes:
+            raise EngineError(f"{self.path}: truncated table")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}, {self.columns}, dtype={self.dtype}, path={self.path}"
+
+
+class DiskEmbedding(DiskTable):
+    """A frozen ``nn.Embedding`` on disk; each lookup reads only the rows of the distinct tokens it gets."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1).cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise IndexError(f"token id out of range for an embedding table of {self.rows} rows")
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        with open(self.path, "rb") as f:
+            rows = torch.cat([self.read_rows(token, token + 1, f.fileno()) for token in unique.tolist()])
+        return rows[inverse].view(*input_ids.shape, self.columns).to(self.device)
+
+
+class DiskHead(DiskTable):
+    """A frozen bias-free output ``nn.Linear`` on disk, handed out a tile of rows (vocabulary entries) at a time."""
+
+    def weight_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, weight[first row : first row + tile_rows])`` over the whole head, each a fresh read from
+        disk (the page cache is dropped behind it, as for the streamed blocks)."""
+        with open(self.path, "rb") as f:
+            for start in range(0, self.rows, tile_rows):
+                stop = min(start + tile_rows, self.rows)
+                tile = self.read_rows(start, stop, f.fileno())
+                os.posix_fadvise(f.fileno(), self.data_start + start * self.row_bytes, tile.nbytes,
+                                 os.POSIX_FADV_DONTNEED)
+                yield start, tile.to(self.device)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        tile_rows = max(1, HEAD_TILE_BYTES // self.row_bytes)
+        return torch.cat([F.linear(hidden, tile) for _, tile in self.weight_tiles(tile_rows)], dim=-1)
+
+
+def offload_vocab_tables(model: nn.Module, directory: str | Path) -> list[str]:
+    """Put ``model``'s frozen input embeddings and output head on disk under ``directory``; the names of those
+    moved.  Nothing moves when the two are tied (one tensor, which both uses need), nor a head with a bias."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        return []
+    directory = Path(directory)
+    model.set_input_embeddings(DiskEmbedding.offload(embedding.weight, directory / "input_embeddings.safetensors"))
+    moved = ["input embeddings"]
+    if isinstance(head, nn.Linear) and head.bias is None:
+        model.set_output_embeddings(DiskHead.offload(head.weight, directory / "output_head.safetensors"))
+        moved.append("output head")
+    return moved
