@@ -665,7 +665,9 @@ def document(args: argparse.Namespace, results: dict[str, dict[str, dict[str, An
         "tier the input embeddings and the output head are on disk too, read a row per distinct token and a "
         "tile of vocabulary rows at a time (`offload_vocab_tables`, as `modulora finetune --offload disk`). The engine's "
         "loss is the trainer's, `engine.train.losses.chunked_causal_lm_loss` (the output head and "
-        "cross-entropy 64 positions at a time, the same value and gradients as the model's own loss); `-hfloss` uses "
+        "cross-entropy a tile of the vocabulary at a time, as many logits as 64 positions over the whole "
+        "vocabulary, the gradient gathered in the same pass: the same value and gradients as the model's own "
+        "loss); `-hfloss` uses "
         "`model(..., labels=...).loss` like PEFT, and `peft-bf16-chunked` gives PEFT the chunked loss, to "
         "show what each part contributes.",
     ]

@@ -3,8 +3,10 @@
 The model has Llama-65B's exact shapes (hidden 8192, FFN 22016, 64 heads, 80
 layers, vocab 32000).  Its packed weights are random codes and scales written
 straight to one file per block (no float copy of 65B weights is ever made);
-embeddings, norms and lm_head are bfloat16; LoRA r=16 on every decoder linear,
-gradient checkpointing, bfloat16 compute, DeepSpeed CPU Adam.  One step is
+embeddings, norms and lm_head are bfloat16 (on the disk tier the embeddings and
+lm_head are on disk too, as ``modulora finetune --offload disk`` puts them);
+LoRA r=16 on every decoder linear, gradient checkpointing, the trainer's
+vocabulary-tiled loss, bfloat16 compute, DeepSpeed CPU Adam.  One step is
 forward, backward and optimizer, after which it reports peak RSS over the
 post-import baseline (high-water mark reset after building), bytes read and
 time against the floor max(disk read time, matmul time) measured here.
@@ -29,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.offload import BlockStreamer, DeviceStore, DiskStore  # noqa: E402
+from engine.offload import BlockStreamer, DeviceStore, DiskStore, offload_vocab_tables  # noqa: E402
 from engine.offload.shapes import load_config, model_shapes  # noqa: E402
 from engine.offload.synthetic import build_random_quantized  # noqa: E402
 from engine.procstat import PeakRss, disk_read_bytes  # noqa: E402
-from engine.train import add_lora, lora_parameters  # noqa: E402
+from engine.train import add_lora, chunked_causal_lm_loss, lora_parameters  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -58,7 +60,7 @@ def disk_read_gbps(store: DiskStore) -> float:
 def training_step(model: torch.nn.Module, optimizer: Any, tokens: torch.Tensor) -> dict[str, float]:
     times = {}
     start = time.perf_counter()
-    loss = model(input_ids=tokens, labels=tokens).loss
+    loss = chunked_causal_lm_loss(model, {"input_ids": tokens, "labels": tokens})  # the trainer's loss
     times["forward_s"] = time.perf_counter() - start
     loss.backward()
     times["backward_s"] = time.perf_counter() - start - times["forward_s"]
@@ -82,6 +84,8 @@ def run(args: argparse.Namespace, tier: str, block_dir: Path) -> dict[str, Any]:
     model.config.use_cache = False
     add_lora(model, args.rank, device="cpu")
     streamer = BlockStreamer(model, store, prefetch=args.prefetch)
+    if tier == "disk":  # as modulora finetune --offload disk
+        offload_vocab_tables(model, block_dir)
     if tier == "device":  # everything resident: no hooks, no fetches
         streamer.materialize()
         streamer.close()
