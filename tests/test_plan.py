@@ -60,10 +60,11 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     Model: random init, RTN-quantized, LoRA on every decoder linear, float parameters and
     compute in ``spec["dtype"]``, its blocks resident or streamed from a disk store.  The
     step is the trainer's (forward and backward with gradient checkpointing, gradient
-    clipping, AdamW) but with the model's own loss, the one the plan models.  One step runs before the measured one: the plan is of a step in the
-    steady state, when Adam's moments exist (the first step creates them only after its
-    activations are gone) and kernels are set up for these shapes (a shorter first step
-    left 10 MB of that setup to the measured one).
+    clipping, AdamW) but with the model's own loss, the one the plan models.  One step
+    runs before the measured one: the plan is of a step in the steady state, when Adam's
+    moments exist (the first step creates them only after its activations are gone) and
+    kernels are set up for these shapes (a shorter first step left 10 MB of that setup to
+    the measured one).
     """
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

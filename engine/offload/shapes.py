@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from engine.errors import EngineError
 from engine.model.quantize import decoder_blocks
+from engine.offload.vocab import disk_vocab_tables
 
 # Published shapes of models users finetune on one GPU or a few.
 BUILTIN_CONFIGS: dict[str, dict[str, object]] = {
@@ -72,7 +73,7 @@ class ModelShapes:
     n_blocks: int
     block_other_params: int  # norms, biases: kept in float
     outside_params: int  # embeddings, final norm, lm_head (counted once when tied)
-    disk_vocab_params: int  # input embeddings and a bias-free head, which the disk tier keeps on disk; 0 when tied
+    disk_vocab_params: int  # what the disk tier keeps on disk of those (engine.offload.vocab.disk_vocab_tables)
     hidden_size: int
     intermediate_size: int
     vocab_size: int
@@ -96,16 +97,13 @@ def model_shapes(config: PretrainedConfig) -> ModelShapes:
     block_other = sum(p.numel() for p in first.parameters() if id(p) not in linear_weights)
     in_blocks = {id(p) for p in blocks.parameters()}
     outside = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)  # parameters() dedups tied
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and head.weight is embedding.weight
-    head_on_disk = isinstance(head, nn.Linear) and head.bias is None
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None)
     return ModelShapes(
         block_linears=linears,
         n_blocks=len(blocks),
         block_other_params=block_other,
         outside_params=outside,
-        disk_vocab_params=0 if tied else embedding.weight.numel() + (head.weight.numel() if head_on_disk else 0),
+        disk_vocab_params=sum(table.weight.numel() for table in disk_vocab_tables(model).values()),
         hidden_size=config.hidden_size,
         intermediate_size=int(intermediate or 4 * config.hidden_size),
         vocab_size=config.vocab_size,

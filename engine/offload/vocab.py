@@ -56,8 +56,8 @@ class DiskTable(nn.Module):
         atomic_save_safetensors(path, {"weight": weight.detach().cpu()})
         return cls(path, weight.device)
 
-    def read_rows(self, start: int, stop: int, fd: int) -> torch.Tensor:
-        out = torch.empty(stop - start, self.columns, dtype=self.dtype)
+    def read_rows(self, start: int, out: torch.Tensor, fd: int) -> torch.Tensor:
+        """Rows ``start .. start + len(out)`` of the open file ``fd``, read into ``out``."""
         if os.preadv(fd, [out.view(torch.uint8).numpy()], self.data_start + start * self.row_bytes) != out.nbytes:
             raise EngineError(f"{self.path}: truncated table")
         return out
@@ -74,13 +74,19 @@ class DiskEmbedding(DiskTable):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
             raise IndexError(f"token id out of range for an embedding table of {self.rows} rows")
         unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = torch.empty(len(unique), self.columns, dtype=self.dtype)
         with open(self.path, "rb") as f:
-            rows = torch.cat([self.read_rows(token, token + 1, f.fileno()) for token in unique.tolist()])
+            for i, token in enumerate(unique.tolist()):
+                self.read_rows(token, rows[i : i + 1], f.fileno())
         return rows[inverse].view(*input_ids.shape, self.columns).to(self.device)
 
 
 class DiskHead(DiskTable):
     """A frozen bias-free output ``nn.Linear`` on disk, handed out a tile of rows (vocabulary entries) at a time."""
+
+    @property
+    def out_features(self) -> int:
+        return self.rows
 
     def weight_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first row, weight[first row : first row + tile_rows])`` over the whole head, each a fresh read from
@@ -88,7 +94,7 @@ class DiskHead(DiskTable):
         with open(self.path, "rb") as f:
             for start in range(0, self.rows, tile_rows):
                 stop = min(start + tile_rows, self.rows)
-                tile = self.read_rows(start, stop, f.fileno())
+                tile = self.read_rows(start, torch.empty(stop - start, self.columns, dtype=self.dtype), f.fileno())
                 os.posix_fadvise(f.fileno(), self.data_start + start * self.row_bytes, tile.nbytes,
                                  os.POSIX_FADV_DONTNEED)
                 yield start, tile.to(self.device)
@@ -98,16 +104,25 @@ class DiskHead(DiskTable):
         return torch.cat([F.linear(hidden, tile) for _, tile in self.weight_tiles(tile_rows)], dim=-1)
 
 
-def offload_vocab_tables(model: nn.Module, directory: str | Path) -> list[str]:
-    """Put ``model``'s frozen input embeddings and output head on disk under ``directory``; the names of those
-    moved.  Nothing moves when the two are tied (one tensor, which both uses need), nor a head with a bias."""
+def disk_vocab_tables(model: nn.Module) -> dict[str, nn.Module]:
+    """The tables the disk tier keeps on disk, by name: the input embeddings and a bias-free linear head; neither
+    when the two are tied (one tensor, which both uses need)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and head.weight is embedding.weight:
-        return []
-    directory = Path(directory)
-    model.set_input_embeddings(DiskEmbedding.offload(embedding.weight, directory / "input_embeddings.safetensors"))
-    moved = ["input embeddings"]
+        return {}
+    tables = {"input embeddings": embedding}
     if isinstance(head, nn.Linear) and head.bias is None:
-        model.set_output_embeddings(DiskHead.offload(head.weight, directory / "output_head.safetensors"))
-        moved.append("output head")
-    return moved
+        tables["output head"] = head
+    return tables
+
+
+def offload_vocab_tables(model: nn.Module, directory: str | Path) -> list[str]:
+    """Put ``model``'s frozen :func:`disk_vocab_tables` on disk under ``directory``; the names of those moved."""
+    tables = disk_vocab_tables(model)
+    directory = Path(directory)
+    if "input embeddings" in tables:
+        weight = tables["input embeddings"].weight
+        model.set_input_embeddings(DiskEmbedding.offload(weight, directory / "input_embeddings.safetensors"))
+    if "output head" in tables:
+        model.set_output_embeddings(DiskHead.offload(tables["output head"].weight, directory / "output_head.safetensors"))
+    return list(tables)

@@ -107,8 +107,7 @@ def linear_cross_entropy(
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
     valid = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
-    vocab = head.rows if hasattr(head, "weight_tiles") else head.out_features
-    tile_rows = max(1, chunk_tokens * vocab // max(rows.shape[0], 1))
+    tile_rows = max(1, chunk_tokens * head.out_features // max(rows.shape[0], 1))
     scale = 1.0 / max(valid.numel(), 1)
     return TiledCrossEntropy.apply(rows, head_tiles(head, tile_rows), targets.index_select(0, valid), scale)
 
