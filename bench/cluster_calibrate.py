@@ -19,7 +19,8 @@ from pathlib import Path
 
 from _common import GGUF, REPO, TRAIN_TXT, Cli, table, write_doc
 
-OPTQ = ("--method", "optq", "--bits", "3", "--group-size", "32", "--act-order", "--calib", TRAIN_TXT)
+OPTQ = ("--method", "optq", "--bits", "3", "--group-size", "32", "--act-order", "--no-clip-search", "--asym-alpha", "0",
+        "--calib", TRAIN_TXT)
 LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=512)
 

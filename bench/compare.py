@@ -148,11 +148,9 @@ def logging_quiet() -> None:
 def build_engine(system: str, shape: Shape, seq_len: int, rank: int, work: Path, prefetch: int) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from engine.model import quantize_model
+    from engine.model import add_lora, lora_layers, quantize_model
     from engine.offload import BlockStreamer, make_store, offload_vocab_tables
     from engine.quant import make_quantizer
-    from engine.train import add_lora
-    from engine.train.adapters import lora_layers
 
     match = ENGINE_SYSTEM.fullmatch(system)
     bits, tier = int(match["bits"]), match["tier"]

@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.offload import BlockStreamer, DeviceStore, DiskStore, offload_vocab_tables  # noqa: E402
 from engine.offload.shapes import load_config, model_shapes  # noqa: E402
-from engine.offload.synthetic import build_random_quantized  # noqa: E402
 from engine.procstat import PeakRss, disk_read_bytes  # noqa: E402
-from engine.train import add_lora, chunked_causal_lm_loss, lora_parameters  # noqa: E402
+from engine.model import add_lora, lora_parameters  # noqa: E402
+from engine.train import chunked_causal_lm_loss  # noqa: E402
+from synthetic import build_random_quantized  # noqa: E402  (bench/synthetic.py)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace, tier: str, block_dir: Path) -> dict[str, Any]:
     model = build_random_quantized(config, store, bits=args.bits, group_size=args.group_size, seed=0)
     build_s = time.perf_counter() - start
     model.config.use_cache = False
-    add_lora(model, args.rank, device="cpu")
+    add_lora(model, args.rank, 2.0 * args.rank, seed=0, device="cpu")
     streamer = BlockStreamer(model, store, prefetch=args.prefetch)
     if tier == "disk":  # as modulora finetune --offload disk
         offload_vocab_tables(model, block_dir)

@@ -22,8 +22,8 @@ from _common import DOCS, GGUF, TRAIN_TXT, VALID_TXT, Cli, add_run_options, gap_
 # method -> extra `modulora quantize` options (calibrated methods read train.txt, never valid.txt)
 QUANTIZERS: dict[str, tuple[Any, ...]] = {
     "rtn": (),
-    "optq": ("--clip-search", "--calib", TRAIN_TXT),
-    "quip": ("--calib", TRAIN_TXT),
+    "optq": ("--no-act-order", "--clip-search", "--asym-alpha", 0, "--calib", TRAIN_TXT),  # settings of the
+    "quip": ("--asym-alpha", 0, "--calib", TRAIN_TXT),  # published figures, spelled out: defaults move
 }
 # one change to the `modulora correct` defaults at a time
 ABLATIONS: list[tuple[str, tuple[str, ...]]] = [

@@ -13,7 +13,6 @@ methods draw their windows from ``tinystories/train.txt``.  Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import tempfile
 import time
@@ -22,30 +21,34 @@ from typing import Any
 
 import torch
 
-from engine.eval import perplexity, read_text, token_windows
-from engine.model import load_float_model, model_size, quantize_model
-from engine.model.calibrate import quantize_with_calibration
-from engine.model.gguf_export import quantize_gguf
-from engine.model.gguf_quantized import load_gguf_quantized
+from engine.data import read_text, token_windows
+from engine.eval import perplexity
+from engine.model import load_float_model, load_model, model_size, quantize_gguf
 from engine.paths import shared_dir
-from engine.quant import make_quantizer
+from engine.pipelines import CalibSpec, QuantizeSpec, quantize
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-# Calibration: sequential, 128 windows of 256 tokens from train.txt (the OPTQ paper's protocol); the best
-# OPTQ settings add a Hessian-weighted clip search and GPTAQ-style asymmetric calibration (asym_alpha).
+OFF = {"act_order": False, "clip_search": False}  # OPTQ as in the reference code, but for act-order
+# Every row goes through `modulora quantize`'s use case (engine.pipelines.quantize) with its settings spelled out,
+# so no row moves when a default does.  Calibration: sequential, 128 windows of 256 tokens from train.txt (the
+# OPTQ paper's protocol); the best settings add a Hessian-weighted clip search and GPTAQ-style asymmetric
+# calibration (asym_alpha).  The "defaults" rows give only --method and --bits: each must equal its method's best.
 # (label, method, quantizer options, calibration settings or None)
 CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
     *[(f"rtn g{g}", "rtn", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
-    *[(f"optq g{g} act-order (reference)", "optq", {"bits": b, "group_size": g, "act_order": True}, {})
-      for b in (4, 3, 2) for g in (32, 64)],
+    *[(f"optq g{g} act-order (reference)", "optq", {"bits": b, "group_size": g, **OFF, "act_order": True},
+       {"asym_alpha": 0.0}) for b in (4, 3, 2) for g in (32, 64)],
     *[(f"optq g{g} act-order clip-search asym 0.5", "optq",
        {"bits": b, "group_size": g, "act_order": True, "clip_search": True}, {"asym_alpha": 0.5})
       for b in (4, 3, 2) for g in (32, 64)],
-    *[("quip#", "quip", {"bits": b}, {}) for b in (4, 3, 2)],
+    *[("quip#", "quip", {"bits": b}, {"asym_alpha": 0.0}) for b in (4, 3, 2)],
     *[("quip# asym 0.5", "quip", {"bits": b}, {"asym_alpha": 0.5}) for b in (4, 3, 2)],
-    ("quip# incoherence both (reference)", "quip", {"bits": 2, "incoherence": "both"}, {}),
+    ("quip# incoherence both (reference)", "quip", {"bits": 2, "incoherence": "both"}, {"asym_alpha": 0.0}),
     *[(f"hqq g{g}", "hqq", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
-    *[(f"{m} block {g}", m, {"group_size": g}, None) for m in ("nf4", "fp4") for g in (32, 64)],
+    *[(f"{m} block {g}", m, {"bits": 4, "group_size": g}, None) for m in ("nf4", "fp4") for g in (32, 64)],
+    *[(f"defaults: --method {m} --bits {b}", m, {"bits": b}, {} if m in ("optq", "quip") else None)
+      for m, widths in (("rtn", (4, 3, 2)), ("optq", (4, 3, 2)), ("quip", (4, 3, 2)), ("hqq", (4, 3, 2)),
+                        ("nf4", (4,)), ("fp4", (4,))) for b in widths],
 ]
 GGUF_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
@@ -54,15 +57,12 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return perplexity(model, windows, progress=False).ppl
 
 
-def run_config(float_model, tokenizer, method, options, calib, calib_text) -> tuple[torch.nn.Module, float]:
-    model = copy.deepcopy(float_model)
-    quantizer = make_quantizer(method, **options)
-    start = time.perf_counter()
-    if calib is not None:
-        quantize_with_calibration(model, tokenizer, quantizer, calib_text, **calib)
-    else:
-        quantize_model(model, quantizer)
-    return model, time.perf_counter() - start
+def run_config(model_path: Path, method: str, options: dict[str, Any], calib: dict[str, Any] | None,
+               calib_text: Path, out: Path) -> tuple[torch.nn.Module, float]:
+    spec = QuantizeSpec(model=str(model_path), out=str(out), method=method, options=options,
+                        calib=None if calib is None else CalibSpec(file=str(calib_text), **calib))
+    seconds = quantize(spec)["quantize_seconds"]
+    return load_model(out)[0], seconds
 
 
 def main() -> None:
@@ -79,18 +79,19 @@ def main() -> None:
         windows = windows[:64]
     float_ppl = evaluate(float_model, windows)
     rows: list[dict[str, Any]] = [{"label": "float32", "method": "float", "bits": 32, "bpw": 32.0, "ppl": float_ppl, "seconds": 0.0}]
-    for label, method, options, calib in CONFIGS:
-        model, seconds = run_config(float_model, tokenizer, method, options, calib, calib_text)
-        bits = options.get("bits", 4)
-        rows.append({"label": label, "method": method, "bits": bits, "bpw": model_size(model)["bits_per_weight"],
-                     "ppl": evaluate(model, windows), "seconds": seconds})
-        print(f"{method:5s} {bits} {label:28s} bpw {rows[-1]['bpw']:.3f} ppl {rows[-1]['ppl']:.3f} {seconds:.1f}s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, method, options, calib) in enumerate(CONFIGS):
+            model, seconds = run_config(gguf_path, method, options, calib, calib_text, Path(tmp) / f"q{i}")
+            bits = options["bits"]
+            rows.append({"label": label, "method": method, "bits": bits, "bpw": model_size(model)["bits_per_weight"],
+                         "ppl": evaluate(model, windows), "seconds": seconds})
+            print(f"{method:5s} {bits} {label:40s} bpw {rows[-1]['bpw']:.3f} ppl {rows[-1]['ppl']:.3f} {seconds:.1f}s",
+                  flush=True)
         for qtype in GGUF_TYPES:
             start = time.perf_counter()
             quantize_gguf(gguf_path, Path(tmp) / f"{qtype}.gguf", qtype)
             seconds = time.perf_counter() - start
-            model, _, _ = load_gguf_quantized(Path(tmp) / f"{qtype}.gguf")
+            model, _, _ = load_model(Path(tmp) / f"{qtype}.gguf")
             rows.append({"label": f"gguf {qtype} (down_proj F16)", "method": "gguf", "bits": int(qtype[1]),
                          "bpw": model_size(model)["bits_per_weight"], "ppl": evaluate(model, windows), "seconds": seconds})
     write_report(rows, float_ppl, windows, args.quick)

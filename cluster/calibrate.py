@@ -1,7 +1,8 @@
 """Calibration on Ray: the engine's calibration shards on Ray workers, layers quantized in parallel.
 
-The driver loop is the engine's own (:func:`engine.model.calibrate.quantize_calibrated`);
-this module only supplies its :class:`~engine.model.sequential.ShardRunner` on Ray:
+The use case is the engine's own (:func:`engine.pipelines.quantize`, whose driver loop is
+:func:`engine.model.quantize_calibrated`); this module only supplies its
+:class:`~engine.model.ShardRunner` on Ray:
 
 * each worker (an actor) loads the float model from its source itself and
   holds a contiguous run of the calibration shards; the windows go through
@@ -27,16 +28,11 @@ import click
 import torch
 from torch import nn
 
-from engine.cli import quantize as quantize_command
-from engine.cli import quantize_to_dir
 from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
-from engine.model import load_float_model
-from engine.model.quantize import replace_module
-from engine.model.sequential import CalibrationShard, ShardRunner, Wrap
-from engine.model.stats import shard_spans
-from engine.quant import weight_from_state
-from engine.quant.base import LayerStats, Quantizer
+from engine.model import CalibrationShard, ShardRunner, Wrap, load_float_model, replace_module, shard_spans
+from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
+from engine.quant import LayerStats, Quantizer, weight_from_state
 
 from cluster.runtime import ray_session
 
@@ -150,27 +146,28 @@ def runner_factory(model_source: str, workers: int, threads: int) -> Any:
     return make
 
 
-def _calibrate(workers: int, address: str | None, threads: int, model: str, method: str,
-               calib_file: str | None, calib_mode: str | None, calib_windows: int | None, asym_alpha: float | None,
-               seed: int | None, out_dir: str, **given: Any) -> None:
-    if calib_file is None:
+def _calibrate(workers: int, address: str | None, threads: int, model: str, **given: Any) -> None:
+    spec = quantize_spec(model, given)
+    if spec.calib is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
     with ray_session(address, num_cpus=None if address else workers * threads):
-        quantize_to_dir(model, method, calib_file, calib_mode, calib_windows, asym_alpha, seed, out_dir,
-                        runner_factory=runner_factory(model, workers, threads), **given)
+        manifest = quantize(spec, runner_factory=runner_factory(model, workers, threads))
+    click.echo(f"{spec.out}: {len(manifest['layers'])} layers, {manifest['size']['bits_per_weight']:.3f} bits/weight, "
+               f"{manifest['quantize_seconds']:.1f} s on {workers} Ray worker(s)")
 
 
 calibrate_command = click.Command(
     "calibrate",
     callback=_calibrate,
     params=[
+        click.Argument(["model"]),
         click.Option(["--workers"], type=click.IntRange(min=1), default=2, show_default=True,
                      help="Ray workers holding calibration shards (and parallel quantization tasks)."),
         click.Option(["--address"], default=None,
                      help="Ray cluster address [RAY_ADDRESS, else a local Ray on 127.0.0.1]."),
         click.Option(["--threads"], type=click.IntRange(min=1), default=1, show_default=True,
                      help="Torch threads per worker and task."),
-        *quantize_command.params,
+        *as_params(quantize_options),
     ],
     help="Like `modulora quantize --calib`, with calibration shards and layer quantization on Ray workers "
     "(bit-identical to one process with the same threads).",

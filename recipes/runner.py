@@ -21,23 +21,28 @@ anything else in a stage's folder that does not match is cleared and redone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import click
 
 from engine.errors import EngineError
+from engine.pipelines import correct, evaluate, export, finetune, plan, quantize
 from engine.procstat import PeakRss, status_bytes
 from engine.storage import atomic_write_bytes, atomic_write_json
 
-from recipes.schema import GGUF_METHOD, PRODUCTS, Recipe, adapter_rank, plan_settings, quantizer_options, sweep_config
+from recipes.checks import plan_shape
+from recipes.report import render_markdown
+from recipes.schema import PRODUCTS, Recipe
+from recipes.specs import (
+    correct_spec, eval_spec, export_spec, finetune_spec, plan_spec, quantize_spec, sweep_spec, task_specs,
+)
 
 STAGE_DIRS = {"quantize": "quantized", "correct": "corrected", "finetune": "finetuned", "sweep": "sweep",
               "evaluate": "eval", "export": "export"}
@@ -130,81 +135,30 @@ class Context:
         return "float"
 
 
-def _train_config(train: dict[str, Any], **extra: Any) -> Any:
-    from engine.train import TrainConfig
-
-    names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in train.items() if k in names}, **extra)
-    config.validate()
-    return config
-
-
-def _alpha(rank: int, alpha: float | None) -> float:
-    return alpha if alpha is not None else 2.0 * rank  # the CLI's default: 2 x rank
-
-
 def run_quantize(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
-    from engine.model import read_manifest
+    spec = quantize_spec(ctx.recipe, out)
+    cluster = ctx.recipe.get("cluster") or {}
+    workers = cluster.get("calibrate_workers")
+    if workers:
+        from cluster.calibrate import runner_factory
+        from cluster.runtime import ray_session
 
-    q, source = ctx.recipe.get("quantize"), ctx.recipe.get("model")["path"]
-    if q["method"] == GGUF_METHOD:
-        from engine.model import save_quantized
-        from engine.model.gguf_quantized import load_gguf_quantized
-
-        model, tokenizer, manifest = load_gguf_quantized(source)
-        save_quantized(model, tokenizer, out, {k: manifest[k] for k in ("source_model", "quantizer")})
+        with ray_session(cluster.get("address"), num_cpus=None if cluster.get("address") else workers * cluster["threads"]):
+            manifest = quantize(spec, runner_factory(spec.model, workers, cluster["threads"]))
     else:
-        from engine.cli import quantize_to_dir
-
-        calib = q["calib"] or {}
-        cluster = ctx.recipe.get("cluster") or {}
-        workers = cluster.get("calibrate_workers")
-        runner_factory, session = None, nullcontext()
-        if workers:
-            from cluster.calibrate import runner_factory as ray_runner_factory
-            from cluster.runtime import ray_session
-
-            session = ray_session(cluster.get("address"), num_cpus=None if cluster.get("address")
-                                  else workers * cluster["threads"])
-            runner_factory = ray_runner_factory(source, workers, cluster["threads"])
-        options = {"bits": None, **quantizer_options(q)}
-        with session:
-            quantize_to_dir(source, q["method"], calib.get("file"), calib.get("mode"), calib.get("windows"),
-                            calib.get("asym_alpha"), calib.get("seed"), str(out), runner_factory, **options)
-    manifest = read_manifest(out)
+        manifest = quantize(spec)
     return {"bits_per_weight": manifest["size"]["bits_per_weight"], "model_bytes": manifest["size"]["model_bytes"],
             "quantizer": manifest.get("quantizer", {})}
 
 
 def run_correct(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
-    from engine.train.runs import correct
-
-    c = ctx.recipe.get("correct")
-    report = correct(
-        ctx.product("quantized" if ctx.recipe.get("quantize") else "float"), c["calib"], out,
-        _train_config(c["train"]), teacher=c["teacher"], rank=c["rank"], alpha=_alpha(c["rank"], c["alpha"]),
-        init=c["init"], loftq_iters=c["loftq_iters"], ce_weight=c["ce_weight"], seq_len=c["seq_len"],
-        limit=c["limit"], resume=resume,
-    )
+    model = ctx.product("quantized" if ctx.recipe.get("quantize") else "float")
+    report = correct(correct_spec(ctx.recipe, model, out, resume))
     return {"final": report["final"], "train_seconds": report["train_seconds"], **_sizes(report["size"])}
 
 
 def run_finetune(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
-    from engine.data import FormatSpec
-    from engine.train.runs import finetune
-
-    f, offload = ctx.recipe.get("finetune"), ctx.recipe.get("offload") or {}
-    data, lora = f["data"], f["lora"]
-    config = _train_config(f["train"], rank_max=lora["rank_max"], dynamic_frozen=lora["frozen"],
-                           offload_optimizer=offload.get("optimizer", False))
-    rank = adapter_rank(ctx.recipe)
-    report = finetune(
-        ctx.product(ctx.last_model()), data["file"],
-        FormatSpec(data["format"], data["columns"], data["template"], data["label_words"]), out, config,
-        rank=rank, alpha=_alpha(rank, lora["alpha"]), seq_len=data["seq_len"], limit=data["limit"], dtype=f["dtype"],
-        eval_data=f["eval_data"], resume=resume, offload=offload.get("tier"),
-        offload_dir=offload.get("dir"), prefetch=offload.get("prefetch", 1),
-    )
+    report = finetune(finetune_spec(ctx.recipe, ctx.product(ctx.last_model()), out, resume))
     return {"examples": report["examples"], "final": report["final"], "train_seconds": report["train_seconds"],
             **_sizes(report["size"]), **({"offload": report["offload"]} if "offload" in report else {})}
 
@@ -214,65 +168,33 @@ def _sizes(size: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_evaluate(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
-    from engine.data import FormatSpec, check_data
-    from engine.eval.tasks import task_metric
-    from engine.model import model_size
-    from engine.train import set_active_rank
-    from engine.train.runs import load_with_adapter
-
-    e = ctx.recipe.get("evaluate")
-    tasks = e["tasks"]
-    specs = [FormatSpec(t["format"], t["columns"], t["template"], t["label_words"]) for t in tasks]
-    for task, spec in zip(tasks, specs):
-        check_data(task["file"], spec)
+    """Every model named in ``evaluate.models`` on every task; ranks apply to the finetuned model."""
+    tasks = task_specs(ctx.recipe)
     results: dict[str, Any] = {}
-    for name in e["models"] or [("finetuned" if ctx.recipe.get("finetune") else ctx.last_model())]:
-        model, tokenizer, _ = load_with_adapter(ctx.product(name))
-        size = model_size(model)
-        entry: dict[str, Any] = {"bits_per_weight": size["bits_per_weight"],
-                                 "bits_per_weight_with_adapter": size["bits_per_weight_with_adapter"]}
-        for task, spec in zip(tasks, specs):
-            metric = task_metric(task["format"], task["file"], tokenizer, spec, task["limit"], task["seq_len"],
-                                 task["batch_size"], progress=True)
-            label = task["name"] or Path(task["file"]).stem
-            if task["ranks"] and name == "finetuned":
-                per_rank = {}
-                for rank in task["ranks"]:
-                    set_active_rank(model, rank)
-                    per_rank[str(rank)] = metric(model)
-                set_active_rank(model, None)
-                entry[label] = {"ranks": per_rank}
-            else:
-                entry[label] = metric(model)
-        results[name] = entry
+    for name in ctx.recipe.get("evaluate")["models"] or [("finetuned" if ctx.recipe.get("finetune") else ctx.last_model())]:
+        own = tasks if name == "finetuned" else [dataclasses.replace(t, ranks=None) for t in tasks]
+        report = evaluate(eval_spec(ctx.product(name), own))
+        results[name] = {"bits_per_weight": report["bits_per_weight"],
+                         "bits_per_weight_with_adapter": report["bits_per_weight_with_adapter"], **report["tasks"]}
     atomic_write_json(out / "results.json", results)
     return results
 
 
 def run_export(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
-    from engine.train.runs import export_run
-
-    x = ctx.recipe.get("export")
-    run_dir = ctx.product("finetuned" if ctx.recipe.get("finetune") else "corrected")
-    return export_run(run_dir, out, x["rank"], x["merged"])
+    run = ctx.product("finetuned" if ctx.recipe.get("finetune") else "corrected")
+    return export(export_spec(ctx.recipe, run, out))
 
 
 def run_sweep_stage(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
     from cluster.sweep import run_sweep
 
-    config_file = out / "sweep.yaml"
-    if not config_file.is_file():
-        import yaml
-
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(config_file, yaml.safe_dump(sweep_config(ctx.recipe), sort_keys=False).encode())
-    cluster = ctx.recipe.get("cluster")
-    config, rows = run_sweep(config_file, out, cluster["address"], resume=(out / "sweep.json").is_file())
+    spec = sweep_spec(ctx.recipe, out)
+    rows = run_sweep(spec, ctx.recipe.get("cluster")["address"], resume=(out / "sweep.json").is_file())
     ok = [r for r in rows if r["status"] == "ok"]
     if len(ok) < len(rows):
         raise EngineError(f"{len(rows) - len(ok)} sweep trial(s) failed (see {out}/trials); run again to retry them")
     best = min(ok, key=lambda r: r["metric"])
-    return {"trials": len(rows), "metric": config.metric, "best": best, "results": str(out / "results.parquet")}
+    return {"trials": len(rows), "metric": spec.metric, "best": best, "results": str(out / "results.parquet")}
 
 
 STAGE_RUNNERS: dict[str, Callable[[Context, Path, bool], dict[str, Any]]] = {
@@ -291,15 +213,10 @@ def check_hardware(recipe: Recipe) -> dict[str, Any] | None:
     a recipe that does not fit is refused before anything runs."""
     if recipe.get("hardware") is None:
         return None
-    from engine.offload.plan import PlanInputs, make_plan
-    from engine.offload.shapes import load_config, model_shapes
-
-    settings = plan_settings(recipe)
-    shapes = model_shapes(load_config(settings.pop("model")))
-    plan = make_plan(PlanInputs(shapes, **settings))
-    if not plan.fits:
-        raise EngineError(f"hardware: the recipe does not fit its declared hardware: {plan.verdict()}")
-    return plan.to_json()
+    result = plan(plan_spec(recipe, plan_shape(recipe)))
+    if not result.fits:
+        raise EngineError(f"hardware: the recipe does not fit its declared hardware: {result.verdict()}")
+    return result.to_json()
 
 
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
@@ -348,8 +265,6 @@ def _bytes(path: Path) -> int:
 
 
 def _write_report(recipe: Recipe, records: dict[str, Any], stages: list[str], seconds: float) -> dict[str, Any]:
-    from recipes.report import render_markdown
-
     report = {"recipe": str(recipe.file), "name": recipe.name, "output": str(recipe.output),
               "finished": all(s in records for s in stages), "stages": records,
               "seconds_this_run": seconds, "seconds_all_stages": sum(r["seconds"] for r in records.values())}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from engine.paths import shared_dir  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/synthetic.py: random packed models
 
 SHARED = shared_dir()
 GGUF_MODEL = SHARED / "models" / "stories260K.gguf"
@@ -66,6 +70,6 @@ def q3(float_model):
 @pytest.fixture(scope="session")
 def valid_windows(float_model):
     """All 256-token windows of the shared validation text (the perplexity protocol)."""
-    from engine.eval import read_text, token_windows
+    from engine.data import read_text, token_windows
 
     return token_windows(float_model[1], read_text(VALID_TXT), 256)

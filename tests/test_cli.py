@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GGUF_MODEL, VALID_TXT
+from conftest import modulora as modulora_here
 
 
 def modulora(*args: str) -> subprocess.CompletedProcess:
@@ -34,11 +35,11 @@ def modulora_in_process(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def q3_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "q3"
-    result = modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", "3", "--group-size", "32", "--out", out)
-    assert result.returncode == 0, result.stderr
+    assert modulora_here("quantize", GGUF_MODEL, "--method", "rtn", "--bits", "3", "--group-size", "32", "--out", out) == 0
     return out
 
 
+@pytest.mark.slow
 def test_eval_float_model_json():
     result = modulora("eval", GGUF_MODEL, "--data", VALID_TXT, "--json")
     assert result.returncode == 0, result.stderr
@@ -65,13 +66,24 @@ def test_quantize_eval_info(q3_dir, capsys):
     "args,needle",
     [
         (["quantize", "missing.gguf", "--bits", "4", "--out", "o"], "missing.gguf: no such file"),
-        (["quantize", GGUF_MODEL, "--bits", "5", "--out", "o"], "'5' is not one of"),
-        (["quantize", GGUF_MODEL, "--group-size", "0", "--out", "o"], "group size must be a positive integer"),
+        (["quantize", GGUF_MODEL, "--bits", "5", "--out", "o"], "--bits: expected one of 2, 3, 4, 8, got 5"),
+        (["quantize", GGUF_MODEL, "--group-size", "0", "--out", "o"], "--group-size: expected a positive integer or -1"),
         (["quantize", GGUF_MODEL, "--method", "magic", "--out", "o"], "unknown quantization method 'magic'"),
         (["quantize", GGUF_MODEL], "Missing option '--out'"),
         (["eval", "tests", "--data", VALID_TXT], "not a model directory"),
-        (["eval", GGUF_MODEL, "--data", "nowhere.txt"], "nowhere.txt: no such file"),
-        (["eval", GGUF_MODEL, "--data", VALID_TXT, "--seq-len", "1"], "--seq-len"),
+        (["eval", GGUF_MODEL, "--data", "nowhere.txt"], "'nowhere.txt' does not exist"),
+        (["eval", GGUF_MODEL, "--data", VALID_TXT, "--seq-len", "1"], "--seq-len: expected an integer >= 2, got 1"),
+        (["eval", GGUF_MODEL, "--data", VALID_TXT, "--format", "chat"], "--format: evaluation takes text,"),
+        (["finetune", GGUF_MODEL, "--data", VALID_TXT, "--out", "o", "--lr", "inf"], "--lr: expected a number > 0"),
+        (["finetune", GGUF_MODEL, "--data", VALID_TXT, "--out", "o", "--rank-max", "4"],
+         "--rank-max: only for a dynamic-rank run; set --dynamic"),
+        (["finetune", GGUF_MODEL, "--data", VALID_TXT, "--out", "o", "--eval-every", "5"],
+         "--eval-every: needs --eval-data"),
+        (["finetune", GGUF_MODEL, "--data", VALID_TXT, "--out", "o", "--offload-dir", "b"],
+         "--offload-dir: only the disk tier keeps block files, but --offload is None"),
+        (["correct", GGUF_MODEL, "--calib", VALID_TXT, "--out", "o", "--ce-weight", "nan"],
+         "--ce-weight: expected a number >= 0, got nan"),
+        (["plan", "--model", "llama-7b", "--host-mem", "8GiB"], "--device-mem: required for device cuda"),
         (["info", "tests"], "not a quantized model directory"),
         (["info", "no/such/dir"], "no such directory"),
         (["frobnicate"], "No such command"),
@@ -86,6 +98,7 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
     assert needle in lines[0]
 
 
+@pytest.mark.slow
 def test_corrupt_quantized_dir_is_refused_by_the_real_command(q3_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(q3_dir, broken)

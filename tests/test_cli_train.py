@@ -69,13 +69,17 @@ def test_dynamic_finetune_eval_ranks_and_export(tmp_path, capsys, float_model):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--out", "o", "--dynamic"], "--dynamic and --rank-max go together"),
-        (["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--out", "o", "--rank", "0"], "--rank"),
+        (["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--out", "o", "--dynamic"],
+         "--rank-max: required when --dynamic is true"),
+        (["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--out", "o", "--rank", "0"], "--rank: expected an integer >= 1"),
         (["finetune", GGUF_MODEL, "--data", SST2 / "dev.tsv", "--format", "classification", "--column", "text=review",
-          "--out", "o"], "missing column 'review'"),
-        (["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--out", "o", "--column", "oops"], "--column takes KEY=VALUE"),
+          "--label-word", "0=negative", "--out", "o"], "missing column 'review'"),
+        (["finetune", GGUF_MODEL, "--data", SST2 / "dev.tsv", "--format", "classification", "--out", "o"],
+         "--label-word: a classification set needs its label words"),
+        (["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--out", "o", "--column", "oops"],
+         "'--column': takes KEY=VALUE, got 'oops'"),
         (["correct", GGUF_MODEL, "--calib", TRAIN_TXT, "--out", "o"], "not a quantized model directory"),
-        (["eval", GGUF_MODEL, "--data", VALID_TXT, "--ranks", "a,b"], "--ranks takes comma-separated integers"),
+        (["eval", GGUF_MODEL, "--data", VALID_TXT, "--ranks", "a,b"], "'--ranks': takes comma-separated integers"),
         (["export", "nowhere", "--out", "o"], "not an adapter directory"),
     ],
 )

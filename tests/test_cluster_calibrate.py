@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import GGUF_MODEL, TRAIN_TXT
 
+pytestmark = pytest.mark.slow  # Ray clusters and subprocesses
+
 OPTQ = ["--method", "optq", "--bits", "3", "--group-size", "32", "--act-order", "--calib", str(TRAIN_TXT),
         "--calib-windows", "64"]
 MODES = {"sequential": ["--calib-mode", "sequential", "--asym-alpha", "0.5"], "independent": ["--calib-mode", "independent"]}

@@ -78,6 +78,7 @@ def _config_files() -> list[Path]:
 # (a) lint
 
 
+@pytest.mark.slow
 def test_hadolint_finds_no_warning(tmp_path):
     config = tmp_path / "hadolint.yaml"
     config.write_text("ignored: []\n")  # hermetic: no user or repo config can silence a rule
@@ -94,6 +95,7 @@ def test_hadolint_finds_no_warning(tmp_path):
     assert proc.returncode == 0 and not serious, (proc.stdout, proc.stderr)
 
 
+@pytest.mark.slow
 def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     """The lint really runs: an unpinned base image and pip install are reported."""
     bad = tmp_path / "Dockerfile"

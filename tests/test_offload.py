@@ -18,7 +18,8 @@ from engine.offload import BlockStreamer, DiskEmbedding, DiskStore, make_store, 
 from engine.offload.store import read_safetensors
 from engine.quant import OPTQQuantizer, RTNQuantizer
 from engine.quant.base import LayerStats
-from engine.train import TrainConfig, Trainer, adapter_state, add_lora, lora_parameters
+from engine.model import adapter_state, add_lora, lora_parameters
+from engine.train import Trainer, TrainSpec
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ class Recorder:
 
 def train(model, examples, out, **config) -> dict[str, torch.Tensor]:
     settings = dict(steps=3, batch_size=2, lr=3e-3, seed=5) | config
-    Trainer(model, examples, TrainConfig(**settings), out, 0).train()
+    Trainer(model, examples, TrainSpec(**settings), out, 0).train()
     return adapter_state(model)
 
 
@@ -63,7 +64,7 @@ def resident_runs(q4, examples, tmp_path_factory) -> dict[bool, dict[str, torch.
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = copy.deepcopy(q4)
-        add_lora(model, 4, 8)
+        add_lora(model, 4, 8, seed=0)
         runs[checkpointing] = train(model, examples, tmp_path_factory.mktemp("resident"), grad_checkpointing=checkpointing)
     return runs
 
@@ -74,7 +75,7 @@ def test_streamed_training_equals_resident(q4, examples, resident_runs, tmp_path
     resident = resident_runs[checkpointing]
     torch.manual_seed(0)
     model = copy.deepcopy(q4)
-    add_lora(model, 4, 8)
+    add_lora(model, 4, 8, seed=0)
     streamer = BlockStreamer(model, make_store(tier, directory=tmp_path / "blocks"), prefetch=1)
     if tier == "disk":  # as modulora finetune --offload disk
         assert offload_vocab_tables(model, tmp_path / "blocks") == ["input embeddings", "output head"]
@@ -94,7 +95,7 @@ def test_streamed_training_equals_resident(q4, examples, resident_runs, tmp_path
 
 
 def test_streamed_evaluation_equals_resident(q4, float_model, tmp_path):
-    from engine.eval import read_text, token_windows
+    from engine.data import read_text, token_windows
     from conftest import VALID_TXT
 
     windows = token_windows(float_model[1], read_text(VALID_TXT), 256)[:8]
@@ -184,7 +185,7 @@ TINY_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=3, n
 
 def test_random_packed_model_streams_from_disk_like_resident(tmp_path):
     from engine.offload.shapes import load_config
-    from engine.offload.synthetic import build_random_quantized
+    from synthetic import build_random_quantized  # bench/synthetic.py
 
     config = load_config("llama-7b", **TINY_LLAMA)
     tokens = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -192,7 +193,7 @@ def test_random_packed_model_streams_from_disk_like_resident(tmp_path):
     for tier in ("device", "disk"):
         store = make_store(tier, directory=tmp_path / "blocks")
         model = build_random_quantized(config, store, bits=3, group_size=64, seed=0)
-        add_lora(model, 4, seed=1, device="cpu")
+        add_lora(model, 4, 8.0, seed=1, device="cpu")
         BlockStreamer(model, store, prefetch=1)
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
@@ -203,6 +204,7 @@ def test_random_packed_model_streams_from_disk_like_resident(tmp_path):
     assert 4.0 < float(runs["disk"][0]) < 9.0  # about log(512): random weights of a sane scale
 
 
+@pytest.mark.slow
 def test_shortened_65b_shaped_step_bench(tmp_path):
     import subprocess
     import sys

@@ -15,8 +15,9 @@ from engine.cli import cli
 from engine.data import FormatSpec, build_examples
 from engine.errors import EngineError
 from engine.offload import HostOffloadedAdam
-from engine.train import TrainConfig, Trainer, adapter_state, add_lora
-from engine.train.adapters import lora_layers
+from engine.model import adapter_state, add_lora, lora_layers
+from engine.pipelines import DataSpec, FinetuneSpec, OffloadSpec, TrainSpec
+from engine.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +35,16 @@ def lora_model(q3: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
-def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"steps": 4, "batch_size": 2, "lr": 3e-3, "weight_decay": 0.01, "optimizer": "cpu_adam",
-                          **overrides})
+def config(**overrides) -> TrainSpec:
+    return TrainSpec(**{"steps": 4, "batch_size": 2, "lr": 3e-3, "warmup_steps": 0, "save_every": 0,
+                        "weight_decay": 0.01, "optimizer": "cpu_adam", **overrides})
 
 
 def test_offload_on_cpu_equals_plain_cpu_adam(q3, windows, tmp_path):
     results = {}
     for offload in (False, True):
         model = lora_model(q3)
-        trainer = Trainer(model, windows, config(steps=3, offload_optimizer=offload), tmp_path / str(offload), 0)
+        trainer = Trainer(model, windows, config(steps=3), tmp_path / str(offload), 0, host_optimizer=offload)
         trainer.train()
         assert isinstance(trainer.optimizer, HostOffloadedAdam) == offload
         results[offload] = adapter_state(model)
@@ -54,7 +55,7 @@ def test_offload_on_cpu_equals_plain_cpu_adam(q3, windows, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_resume_is_bit_identical(q3, windows, tmp_path, dtype):
     straight = lora_model(q3, dtype)
-    trainer = Trainer(straight, windows, config(save_every=2, offload_optimizer=True), tmp_path / "straight", 0)
+    trainer = Trainer(straight, windows, config(save_every=2), tmp_path / "straight", 0, host_optimizer=True)
     trainer.train()
     optimizer = trainer.optimizer
     assert all(torch.equal(m.to(dtype), p) for m, p in zip(optimizer.masters, optimizer.params))
@@ -64,7 +65,7 @@ def test_resume_is_bit_identical(q3, windows, tmp_path, dtype):
     assert any(k.endswith(".master") for k in saved) == (dtype != torch.float32)
     shutil.copytree(tmp_path / "straight" / midway, tmp_path / "resumed" / midway)
     resumed = lora_model(q3, dtype)
-    Trainer(resumed, windows, config(save_every=2, offload_optimizer=True), tmp_path / "resumed", 0).train(resume=True)
+    Trainer(resumed, windows, config(save_every=2), tmp_path / "resumed", 0, host_optimizer=True).train(resume=True)
     expected = adapter_state(straight)
     assert all(torch.equal(v, expected[k]) for k, v in adapter_state(resumed).items())
 
@@ -92,10 +93,12 @@ def test_bfloat16_params_are_the_rounding_of_float32_masters():
 
 
 def test_offload_needs_cpu_adam(tmp_path):
+    data = DataSpec(file=str(TRAIN_TXT))
     with pytest.raises(EngineError, match="cpu_adam"):
-        TrainConfig(optimizer="adamw", offload_optimizer=True).validate()
-    TrainConfig(optimizer="cpu_adam", offload_optimizer=True).validate()
-    # The CLI flag reaches TrainConfig, which refuses it before any model is loaded.
+        FinetuneSpec(model=str(GGUF_MODEL), data=data, out=str(tmp_path), offload=OffloadSpec(optimizer=True))
+    FinetuneSpec(model=str(GGUF_MODEL), data=data, out=str(tmp_path), offload=OffloadSpec(optimizer=True),
+                 train=TrainSpec(optimizer="cpu_adam"))
+    # The CLI flag reaches the finetune's spec, which refuses it before any model is loaded.
     args = ["finetune", str(GGUF_MODEL), "--data", str(TRAIN_TXT), "--out", str(tmp_path), "--offload-optimizer"]
     with pytest.raises(EngineError, match="cpu_adam"):
         cli.main(args=args, standalone_mode=False)

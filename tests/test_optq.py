@@ -10,6 +10,13 @@ from engine.quant import LayerStats, OPTQQuantizer, RTNQuantizer, make_quantizer
 from engine.quant.groupwise import range_params, unpacked_codes
 from engine.quant.optq import CLIP_SHRINKS, searched_ranges
 
+PLAIN = {"act_order": False, "clip_search": False}  # OPTQ as published; each test turns on what it tests
+
+
+def optq(bits: int = 4, group: int = 32, symmetric: bool = False, **options) -> OPTQQuantizer:
+    return OPTQQuantizer(bits=bits, group_size=group, symmetric=symmetric, **(PLAIN | options))
+
+
 SHAPES = [((24, 172), 32), ((16, 172), -1), ((12, 64), 64), ((10, 100), 48), ((8, 172), 7)]
 
 
@@ -62,10 +69,10 @@ def test_diagonal_hessian_reduces_to_rtn(bits, symmetric, shape, group):
     g = torch.Generator().manual_seed(bits + 10 * shape[1])
     w = torch.randn(*shape, generator=g)
     stats = LayerStats(torch.diag(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.05), 100)
-    rtn = RTNQuantizer(bits, group, symmetric).quantize(w)
+    rtn = RTNQuantizer(bits=bits, group_size=group, symmetric=symmetric).quantize(w)
     variants = [{}, {"act_order": True, "static_groups": True}, {"block_size": 5}]
     for options in variants:
-        q = OPTQQuantizer(bits, group, symmetric, **options).quantize(w, stats)
+        q = optq(bits, group, symmetric, **options).quantize(w, stats)
         assert torch.equal(unpacked_codes(q), unpacked_codes(rtn)), options
         assert torch.equal(q.scales, rtn.scales), options
         assert symmetric or torch.equal(q.zeros, rtn.zeros), options
@@ -77,7 +84,7 @@ def test_clip_search_with_diagonal_hessian_is_independent_rounding():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(20, 172, generator=g)
     diag = torch.rand(172, generator=g, dtype=torch.float64) + 0.05
-    q = OPTQQuantizer(3, 32, clip_search=True).quantize(w, LayerStats(torch.diag(diag), 100))
+    q = optq(3, 32, clip_search=True).quantize(w, LayerStats(torch.diag(diag), 100))
     for c0 in range(0, 172, 32):
         scale, zero = searched_ranges(w[:, c0 : c0 + 32], diag[c0 : c0 + 32].float(), 3, False, CLIP_SHRINKS)
         assert torch.equal(q.scales[:, c0 // 32].float(), scale)
@@ -91,7 +98,7 @@ def test_matches_float64_obs_reference(block_size, group):
     """Lazy blocks and the Cholesky form change nothing but float rounding."""
     w = torch.randn(32, 172, generator=torch.Generator().manual_seed(3))
     stats = correlated_stats(172, seed=4)
-    q = OPTQQuantizer(3, group, block_size=block_size).quantize(w, stats)
+    q = optq(3, group, block_size=block_size).quantize(w, stats)
     expected = reference_optq(w, stats.hessian, 3, 172 if group == -1 else group, 0.01)
     dense = q.dequantize(torch.float64)
     # a float32 tie can flip one code and nudge later columns; the bulk must agree exactly
@@ -110,15 +117,15 @@ def test_matches_float64_obs_reference(block_size, group):
 def test_lower_output_error_than_rtn(bits, options, group):
     w = torch.randn(48, 172, generator=torch.Generator().manual_seed(bits))
     stats = correlated_stats(172, seed=bits + 1)
-    rtn = output_error(w, RTNQuantizer(bits, group).quantize(w).dequantize(), stats.hessian)
-    optq = output_error(w, OPTQQuantizer(bits, group, **options).quantize(w, stats).dequantize(), stats.hessian)
-    assert optq < 0.5 * rtn
+    rtn = output_error(w, RTNQuantizer(bits=bits, group_size=group).quantize(w).dequantize(), stats.hessian)
+    error = output_error(w, optq(bits, group, **options).quantize(w, stats).dequantize(), stats.hessian)
+    assert error < 0.5 * rtn
 
 
 def test_act_order_is_stored_as_a_permutation_and_round_trips():
     w = torch.randn(16, 172, generator=torch.Generator().manual_seed(5))
     stats = correlated_stats(172, seed=6)
-    q = OPTQQuantizer(4, 32, act_order=True).quantize(w, stats)
+    q = optq(4, 32, act_order=True).quantize(w, stats)
     expected_perm = torch.argsort(stats.hessian.diagonal(), descending=True, stable=True)
     assert torch.equal(q.perm.long(), expected_perm)
     assert q.manifest()["act_order"] is True
@@ -134,7 +141,7 @@ def test_dead_inputs_get_zero_weights():
     stats.xtx[dead, :] = 0
     stats.xtx[:, dead] = 0
     for options in [{}, {"act_order": True}]:
-        dense = OPTQQuantizer(3, 32, **options).quantize(w, stats).dequantize()
+        dense = optq(3, 32, **options).quantize(w, stats).dequantize()
         assert torch.isfinite(dense).all()
         assert torch.all(dense[:, dead] == 0)
 
@@ -142,11 +149,11 @@ def test_dead_inputs_get_zero_weights():
 def test_bad_input_is_a_one_line_error():
     w = torch.randn(4, 64)
     with pytest.raises(EngineError, match="needs calibration statistics"):
-        OPTQQuantizer().quantize(w)
+        optq().quantize(w)
     with pytest.raises(EngineError, match=r"layer needs \(64, 64\)"):
-        OPTQQuantizer().quantize(w, LayerStats(torch.eye(32, dtype=torch.float64), 1))
+        optq().quantize(w, LayerStats(torch.eye(32, dtype=torch.float64), 1))
     with pytest.raises(EngineError, match="not positive definite"):
-        OPTQQuantizer(damp=0).quantize(w, LayerStats(-torch.eye(64, dtype=torch.float64), 1))
+        optq(damp=0).quantize(w, LayerStats(-torch.eye(64, dtype=torch.float64), 1))
     for options in [{"damp": -1.0}, {"block_size": 0}, {"bits": 5}]:
         with pytest.raises(EngineError) as info:
             make_quantizer("optq", **options)

@@ -1,4 +1,4 @@
-"""The memory and time planner (``engine.offload.plan``) against real models, real training steps and papers.
+"""The memory and time planner (``engine.offload.planner``) against real models, real training steps and papers.
 
 Run as a script, this file is also the measuring child process of the peak-memory
 tests: ``python tests/test_plan.py '<json spec>'`` builds the model, runs a training
@@ -20,14 +20,15 @@ from transformers.utils import logging as hf_logging
 
 from engine.cli import main as modulora_main
 from engine.lora.linear import ModuLoRALinear
-from engine.model import quantize_model
+from engine.model import add_lora, lora_parameters, quantize_model
 from engine.offload import BlockStreamer, make_store, offload_vocab_tables
-from engine.offload.plan import GIB, MIB, Plan, PlanInputs, make_plan, parse_size
+from engine.offload.planner import GIB, MIB, Plan, make_plan
 from engine.offload.shapes import ModelShapes, load_config, model_shapes
+from engine.options import default_of, parse_size
+from engine.pipelines import DataSpec, HardwareSpec, LoraSpec, OffloadSpec, PlanSpec, TrainSpec, plan_inputs
 from engine.procstat import PeakRss
-from engine.quant import RTNQuantizer
-from engine.train import add_lora, lora_parameters
-from engine.train.trainer import TrainConfig, make_optimizer
+from engine.quant import RTNQuantizer, make_quantizer
+from engine.train.trainer import make_optimizer
 
 # The child's glibc keeps its mmap threshold at 128 KiB, so every tensor larger than that is its own mapping,
 # handed back to the kernel when freed: RSS then follows the live tensors.  By default glibc raises the threshold
@@ -78,7 +79,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     quantize_model(model, RTNQuantizer(bits=spec["bits"], group_size=spec["group_size"]))
-    add_lora(model, spec["rank"])
+    add_lora(model, spec["rank"], 2.0 * spec["rank"], seed=0)
     for layer in model.modules():
         if isinstance(layer, ModuLoRALinear):
             layer.compute_dtype = dtype
@@ -90,7 +91,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = list(lora_parameters(model).values())
-    optimizer = make_optimizer("adamw", params, TrainConfig())
+    optimizer = make_optimizer("adamw", params, TrainSpec())
     tokens = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq_len"]))
 
     def step() -> float:
@@ -111,8 +112,11 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_for(shapes: ModelShapes, **settings: Any) -> Plan:
-    values = {"bits": 3, "rank": 16, "seq_len": 512, "batch": 1, "device_mem": 24 * GIB, "host_mem": 64 * GIB}
-    return make_plan(PlanInputs(shapes, **(values | settings)))
+    """The plan of a run on ``shapes``: 3 bits g64, r16, 512 tokens, 24 GiB GPU, 64 GiB host, unless ``settings`` say."""
+    machine = {"device_mem": 24 * GIB, "host_mem": 64 * GIB}
+    machine |= {key: settings.pop(key) for key in list(settings) if key in HardwareSpec.__dataclass_fields__}
+    run = {"bits": 3, "group_size": 64, "rank": 16, "seq_len": 512, "batch": 1} | settings
+    return make_plan(plan_inputs(PlanSpec(model="(shapes given)", hardware=HardwareSpec(**machine), **run), shapes))
 
 
 def part_bytes(plan: Plan, prefix: str) -> int:
@@ -128,7 +132,7 @@ def test_parts_equal_a_real_quantized_model_with_lora(bits, group_size, dtype):
     config = llama_config(hidden=256, ffn=688, layers=2, heads=4, vocab=512)  # ffn 688: a ragged last group of 48
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     quantize_model(model, RTNQuantizer(bits=bits, group_size=group_size))
-    add_lora(model, rank=8)
+    add_lora(model, 8, 16.0, seed=0)
     plan = plan_for(model_shapes(config), bits=bits, group_size=group_size, rank=8, compute_dtype=dtype, tier="device")
 
     packed = sum(m.base.nbytes for m in model.modules() if isinstance(m, ModuLoRALinear))
@@ -194,6 +198,7 @@ RUNS = {
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.slow
 def test_predicted_peak_is_within_10_percent_of_a_measured_training_step(name, tmp_path):
     spec = RUNS[name] | {"block_dir": str(tmp_path / "blocks")}
     child = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True,
@@ -216,7 +221,7 @@ def test_predicted_peak_is_within_10_percent_of_a_measured_training_step(name, t
 @pytest.mark.parametrize(("text", "expected"), [("24GiB", 24 * GIB), ("64GB", 64 * 10**9), ("512MiB", 512 * MIB),
                                                 ("1.5 GiB", 3 * GIB // 2), ("123456", 123456), ("2tib", 2 << 40)])
 def test_sizes_parse(text, expected):
-    assert parse_size(text, "--host-mem") == expected
+    assert parse_size(text) == expected
 
 
 def modulora_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -252,9 +257,22 @@ def test_cli_plan_json(capsys):
         part["nbytes"] for part in report["parts"] if part["where"] != "disk")
 
 
+def test_cli_plan_takes_the_finetune_defaults(capsys):
+    """Unset settings are the finetune's and the quantizer's defaults, read from their specs."""
+    code, out, err = modulora_in_process(capsys, "plan", "--model", "llama-65b", "--bits", "3", "--device-mem", "24GiB",
+                                         "--host-mem", "64GiB", "--json")
+    assert code == 0, err
+    inputs = json.loads(out)["inputs"]
+    assert inputs["rank"] == LoraSpec().rank == 8 and inputs["batch"] == TrainSpec().batch_size == 8
+    assert inputs["seq_len"] == default_of(DataSpec, "seq_len") == 256
+    assert inputs["group_size"] == make_quantizer("rtn").group_size == 32  # `modulora quantize`'s default method
+    assert inputs["prefetch"] == OffloadSpec().prefetch and inputs["compute_dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize(("change", "needle"), [
-    (("--device-mem", "24 parsecs"), "--device-mem: cannot read '24 parsecs' as a size"),
-    (("--host-mem", "GiB"), "--host-mem: cannot read 'GiB'"),
+    (("--device-mem", "24 parsecs"), "--device-mem: expected a size such as 24GiB, 64GB, 512MiB or a byte count, "
+                                     "got '24 parsecs'"),
+    (("--host-mem", "GiB"), "--host-mem: expected a size"),
     (("--model", "llama-3000b"), "unknown model 'llama-3000b'"),
 ])
 def test_cli_plan_bad_input_is_one_line_exit_2(capsys, change, needle):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.eval import perplexity, read_text
-from engine.model import load_quantized, save_quantized
-from engine.model.calibrate import calibration_windows, quantize_calibrated
+from engine.data import calibration_windows, read_text
+from engine.eval import perplexity
+from engine.model import load_quantized, quantize_calibrated, save_quantized
 from engine.quant import LayerStats, QuipQuantizer, QuipWeight, make_quantizer, weight_from_state
 from engine.quant.e8p import e8_ball, e8_ball_encode, e8p_decode, e8p_encode, source_set
 from engine.quant.hadamard import RandomHadamard, fast_hadamard, hadamard_matrix, padded_size, random_signs
@@ -201,11 +201,11 @@ def test_same_weight_same_codes_and_bad_input() -> None:
         q.quantize(w)
     with pytest.raises(EngineError, match="does not match"):
         q.quantize(w, LayerStats(torch.eye(8, dtype=torch.float64), 1))
-    with pytest.raises(EngineError, match="bits must be one of 2, 3, 4"):
+    with pytest.raises(EngineError, match="bits: expected one of 2, 3, 4, got 8"):
         make_quantizer("quip", bits=8)
     with pytest.raises(EngineError, match="not positive definite"):  # padded inputs carry no curvature
         make_quantizer("quip", damp=0.0).quantize(torch.randn(8, 12), LayerStats(torch.eye(12, dtype=torch.float64), 1))
-    with pytest.raises(EngineError, match="incoherence must be one of input, both"):
+    with pytest.raises(EngineError, match="incoherence: expected one of input, both, got 'output'"):
         make_quantizer("quip", incoherence="output")
 
 
@@ -221,7 +221,7 @@ def quip2_model(float_model):
     model, tokenizer = float_model
     model = copy.deepcopy(model)
     windows = calibration_windows(tokenizer, read_text(TRAIN_TXT), n_windows=128, seq_len=256, seed=0)
-    names = quantize_calibrated(model, make_quantizer("quip", bits=2), windows, mode="independent")
+    names = quantize_calibrated(model, make_quantizer("quip", bits=2), windows, mode="independent", asym_alpha=0.0)
     assert any(name.endswith("down_proj") for name in names) and len(names) == 35
     return model, tokenizer
 

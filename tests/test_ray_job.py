@@ -13,8 +13,11 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import SHARED
+
+pytestmark = pytest.mark.slow  # Ray clusters and subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

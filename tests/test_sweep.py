@@ -1,8 +1,9 @@
 """``modulora sweep``: real Ray Tune sweeps of the shared model at tiny settings, a killed worker, a
-killed driver, racing trials, and one-line errors for bad configs."""
+killed driver, racing trials, every recipe setting carried into the trials, and one-line errors for bad sweeps."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,24 +20,48 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from cluster.sweep import pareto_front
+from cluster.sweep.trial import KILL_FIRST_TRIAL
 from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT, modulora
+from engine.model import read_manifest as load_manifest
+from engine.options import as_plain
 
-TINY: dict[str, Any] = {
-    "model": str(GGUF_MODEL),
-    "data": str(TRAIN_TXT),
-    "eval_data": str(VALID_TXT),
-    "grid": {"method": ["rtn"], "bits": [3, 4], "group_size": [32], "rank": [2, 4], "lr": [3.0e-3]},
-    "finetune": {"steps": 3, "batch_size": 4, "seq_len": 64, "limit": 16},
-    "eval_windows": 8,
-    "eval_seq_len": 128,
-    "resources_per_trial": {"cpu": 1},
-    "max_failures": 2,
+pytestmark = pytest.mark.slow  # Ray clusters and subprocesses
+
+TINY: dict[str, Any] = {  # a recipe whose cluster.sweep grid is rtn x {3, 4} bits x ranks {2, 4}
+    "model": {"path": str(GGUF_MODEL)},
+    "quantize": {"method": "rtn", "group_size": 32},
+    "finetune": {"data": {"file": str(TRAIN_TXT), "seq_len": 64, "limit": 16},
+                 "train": {"steps": 3, "batch_size": 4, "warmup_steps": 0, "save_every": 0}},
+    "evaluate": {"tasks": [{"file": str(VALID_TXT), "format": "text", "seq_len": 128, "limit": 8}]},
+    "cluster": {"sweep": {"grid": {"method": ["rtn"], "bits": [3, 4], "group_size": [32], "rank": [2, 4],
+                                   "lr": [3.0e-3]},
+                          "cpus_per_trial": 1, "max_failures": 2}},
 }
 
 
+GRID = TINY["cluster"]["sweep"]["grid"]
+DYNAMIC3 = {"dynamic": True, "rank_max": 3}
+
+
 def write_config(path: Path, **changes: Any) -> Path:
-    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    """TINY with ``section__key=value`` changes (``sweep__grid`` for ``cluster.sweep.grid``)."""
+    recipe = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        *parents, last = ["cluster", "sweep", *dotted.split("__")[1:]] if dotted.startswith("sweep__") else dotted.split("__")
+        node = recipe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def sweep_spec(config: Path, out: Path) -> Any:
+    from recipes.load import load_recipe
+    from recipes.specs import sweep_spec as make
+
+    return make(load_recipe(config), out)
 
 
 def rows(out_dir: Path) -> list[dict[str, Any]]:
@@ -84,14 +109,20 @@ def test_tiny_sweep_writes_results_and_plot(tiny_sweep):
     assert cached == ["rtn-3bit-g32", "rtn-4bit-g32"]  # one per bit width, shared by both ranks
     assert set(attempts(out).values()) == {1}
     assert len(list((out / "runs").iterdir())) == 4  # one finetune run per point
+    spec = sweep_spec(out.parent / "tiny.yaml", out)
+    for point in spec.points():  # each trial trained with exactly the specs the driver made for it
+        trial = spec.trial(point)
+        report = json.loads((Path(trial.finetune.out) / "report.json").read_text())
+        assert report["spec"] == as_plain(trial.finetune)
+        assert load_manifest(trial.quantize.out)["quantizer"] == trial.quantize.quantizer().describe()
 
 
-def test_killed_worker_is_retried_with_the_same_results(tmp_path, tiny_sweep):
+def test_killed_worker_is_retried_with_the_same_results(tmp_path, tiny_sweep, monkeypatch):
     """The first trial's worker SIGKILLs itself after finetuning, on its first attempt: FailureConfig runs
     the trial again, and every metric equals the undisturbed sweep's (everything is seeded)."""
-    grid = {**TINY["grid"], "bits": [3, 4], "rank": [2]}
-    config = write_config(tmp_path / "kill.yaml", grid=grid, test_kill_first_trial=True)
+    config = write_config(tmp_path / "kill.yaml", sweep__grid={**GRID, "rank": [2]})
     reuse_quantized(tiny_sweep, tmp_path / "out")
+    monkeypatch.setenv(KILL_FIRST_TRIAL, "1")  # read by the trial, in the Ray workers this driver starts
     code = modulora("sweep", config, "--out", tmp_path / "out")
     assert code == 0
     assert attempts(tmp_path / "out") == {"rtn-3bit-g32-r2-lr0.003": 2, "rtn-4bit-g32-r2-lr0.003": 1}
@@ -146,9 +177,9 @@ def _terminated_points(experiment: Path) -> set[str]:
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_sweep):
     """The driver is SIGKILLed once Tune has saved a finished trial; ``--resume`` runs only the others."""
-    grid = {**TINY["grid"], "bits": [3, 4], "rank": [2]}
     # One trial at a time, so when the driver dies one trial is finished and the other is not.
-    config = write_config(tmp_path / "resume.yaml", grid=grid, resources_per_trial={"cpu": os.cpu_count()})
+    config = write_config(tmp_path / "resume.yaml", sweep__grid={**GRID, "rank": [2]},
+                          sweep__cpus_per_trial=os.cpu_count())
     out = tmp_path / "out"
     reuse_quantized(tiny_sweep, out)
     with open(tmp_path / "driver.log", "w") as log:
@@ -178,23 +209,24 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
 
 
 def test_racing_trials_quantize_a_shared_model_once(tmp_path, monkeypatch):
-    from cluster import sweep
+    from cluster.sweep import Point, trial as trial_module
     from engine.model import load_model
 
-    config = sweep.load_config(write_config(tmp_path / "race.yaml"))
-    real_quantize, calls = sweep.quantize_in_child, []
+    spec = sweep_spec(write_config(tmp_path / "race.yaml"), tmp_path)
+    real_quantize, calls = trial_module.quantize, []
 
-    def slow_quantize(*args: Any) -> None:
+    def slow_quantize(*args: Any) -> Any:
         calls.append(args)
         time.sleep(0.5)  # a wide window for the other trial to look at a half-written cache entry
-        real_quantize(*args)
+        return real_quantize(*args)
 
-    monkeypatch.setattr(sweep, "quantize_in_child", slow_quantize)
-    point = sweep.Point("rtn", 3, 32, 2, 3e-3)
+    monkeypatch.setattr(trial_module, "quantize", slow_quantize)
+    quantize_spec = spec.trial(Point("rtn", 3, 32, 2, 3e-3)).quantize
     results: list[Path] = []
 
     def trial() -> None:
-        results.append(sweep.ensure_quantized(config, point, tmp_path))
+        trial_module.ensure_quantized(quantize_spec)
+        results.append(Path(quantize_spec.out))
 
     threads = [threading.Thread(target=trial) for _ in range(2)]
     for thread in threads:
@@ -208,17 +240,16 @@ def test_racing_trials_quantize_a_shared_model_once(tmp_path, monkeypatch):
 
 def test_dynamic_sweep_points(tmp_path):
     """QDyLoRA: one point per rank 1..rank_max unless grid.rank picks some."""
-    from cluster.sweep import load_config
-
-    grid = {k: v for k, v in TINY["grid"].items() if k != "rank"}
-    config = load_config(write_config(tmp_path / "dyn.yaml", grid=grid, dynamic={"rank_max": 3}))
-    assert config.rank_max == 3
-    assert sorted({p.rank for p in config.points}) == [1, 2, 3] and len(config.points) == 6
+    grid = {k: v for k, v in GRID.items() if k != "rank"}
+    spec = sweep_spec(write_config(tmp_path / "dyn.yaml", sweep__grid=grid, finetune__lora=DYNAMIC3), tmp_path)
+    assert spec.finetune.lora.rank_max == 3
+    points = spec.points()
+    assert sorted({p.rank for p in points}) == [1, 2, 3] and len(points) == 6
 
 
 def test_dynamic_sweep_trains_once_and_evaluates_every_rank(tmp_path, tiny_sweep):
-    grid = {**{k: v for k, v in TINY["grid"].items() if k != "rank"}, "bits": [3]}
-    config = write_config(tmp_path / "dyn.yaml", grid=grid, dynamic={"rank_max": 2})
+    grid = {**{k: v for k, v in GRID.items() if k != "rank"}, "bits": [3]}
+    config = write_config(tmp_path / "dyn.yaml", sweep__grid=grid, finetune__lora={"dynamic": True, "rank_max": 2})
     reuse_quantized(tiny_sweep, tmp_path / "out")
     assert modulora("sweep", config, "--out", tmp_path / "out") == 0
     table = rows(tmp_path / "out")
@@ -229,8 +260,6 @@ def test_dynamic_sweep_trains_once_and_evaluates_every_rank(tmp_path, tiny_sweep
 
 
 def test_pareto_front():
-    from cluster.sweep import pareto_front
-
     costs = [(3.0, 10.0), (4.0, 8.0), (4.0, 9.0), (5.0, 8.0), (2.0, 20.0)]
     assert pareto_front(costs) == [True, True, False, False, True]
 
@@ -238,16 +267,24 @@ def test_pareto_front():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"epochs": 3}, "epochs: unknown key; allowed: model, data"),
-        ({"finetune": {"steps": 3, "stepz": 1}}, "finetune.stepz: unknown key; did you mean 'steps'? allowed: steps, batch_size"),
-        ({"grid": {**TINY["grid"], "bits": [3, 5]}}, "bits must be one of 2, 3, 4, 8, got 5"),
-        ({"grid": {}}, "grid.method: missing"),
-        ({"grid": {**TINY["grid"], "rank": []}}, "grid.rank: empty list"),
-        ({"grid": {**TINY["grid"], "method": ["optq"]}}, "grid.method: 'optq' needs calibration data"),
-        ({"dynamic": {"rank_max": 2}}, "grid.rank: 4 is above dynamic.rank_max 2"),
+        ({"sweep__epochs": 3}, "cluster.sweep.epochs: unknown key; allowed: grid, metric"),
+        ({"sweep__grid": {**GRID, "bitz": [3]}}, "cluster.sweep.grid.bitz: unknown key; did you mean 'bits'?"),
+        ({"finetune__train": {"steps": 3, "stepz": 1}}, "finetune.train.stepz: unknown key; did you mean 'steps'?"),
+        ({"sweep__grid": {**GRID, "bits": [3, 5]}}, "cluster.sweep.grid.bits[1]: expected one of 2, 3, 4, 8, got 5"),
+        ({"sweep__grid": {**GRID, "rank": []}}, "cluster.sweep.grid.rank: empty list"),
+        ({"sweep__grid": {**GRID, "method": ["optq"]}},
+         "cluster.sweep.grid.method: 'optq' needs calibration data: add quantize.calib"),
+        ({"sweep__grid": {**GRID, "method": ["quip"], "bits": [8]},
+          "quantize": {"method": "rtn", "calib": None}}, "cluster.sweep.grid.method: 'quip' needs calibration data"),
+        ({"finetune__lora": {"dynamic": True, "rank_max": 2}},
+         "cluster.sweep.grid.rank: 4 is above finetune.lora.rank_max 2"),
+        ({"quantize": {"method": "rtn", "act_order": True}}, "quantize.act_order: method 'rtn' does not take it"),
+        ({"quantize": {"method": "optq", "act_order": False, "calib": {"file": str(TRAIN_TXT)}},
+          "sweep__grid": {**GRID, "method": ["rtn"]}}, "quantize.act_order: no method of the sweep takes it (rtn)"),
+        ({"offload": {"tier": "host"}}, "cluster.sweep: trials run without offload"),
     ],
 )
-def test_bad_config_is_one_line_and_exit_code_2(tmp_path, capsys, changes, message):
+def test_bad_sweep_is_one_line_and_exit_code_2(tmp_path, capsys, changes, message):
     code = modulora("sweep", write_config(tmp_path / "bad.yaml", **changes), "--out", tmp_path / "out")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2

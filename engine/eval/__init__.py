@@ -1,5 +1,6 @@
-"""Evaluation metrics."""
+"""Evaluation metrics: perplexity with a fixed protocol, accuracy, ROUGE, generation."""
 
-from engine.eval.perplexity import Perplexity, perplexity, read_text, token_windows
+from engine.eval.perplexity import Perplexity, perplexity
+from engine.eval.tasks import EVAL_FORMATS, task_metric
 
-__all__ = ["Perplexity", "perplexity", "read_text", "token_windows"]
+__all__ = ["EVAL_FORMATS", "Perplexity", "perplexity", "task_metric"]

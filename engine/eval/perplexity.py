@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
-
-from engine.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -26,27 +22,6 @@ class Perplexity:
     nll: float
     tokens: int
     windows: int
-
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"{path}: no such file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise EngineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
-def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int) -> torch.Tensor:
-    """``[n_windows, seq_len]`` token ids of ``text`` (BOS first)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise EngineError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 @torch.no_grad()

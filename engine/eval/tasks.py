@@ -14,7 +14,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine.data.formats import FormatSpec, classification_prompt, label_word, summarization_prompt
 from engine.data.records import load_records, require_columns
 from engine.errors import EngineError
-from engine.eval.perplexity import perplexity, read_text, token_windows
+from engine.data.text import read_text, token_windows
+from engine.eval.perplexity import perplexity
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_len: int) -> list[int]:
@@ -94,6 +95,9 @@ def summarization_rouge(
     return {**{k: v / len(rows) for k, v in totals.items()}, "rows": len(rows)}
 
 
+EVAL_FORMATS = ("text", "classification", "summarization")  # the data formats a metric is defined for
+
+
 def task_metric(data_format: str, data: str, tokenizer: PreTrainedTokenizerBase, spec: FormatSpec, limit: int | None,
                 seq_len: int, batch_size: int, progress: bool) -> Callable[[PreTrainedModel], dict[str, Any]]:
     """A function model -> metrics for a data file of ``data_format``: perplexity for text (the whole
@@ -105,4 +109,4 @@ def task_metric(data_format: str, data: str, tokenizer: PreTrainedTokenizerBase,
         return lambda m: classification_accuracy(m, tokenizer, data, spec, limit, seq_len)
     if data_format == "summarization":
         return lambda m: summarization_rouge(m, tokenizer, data, spec, limit, max_len=seq_len)
-    raise EngineError(f"evaluation supports formats text, classification, summarization; got {data_format!r}")
+    raise EngineError(f"evaluation supports formats {', '.join(EVAL_FORMATS)}; got {data_format!r}")

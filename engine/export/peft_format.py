@@ -21,7 +21,7 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.storage import atomic_save_safetensors, atomic_write_json
-from engine.train.adapters import add_lora, load_adapter_state, lora_layers
+from engine.model.adapters import add_lora, load_adapter_state, lora_layers
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -87,7 +87,7 @@ def attach_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
         {k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(PREFIX)}
     )
     include = "^(" + "|".join(map(re.escape, names)) + ")$"
-    add_lora(model, config["r"], config["lora_alpha"], include=include)
+    add_lora(model, config["r"], config["lora_alpha"], seed=0, include=include)  # weights loaded next
     ours = {}
     for name in names:
         ours[f"{name}.lora_a"] = tensors[f"{PREFIX}{name}.lora_A.weight"]

@@ -34,7 +34,7 @@ class ModuLoRALinear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         rank: int = 0,
-        alpha: float | None = None,
+        alpha: float = 0.0,
         compute_dtype: torch.dtype = torch.float32,
         adapter_dtype: torch.dtype = torch.float32,
         tile_numel: int | None = DEFAULT_TILE_NUMEL,
@@ -56,14 +56,14 @@ class ModuLoRALinear(nn.Module):
     def add_adapter(
         self,
         rank: int,
-        alpha: float | None = None,
+        alpha: float,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         """Attach a fresh rank-``rank`` adapter (replacing any previous one), by default on the base's device
         (pass ``device`` when the base is a streamed placeholder)."""
         self.rank = rank
-        self.alpha = float(alpha if alpha is not None else rank)
+        self.alpha = float(alpha)
         device = device if device is not None else next(self.base.buffers()).device
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))

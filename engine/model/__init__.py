@@ -1,34 +1,55 @@
-"""Whole models: load float ones, quantize their linears, save and load quantized directories."""
+"""Whole models: load float ones, quantize their linears, calibrate, attach adapters, save and load
+quantized directories."""
 
-from engine.model.calibrate import calibration_windows, quantize_calibrated, quantize_with_calibration
+from engine.model.adapters import (
+    adapter_state,
+    add_lora,
+    load_adapter_state,
+    lora_layers,
+    lora_parameters,
+    set_active_rank,
+)
+from engine.model.calibrate import MODES, RunnerFactory, quantize_calibrated
 from engine.model.checkpoint import is_quantized_dir, load_model, load_quantized, read_manifest, save_quantized
 from engine.model.gguf_export import quantize_gguf
 from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
-from engine.model.quantize import decoder_blocks, quantize_model, target_linear_names
+from engine.model.quantize import decoder_blocks, quantize_model, replace_module, target_linear_names
+from engine.model.sequential import CalibrationShard, ShardRunner, Wrap
 from engine.model.state import model_size, quantized_layers
-from engine.model.stats import collect_stats, load_stats, merge_stats, save_stats
+from engine.model.stats import collect_stats, load_stats, merge_stats, save_stats, shard_spans
 
 __all__ = [
-    "calibration_windows",
+    "MODES",
+    "CalibrationShard",
+    "RunnerFactory",
+    "ShardRunner",
+    "Wrap",
+    "adapter_state",
+    "add_lora",
     "collect_stats",
     "decoder_blocks",
     "is_quantized_dir",
     "is_quantized_gguf",
+    "load_adapter_state",
     "load_float_model",
     "load_gguf_quantized",
     "load_model",
     "load_quantized",
     "load_stats",
+    "lora_layers",
+    "lora_parameters",
     "merge_stats",
     "model_size",
     "quantize_calibrated",
     "quantize_gguf",
     "quantize_model",
-    "quantize_with_calibration",
     "quantized_layers",
     "read_manifest",
+    "replace_module",
     "save_quantized",
     "save_stats",
+    "set_active_rank",
+    "shard_spans",
     "target_linear_names",
 ]

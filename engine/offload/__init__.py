@@ -2,11 +2,12 @@
 optimizer state on the host."""
 
 from engine.offload.optimizer import HostOffloadedAdam
+from engine.offload.shapes import BUILTIN_CONFIGS
 from engine.offload.store import TIERS, BlockStore, DeviceStore, DiskStore, HostStore, make_store
 from engine.offload.streamer import BlockStreamer
 from engine.offload.vocab import DiskEmbedding, DiskHead, offload_vocab_tables
 
 __all__ = [
-    "TIERS", "BlockStore", "BlockStreamer", "DeviceStore", "DiskEmbedding", "DiskHead", "DiskStore", "HostOffloadedAdam",
+    "BUILTIN_CONFIGS", "TIERS", "BlockStore", "BlockStreamer", "DeviceStore", "DiskEmbedding", "DiskHead", "DiskStore", "HostOffloadedAdam",
     "HostStore", "make_store", "offload_vocab_tables",
 ]

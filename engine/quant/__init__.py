@@ -9,16 +9,20 @@ from engine.quant.base import (
     LayerStats,
     QuantizedWeight,
     Quantizer,
+    all_options,
     make_quantizer,
+    methods_taking,
+    quantizer_class,
     register_format,
     register_quantizer,
     weight_from_state,
 )
+# Registration order is the order methods are listed in: the engine's own first, then third-party formats.
+from engine.quant.groupwise import GroupQuantizedWeight  # isort: skip
+from engine.quant.rtn import RTNQuantizer  # isort: skip
+from engine.quant.optq import OPTQQuantizer  # isort: skip
+from engine.quant.quip import QuipQuantizer, QuipWeight  # isort: skip
 from engine.quant.adapters import BnB4BitWeight, FP4Quantizer, GGUFWeight, HQQQuantizer, HQQWeight, NF4Quantizer
-from engine.quant.groupwise import GroupQuantizedWeight
-from engine.quant.optq import OPTQQuantizer
-from engine.quant.quip import QuipQuantizer, QuipWeight
-from engine.quant.rtn import RTNQuantizer
 
 __all__ = [
     "FORMATS",
@@ -37,7 +41,10 @@ __all__ = [
     "QuipQuantizer",
     "QuipWeight",
     "RTNQuantizer",
+    "all_options",
     "make_quantizer",
+    "methods_taking",
+    "quantizer_class",
     "register_format",
     "register_quantizer",
     "weight_from_state",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.errors import EngineError
+from engine.options import Option, SettingError
 
 Span = tuple[int, int]
 
@@ -93,18 +94,44 @@ class LayerStats:
 
 
 class Quantizer(ABC):
-    """Turns a float weight into a :class:`QuantizedWeight`."""
+    """Turns a float weight into a :class:`QuantizedWeight`.
+
+    A quantizer declares its settings once, in ``options`` (name -> :class:`Option`
+    with its default, range and help line); the command line, recipes, sweeps and
+    validation are derived from that table.  Each default is the best setting
+    measured for the method (``docs/quality.md``).  Settings become attributes of
+    the instance; ``validate`` checks combinations.  A ``randomized`` method also
+    takes the calibration ``seed``.
+    """
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    randomized: ClassVar[bool] = False
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, seed: int = 0, **settings: Any) -> None:
+        for key in settings:
+            if key not in self.options:
+                takes = ", ".join(self.options) or "no settings"
+                raise SettingError(key, f"method {self.name!r} does not take it; it takes {takes}")
+        self.settings = {
+            key: option.check(option.default if settings.get(key) is None else settings[key], key)
+            for key, option in self.options.items()
+        }
+        self.seed = seed
+        self.__dict__.update(self.settings)
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules across settings (raise :class:`SettingError` naming the setting to change)."""
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantizedWeight:
         """Quantize ``weight`` (``[out, in]``, any float dtype)."""
 
     def describe(self) -> dict[str, Any]:
-        """Settings recorded in a quantized model's metadata."""
-        return {"method": self.name}
+        """Settings recorded in a quantized model's metadata: ``make_quantizer(**describe())`` rebuilds it."""
+        return {"method": self.name, **self.settings, **({"seed": self.seed} if self.randomized else {})}
 
 
 FORMATS: dict[str, type[QuantizedWeight]] = {}
@@ -123,10 +150,34 @@ def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
     return cls
 
 
-def make_quantizer(method: str, **options: Any) -> Quantizer:
+def quantizer_class(method: str) -> type[Quantizer]:
     if method not in QUANTIZERS:
-        raise EngineError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
-    return QUANTIZERS[method](**options)
+        raise SettingError("method", f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[method]
+
+
+def make_quantizer(method: str, **options: Any) -> Quantizer:
+    return quantizer_class(method)(**options)
+
+
+def all_options() -> dict[str, Option]:
+    """Every setting any registered method takes, by name, as one option that admits what any of those
+    methods admits (unset means the method's own default; each method still checks its value)."""
+    declared: dict[str, list[Option]] = {}
+    for cls in QUANTIZERS.values():
+        for key, option in cls.options.items():
+            declared.setdefault(key, []).append(option)
+    union = {}
+    for key, options in declared.items():
+        choices = None
+        if all(option.choices is not None for option in options):
+            choices = tuple(sorted({choice for option in options for choice in option.choices}))
+        union[key] = Option(options[0].kind, None, options[0].help, choices=choices, optional=True)
+    return union
+
+
+def methods_taking(key: str) -> list[str]:
+    return sorted(name for name, cls in QUANTIZERS.items() if key in cls.options)
 
 
 def weight_from_state(tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> QuantizedWeight:

@@ -14,20 +14,27 @@ from typing import Any
 
 import torch
 
-from engine.errors import EngineError
+from engine.options import Option, SettingError
 from engine.quant.base import QuantizedWeight, Span, register_format
 from engine.quant.kernels import dequantize_groups
 from engine.quant.packing import SUPPORTED_BITS, pack, unpack
 
 SCALE_DTYPE = torch.float16
 
+# The settings of every group-wise method (round-to-nearest, OPTQ); defaults are the best measured (docs/quality.md).
+GROUPWISE_OPTIONS = {
+    "bits": Option("int", 4, "Bits per weight.", choices=SUPPORTED_BITS),
+    "group_size": Option("int", 32, "Columns sharing one scale and zero point; -1: one group per row.", minimum=-1),
+    "symmetric": Option("bool", False, "Symmetric grid, without zero points."),
+}
+
 
 def check_settings(bits: int, group_size: int, in_features: int | None = None) -> int:
     """Validate bits and group size; returns the effective group size (-1 means one group per row)."""
     if bits not in SUPPORTED_BITS:
-        raise EngineError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+        raise SettingError("bits", f"expected one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
     if group_size == 0 or group_size < -1:
-        raise EngineError(f"group size must be a positive integer or -1 (per row), got {group_size}")
+        raise SettingError("group_size", f"expected a positive integer or -1 (one group per row), got {group_size}")
     if in_features is not None and group_size == -1:
         return in_features
     return group_size

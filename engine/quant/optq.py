@@ -28,13 +28,12 @@ zero points as round-to-nearest, same grid from
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from engine.errors import EngineError
+from engine.options import Option
 from engine.quant.base import LayerStats, Quantizer, register_quantizer
-from engine.quant.groupwise import GroupQuantizedWeight, check_settings, quantize_codes, range_params
+from engine.quant.groupwise import GROUPWISE_OPTIONS, GroupQuantizedWeight, check_settings, quantize_codes, range_params
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -99,39 +98,17 @@ class OPTQQuantizer(Quantizer):
 
     name = "optq"
     needs_calibration = True
+    options = {
+        **GROUPWISE_OPTIONS,
+        "act_order": Option("bool", True, "Quantize columns by decreasing Hessian diagonal."),
+        "static_groups": Option("bool", False, "Fix the group ranges before any column is updated."),
+        "clip_search": Option("bool", True, "Shrink each group's range where that lowers the Hessian-weighted error."),
+        "damp": Option("float", 0.01, "Hessian dampening, a fraction of its mean diagonal.", minimum=0.0),
+        "block_size": Option("int", 128, "Columns per lazy-update block.", minimum=1),
+    }
 
-    def __init__(
-        self,
-        bits: int = 4,
-        group_size: int = 32,
-        symmetric: bool = False,
-        act_order: bool = False,
-        static_groups: bool = False,
-        damp: float = 0.01,
-        block_size: int = 128,
-        clip_search: bool = False,
-    ) -> None:
-        check_settings(bits, group_size)
-        if not damp >= 0:
-            raise EngineError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal), got {damp}")
-        if block_size < 1:
-            raise EngineError(f"block size must be a positive integer, got {block_size}")
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.act_order, self.static_groups = act_order, static_groups
-        self.damp, self.block_size, self.clip_search = damp, block_size, clip_search
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "act_order": self.act_order,
-            "static_groups": self.static_groups,
-            "damp": self.damp,
-            "block_size": self.block_size,
-            "clip_search": self.clip_search,
-        }
+    def validate(self) -> None:
+        check_settings(self.bits, self.group_size)
 
     def _ranges(self, w: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.clip_search:

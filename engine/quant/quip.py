@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from engine.errors import EngineError
+from engine.options import Option
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
 from engine.quant.e8p import DIM, e8_ball_decode, e8_ball_encode, e8p_decode, e8p_encode
 from engine.quant.hadamard import RandomHadamard, padded_size, random_signs
@@ -260,39 +261,20 @@ class QuipQuantizer(Quantizer):
 
     name = "quip"
     needs_calibration = True
+    randomized = True  # random Hadamard signs, drawn from the calibration seed
+    options = {
+        "bits": Option("int", 2, "Bits per weight.", choices=tuple(STAGES)),
+        "damp": Option("float", 0.01, "Hessian dampening, a fraction of its mean diagonal.", minimum=0.0),
+        "incoherence": Option("str", "input", "Sides rotated: input (one scale per row) or both (as published).",
+                              choices=tuple(DEFAULT_RMS)),
+        "rms": Option("float", None, "Target RMS of the scaled weight [by bits and incoherence].", minimum=0.0,
+                      above=True, optional=True),
+        "tune_iters": Option("int", 10, "Rounds of refining the codes after the first LDLQ pass.", minimum=0),
+    }
 
-    def __init__(
-        self,
-        bits: int = 2,
-        damp: float = 0.01,
-        incoherence: str = "input",
-        rms: float | None = None,
-        tune_iters: int = 10,
-        seed: int = 0,
-    ) -> None:
-        if bits not in STAGES:
-            raise EngineError(f"quip: bits must be one of {', '.join(map(str, STAGES))}, got {bits}")
-        if incoherence not in DEFAULT_RMS:
-            raise EngineError(f"quip: incoherence must be one of {', '.join(DEFAULT_RMS)}, got {incoherence!r}")
-        if damp < 0:
-            raise EngineError(f"quip: dampening must be >= 0, got {damp}")
-        if rms is not None and rms <= 0:
-            raise EngineError(f"quip: target rms must be positive, got {rms}")
-        if tune_iters < 0:
-            raise EngineError(f"quip: tune iterations must be >= 0, got {tune_iters}")
-        self.bits, self.damp, self.incoherence, self.tune_iters, self.seed = bits, damp, incoherence, tune_iters, seed
-        self.rms = DEFAULT_RMS[incoherence][bits] if rms is None else rms
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "bits": self.bits,
-            "damp": self.damp,
-            "incoherence": self.incoherence,
-            "rms": self.rms,
-            "tune_iters": self.tune_iters,
-            "seed": self.seed,
-        }
+    def validate(self) -> None:
+        if self.rms is None:  # recorded resolved, so the manifest says what was used
+            self.rms = self.settings["rms"] = DEFAULT_RMS[self.incoherence][self.bits]
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuipWeight:
         m, n = weight.shape

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from engine.quant.base import LayerStats, Quantizer, register_quantizer
-from engine.quant.groupwise import GroupQuantizedWeight, check_settings, quantize_codes, range_params
+from engine.quant.groupwise import GROUPWISE_OPTIONS, GroupQuantizedWeight, check_settings, quantize_codes, range_params
 
 
 @register_quantizer
@@ -16,13 +14,10 @@ class RTNQuantizer(Quantizer):
     """Group-wise round-to-nearest, asymmetric (default) or symmetric."""
 
     name = "rtn"
+    options = GROUPWISE_OPTIONS
 
-    def __init__(self, bits: int = 4, group_size: int = 32, symmetric: bool = False) -> None:
-        check_settings(bits, group_size)
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+    def validate(self) -> None:
+        check_settings(self.bits, self.group_size)
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> GroupQuantizedWeight:
         out_f, in_f = weight.shape

@@ -1,16 +1,9 @@
-"""Training: adapters, the resumable trainer, checkpoints."""
+"""Training: the resumable trainer, its settings and checkpoints, the vocabulary-tiled loss, LREC and LoftQ."""
 
-from engine.train.adapters import add_lora, adapter_state, load_adapter_state, lora_parameters, set_active_rank
 from engine.train.losses import chunked_causal_lm_loss
-from engine.train.trainer import TrainConfig, Trainer
+from engine.train.lrec import distillation_loss, loftq_init
+from engine.train.spec import OPTIMIZERS, TrainSpec
+from engine.train.trainer import EvalFn, LossFn, Trainer
 
-__all__ = [
-    "TrainConfig",
-    "Trainer",
-    "adapter_state",
-    "add_lora",
-    "chunked_causal_lm_loss",
-    "load_adapter_state",
-    "lora_parameters",
-    "set_active_rank",
-]
+__all__ = ["OPTIMIZERS", "EvalFn", "LossFn", "TrainSpec", "Trainer", "chunked_causal_lm_loss", "distillation_loss",
+           "loftq_init"]

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.lora.linear import ModuLoRALinear
+from engine.model.adapters import lora_layers
 from engine.quant.base import LayerStats, Quantizer
 
 DistillLoss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def distillation_loss(teacher: nn.Module, ce_weight: float = 1.0, temperature: float = 1.0) -> DistillLoss:
+def distillation_loss(teacher: nn.Module, ce_weight: float, temperature: float = 1.0) -> DistillLoss:
     """A trainer loss: per-token KL(teacher || student) plus ``ce_weight`` times cross-entropy."""
     teacher.eval()
 
@@ -73,11 +73,11 @@ def loftq_init(
     student: nn.Module,
     teacher: nn.Module,
     quantizer: Quantizer,
-    iters: int = 4,
+    iters: int,
     stats: dict[str, LayerStats] | None = None,
 ) -> None:
     """Re-quantize every adapted layer of ``student`` from ``teacher``'s float weight with LoftQ."""
-    layers = {n: m for n, m in student.named_modules() if isinstance(m, ModuLoRALinear) and m.rank > 0}
+    layers = lora_layers(student)
     for name, layer in tqdm(layers.items(), desc="loftq init", unit="layer", leave=False):
         weight = teacher.get_submodule(name).weight
         qweight, a, b = loftq_layer(weight, quantizer, layer.rank, layer.scaling, iters, stats and stats.get(name))

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +22,11 @@ from tqdm.auto import tqdm
 
 from engine.data import Example, collate
 from engine.errors import EngineError
-from engine.train.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
+from engine.model.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
+from engine.options import as_plain
 from engine.train.checkpoint import latest_good_checkpoint, restore_optimizer, restore_rng, save_checkpoint
 from engine.train.losses import chunked_causal_lm_loss
+from engine.train.spec import TrainSpec
 
 if TYPE_CHECKING:
     from engine.offload.optimizer import HostOffloadedAdam
@@ -35,58 +35,24 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
-OPTIMIZERS = ("adamw", "cpu_adam")
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    eval_every: int = 0
-    save_every: int = 0
-    keep_last: int = 2
-    optimizer: str = "adamw"
-    grad_checkpointing: bool = False
-    rank_max: int | None = None
-    dynamic_frozen: bool = False
-    offload_optimizer: bool = False
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise EngineError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise EngineError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise EngineError(f"lr must be > 0, got {self.lr}")
-        if self.offload_optimizer and self.optimizer != "cpu_adam":
-            raise EngineError(f"offload_optimizer needs optimizer 'cpu_adam', got {self.optimizer!r}")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(name: str, params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer | HostOffloadedAdam:
-    if name == "cpu_adam" and config.offload_optimizer:
+def make_optimizer(
+    name: str, params: list[nn.Parameter], spec: TrainSpec, on_host: bool = False
+) -> torch.optim.Optimizer | HostOffloadedAdam:
+    """The optimizer ``name`` over ``params``; ``on_host`` keeps float32 masters and moments in host memory
+    (DeepSpeed CPU Adam only)."""
+    if on_host and name != "cpu_adam":
+        raise EngineError(f"optimizer state on the host needs optimizer 'cpu_adam', got {name!r}")
+    if on_host:
         from engine.offload.optimizer import HostOffloadedAdam
 
-        return HostOffloadedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return HostOffloadedAdam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, lr=config.lr, weight_decay=config.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+        return DeepSpeedCPUAdam(params, lr=spec.lr, weight_decay=spec.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=False)
 
 
 class Trainer:
@@ -96,22 +62,29 @@ class Trainer:
         self,
         model: nn.Module,
         examples: list[Example],
-        config: TrainConfig,
+        config: TrainSpec,
         out_dir: str | Path,
         pad_id: int,
+        *,
+        rank_max: int | None = None,
+        dynamic_frozen: bool = False,
+        host_optimizer: bool = False,
         loss_fn: LossFn = chunked_causal_lm_loss,
         eval_fn: EvalFn | None = None,
     ) -> None:
-        config.validate()
+        """``rank_max`` (QDyLoRA) samples the active rank from 1..rank_max every step; ``dynamic_frozen``
+        then trains only the sampled rank's component.  ``host_optimizer`` keeps the optimizer state in
+        host memory."""
         if not examples:
             raise EngineError("no training examples")
         self.model, self.examples, self.config = model, examples, config
         self.out_dir = Path(out_dir)
         self.pad_id, self.loss_fn, self.eval_fn = pad_id, loss_fn, eval_fn
+        self.rank_max, self.dynamic_frozen = rank_max, dynamic_frozen
         self.params = list(lora_parameters(model).values())
         if not self.params:
             raise EngineError("model has no LoRA adapters to train")
-        self.optimizer = make_optimizer(config.optimizer, self.params, config)
+        self.optimizer = make_optimizer(config.optimizer, self.params, config, host_optimizer)
         self.generators = {"rank": torch.Generator().manual_seed(config.seed + 1)}
         self.order: torch.Tensor | None = None
         self.epoch = -1
@@ -189,15 +162,15 @@ class Trainer:
         c = self.config
         self.model.train()
         rank = None
-        if c.rank_max:
-            rank = int(torch.randint(1, c.rank_max + 1, (1,), generator=self.generators["rank"]))
-            set_active_rank(self.model, rank, c.dynamic_frozen)
+        if self.rank_max:
+            rank = int(torch.randint(1, self.rank_max + 1, (1,), generator=self.generators["rank"]))
+            set_active_rank(self.model, rank, self.dynamic_frozen)
         total = 0.0
         for micro in range(c.grad_accum):
             loss = self.loss_fn(self.model, self._batch(step, micro)) / c.grad_accum
             loss.backward()
             total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
         lr = c.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -215,7 +188,7 @@ class Trainer:
             return self.eval_fn(self.model)
 
     def _save(self, step: int) -> None:
-        state = {"config": asdict(self.config), "examples_seen": step * self.config.grad_accum * self.config.batch_size}
+        state = {"config": as_plain(self.config), "examples_seen": step * self.config.grad_accum * self.config.batch_size}
         save_checkpoint(
             self.checkpoint_root, step, adapter_state(self.model), self.optimizer, self.generators, state, self.config.keep_last
         )

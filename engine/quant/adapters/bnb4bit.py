@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from engine.errors import EngineError
+from engine.options import Option
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -161,22 +162,14 @@ class BnB4BitWeight(QuantizedWeight):
 
 
 class BnB4BitQuantizer(Quantizer):
-    """bitsandbytes 4-bit blockwise quantization (``--group-size`` is the block size)."""
+    """bitsandbytes 4-bit blockwise quantization (the group size is the block size)."""
 
     quant_type: ClassVar[str]
-
-    def __init__(self, bits: int = 4, group_size: int = 64, double_quant: bool = False, symmetric: bool = False) -> None:
-        """``symmetric`` is accepted for CLI uniformity and has no effect: absmax scaling has no zero point."""
-        if bits != 4:
-            raise EngineError(f"{self.name} is a 4-bit format; got bits={bits}")
-        if group_size not in BLOCK_SIZES:
-            raise EngineError(
-                f"{self.name} block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {group_size}"
-            )
-        self.group_size, self.double_quant = group_size, double_quant
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "bits": 4, "group_size": self.group_size, "double_quant": self.double_quant}
+    options = {
+        "bits": Option("int", 4, "Bits per weight: a 4-bit format.", choices=(4,)),
+        "group_size": Option("int", 32, "Weights per absmax block.", choices=BLOCK_SIZES),
+        "double_quant": Option("bool", False, "Quantize the absmax values too (QLoRA's double quantization)."),
+    }
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> BnB4BitWeight:
         F = bnb_functional()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from engine.errors import EngineError
+from engine.options import Option, SettingError
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
 from engine.quant.packing import pack, unpack
 
@@ -41,12 +42,8 @@ def hqq_quantizer() -> Any:
     return HQQ
 
 
-def check_hqq_settings(bits: int, group_size: int, shape: tuple[int, ...] | None = None) -> None:
-    if bits not in HQQ_BITS:
-        raise EngineError(f"hqq bits must be one of {', '.join(map(str, HQQ_BITS))}, got {bits}")
-    if group_size <= 0 or group_size % 8:
-        raise EngineError(f"hqq group size must be a positive multiple of 8, got {group_size}")
-    if shape is not None and (shape[0] * shape[1]) % group_size:
+def check_hqq_shape(group_size: int, shape: tuple[int, ...]) -> None:
+    if (shape[0] * shape[1]) % group_size:
         raise EngineError(
             f"hqq groups run over the flattened weight: its {shape[0] * shape[1]} elements {tuple(shape)} "
             f"are not a multiple of the group size {group_size}"
@@ -134,18 +131,17 @@ class HQQQuantizer(Quantizer):
     """HQQ at 2/3/4/8 bits with HQQ's default linear-layer settings."""
 
     name = "hqq"
+    options = {
+        "bits": Option("int", 4, "Bits per weight.", choices=HQQ_BITS),
+        "group_size": Option("int", 32, "Weights per group (of the flattened weight); a multiple of 8.", minimum=8),
+    }
 
-    def __init__(self, bits: int = 4, group_size: int = 64, symmetric: bool = False) -> None:
-        if symmetric:
-            raise EngineError("hqq optimises a zero point per group; --symmetric is not supported")
-        check_hqq_settings(bits, group_size)
-        self.bits, self.group_size = bits, group_size
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "bits": self.bits, "group_size": self.group_size}
+    def validate(self) -> None:
+        if self.group_size % 8:
+            raise SettingError("group_size", f"hqq takes a multiple of 8, got {self.group_size}")
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> HQQWeight:
-        check_hqq_settings(self.bits, self.group_size, tuple(weight.shape))
+        check_hqq_shape(self.group_size, tuple(weight.shape))
         HQQ = hqq_quantizer()
         from hqq.core.quantize import hqq_base_quant_config
 

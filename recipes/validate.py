@@ -1,16 +1,16 @@
-"""Strict reading of YAML configs (recipes, sweeps): every value checked and converted where it is read.
+"""Strict reading of YAML: every value checked and converted where it is read.
 
-A config is described by nested ``{key: (converter, default)}`` tables.  A
-converter takes the raw value and its key path (``finetune.lora.rank``) and
-returns the checked value or raises one :class:`EngineError` line that names
-the path, the value and what was allowed.  An unknown key is refused with the
-closest valid key suggested, so a typo never silently falls back to a default.
+A config is described by nested ``{key: (converter, default)}`` tables (the
+recipe schema makes them from the specs' declared settings).  A converter takes
+the raw value and its key path (``finetune.lora.rank``) and returns the checked
+value or raises one :class:`EngineError` line that names the path, the value and
+what was allowed.  An unknown key is refused with the closest valid key
+suggested, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,44 +58,9 @@ def mapping(keys: Keys) -> Convert:
     return lambda value, where: section(value, where, keys)
 
 
-def integer(minimum: int, maximum: int | None = None) -> Convert:
-    def convert(value: Any, where: str) -> int:
-        ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-        if not ok or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise EngineError(f"{where}: expected an integer {bound}, got {value!r}")
-        return value
-
-    return convert
-
-
-def number(minimum: float = 0.0, maximum: float = math.inf, exclusive: bool = True) -> Convert:
-    """A float in ``(minimum, maximum]`` (``[minimum, maximum]`` unless ``exclusive``); YAML reads
-    ``3e-3`` (no dot) as a string, so numeric strings are taken too."""
-
-    def convert(value: Any, where: str) -> float:
-        try:
-            x = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            x = math.nan
-        low_ok = x > minimum if exclusive else x >= minimum
-        if not (low_ok and x <= maximum):
-            bound = f"{'>' if exclusive else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum < math.inf else "")
-            raise EngineError(f"{where}: expected a number {bound}, got {value!r}")
-        return x
-
-    return convert
-
-
 def string(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise EngineError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def boolean(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise EngineError(f"{where}: expected true or false, got {value!r}")
     return value
 
 
@@ -118,18 +83,6 @@ def listof(item: Convert) -> Convert:
         return [item(v, f"{where}[{i}]") for i, v in enumerate(values)]
 
     return convert
-
-
-def string_map(value: Any, where: str) -> dict[str, str]:
-    """A mapping of names to strings (column roles, label words); YAML's ``0: negative`` keys become ``"0"``."""
-    if not isinstance(value, dict):
-        raise EngineError(f"{where}: expected a mapping, got {value!r}")
-    return {str(k): string(v, join(where, str(k))) for k, v in value.items()}
-
-
-def later(value: Any, where: str) -> Any:
-    """Kept as written, for a section read once the ones it depends on are known."""
-    return value
 
 
 def expand(value: str, base: Path) -> Path:

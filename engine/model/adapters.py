@@ -19,8 +19,8 @@ from engine.quant.dense import DenseWeight
 def add_lora(
     model: nn.Module,
     rank: int,
-    alpha: float | None = None,
-    seed: int = 0,
+    alpha: float,
+    seed: int,
     include: str | None = None,
     device: torch.device | str | None = None,
 ) -> list[str]:

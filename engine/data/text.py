@@ -1,0 +1,45 @@
+"""Plain text files as token ids: the whole-file windows of the perplexity protocol and the
+seeded random windows calibration and error correction learn from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from engine.errors import EngineError
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EngineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int) -> torch.Tensor:
+    """``[n_windows, seq_len]`` token ids of ``text`` (BOS first)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise EngineError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, n_windows: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    """``[n_windows, seq_len]`` token ids: windows of the tokenized ``text`` at seeded random offsets."""
+    if n_windows < 1 or seq_len < 2:
+        raise EngineError(f"need at least 1 calibration window of at least 2 tokens, got {n_windows} x {seq_len}")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < seq_len:
+        raise EngineError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    starts = torch.randint(0, len(ids) - seq_len + 1, (n_windows,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,34 @@
+"""The evaluate use case: a model (float, quantized, corrected or finetuned) scored on its tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.data import check_data
+from engine.eval import task_metric
+from engine.model import model_size, set_active_rank
+from engine.pipelines.loading import load_with_adapter
+from engine.pipelines.specs import EvalSpec
+
+
+def evaluate(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
+    """``{"model", sizes..., "tasks": {label: metrics}}``; a task with ``ranks`` gives
+    ``{"ranks": {rank: metrics}}``, the dynamic-rank adapter cut to each rank in turn."""
+    for task in spec.tasks:
+        check_data(task.data.file, task.data.format_spec())  # before the (possibly long) model load
+    model, tokenizer, _ = load_with_adapter(spec.model)
+    report: dict[str, Any] = {"model": spec.model, **model_size(model), "tasks": {}}
+    for task in spec.tasks:
+        d = task.data
+        metric = task_metric(d.format, d.file, tokenizer, d.format_spec(), d.limit, d.seq_len, task.batch_size,
+                             progress)
+        if task.ranks:
+            per_rank = {}
+            for rank in task.ranks:
+                set_active_rank(model, rank)
+                per_rank[str(rank)] = metric(model)
+            set_active_rank(model, None)
+            report["tasks"][task.label] = {"ranks": per_rank}
+        else:
+            report["tasks"][task.label] = metric(model)
+    return report

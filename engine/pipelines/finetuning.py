@@ -1,0 +1,78 @@
+"""The finetune use case: LoRA on a float model, ModuLoRA on a quantized one, more training of a corrected one.
+
+Output layout of a run directory::
+
+    adapter/              PEFT-format adapter (engine.export.peft_format)
+    checkpoints/step-N/   resumable training state
+    metrics.jsonl, tensorboard/, report.json (with the spec the run was made from)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.data import build_examples, check_data, read_text, token_windows
+from engine.eval import perplexity
+from engine.export import save_adapter
+from engine.model import add_lora, lora_layers, model_size
+from engine.offload import BlockStreamer, make_store, offload_vocab_tables
+from engine.options import as_plain
+from engine.pipelines.loading import ADAPTER_DIR, load_with_adapter, pad_id
+from engine.pipelines.specs import COMPUTE_DTYPES, FinetuneSpec, LoraSpec
+from engine.storage import atomic_write_json
+from engine.train import EvalFn, Trainer
+
+
+def finetune(spec: FinetuneSpec) -> dict[str, Any]:
+    """Train, save the adapter and ``report.json`` in ``spec.out``; returns the report.
+
+    With ``spec.offload.tier`` the decoder blocks' packed weights live on that
+    tier and are streamed in block by block; the updates are the same bit for bit.
+    """
+    out = Path(spec.out)
+    check_data(spec.data.file, spec.data.format_spec())
+    model, tokenizer, _ = load_with_adapter(spec.model)
+    prepare_adapters(model, spec.lora, spec.train.seed, spec.dtype)
+    examples = build_examples(spec.data.file, spec.data.format_spec(), tokenizer, spec.data.seq_len, spec.data.limit)
+    eval_fn = _perplexity_eval(tokenizer, spec) if spec.eval_data else None
+    size = model_size(model)  # before offloading: the same figures as a resident run
+    streamer = None
+    if spec.offload.tier is not None:
+        store = make_store(spec.offload.tier, directory=spec.offload.dir or out / "blocks")
+        streamer = BlockStreamer(model, store, spec.offload.prefetch)
+        if spec.offload.tier == "disk":
+            offload_vocab_tables(model, store.directory)
+    trainer = Trainer(model, examples, spec.train, out, pad_id(tokenizer), rank_max=spec.lora.rank_max,
+                      dynamic_frozen=spec.lora.frozen, host_optimizer=spec.offload.optimizer, eval_fn=eval_fn)
+    start = time.perf_counter()
+    try:
+        metrics = trainer.train(resume=spec.resume)
+    finally:
+        if streamer is not None:
+            streamer.close()
+    seconds = time.perf_counter() - start
+    save_adapter(model, out / ADAPTER_DIR, str(spec.model))
+    report = {"spec": as_plain(spec), "examples": len(examples), "final": metrics, "train_seconds": seconds,
+              "size": size}
+    if streamer is not None:
+        report["offload"] = {"tier": spec.offload.tier, "prefetch": spec.offload.prefetch,
+                             "bytes_fetched": streamer.store.bytes_fetched, "max_blocks_resident": streamer.max_resident}
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def prepare_adapters(model: PreTrainedModel, lora: LoraSpec, seed: int, dtype: str) -> None:
+    """Fresh adapters, unless the model (a corrected one) already carries one: then training goes on from it."""
+    if not lora_layers(model):
+        add_lora(model, lora.adapter_rank, lora.scale_alpha, seed=seed)
+    for layer in lora_layers(model).values():
+        layer.compute_dtype = COMPUTE_DTYPES[dtype]
+
+
+def _perplexity_eval(tokenizer: PreTrainedTokenizerBase, spec: FinetuneSpec) -> EvalFn:
+    windows = token_windows(tokenizer, read_text(spec.eval_data), spec.data.seq_len)[: spec.eval_limit]
+    return lambda model: {"ppl": perplexity(model, windows, progress=False).ppl}
