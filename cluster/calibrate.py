@@ -4,9 +4,10 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
 :func:`engine.model.quantize_calibrated`); this module only supplies its
 :class:`~engine.model.ShardRunner` on Ray:
 
-* each worker (an actor) loads the float model from its source itself and
-  holds a contiguous run of the calibration shards; the windows go through
-  Ray's object store once;
+* each worker (an actor) builds the model on ``meta`` with its embeddings,
+  reads each decoder block from the checkpoint when the driver starts it and
+  releases it after (never a whole float model), and holds a contiguous run of
+  the calibration shards; the windows go through Ray's object store once;
 * shard statistics come back per shard and the driver sums them in shard
   order, exactly as one process does, so the weights are bit-identical;
 * the layers of a group are quantized in parallel, spread over the same
@@ -30,7 +31,10 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
-from engine.model import CalibrationShard, ShardRunner, Wrap, load_float_model, replace_module, shard_spans
+from engine.model import (
+    CalibrationShard, ShardRunner, Wrap, load_block, load_outside_blocks, meta_model, open_source, release_block,
+    replace_module, shard_spans,
+)
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
 from engine.quant import LayerStats, Quantizer, weight_from_state
 
@@ -47,11 +51,21 @@ class ShardWorker:
     def __init__(self, model_source: str, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
                  asym: bool, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.model, _ = load_float_model(model_source)
+        source = open_source(model_source)
+        self.model = meta_model(source.config)
+        load_outside_blocks(self.model, source)
+        self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        return [getattr(shard, method)(*args) for shard in self.shards]
+        """``method`` on every shard; a block is read from the checkpoint before its ``begin_block`` and
+        released after its ``end_block``."""
+        if method == "begin_block":
+            load_block(self.model, args[0], self.source)
+        results = [getattr(shard, method)(*args) for shard in self.shards]
+        if method == "end_block":
+            release_block(self.model, args[0])
+        return results
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, quantizer: Quantizer) -> tuple[dict, dict]:
         """One layer's packed tensors and manifest (workers quantize a group's layers in parallel)."""
@@ -120,8 +134,11 @@ class RayShardRunner(ShardRunner):
         return [result for results in per_worker for result in results]  # shard order
 
     def quantize(
-        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None
+        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None,
+        install: bool = True,
     ) -> list[str]:
+        """Quantize ``names`` on the workers in parallel; with ``install`` (sequential calibration: the next
+        group's inputs go through them) the packed layers go to every worker too."""
         import ray
 
         if wrap is not None:
@@ -131,6 +148,8 @@ class RayShardRunner(ShardRunner):
         layers = {n: (*packed, model.get_submodule(n).bias) for n, packed in zip(names, self._gather(requests))}
         for name, state in layers.items():
             replace_module(model, name, packed_layer(state))
+        if not install:
+            return names
         layers_ref = ray.put(layers)
         self._on_all("install", layers_ref)
         self.journal.append(("install", (layers_ref,)))

@@ -65,6 +65,7 @@ def quantize(model: str, **given: Any) -> None:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @options(TaskSpec, skip=("name",))
+@options(EvalSpec, skip=("model", "tasks", "offload.optimizer"))
 def evaluate(model: str, as_json: bool, **given: Any) -> None:
     """Evaluate MODEL (float, quantized, corrected or finetuned) on a data file.
 
@@ -74,8 +75,9 @@ def evaluate(model: str, as_json: bool, **given: Any) -> None:
     """
     from engine.pipelines import evaluate as run_evaluate
 
+    placement = {key: given.pop(key) for key in list(given) if key.startswith("offload__")}
     task = spec_from(TaskSpec, given)
-    report = run_evaluate(EvalSpec(model=model, tasks=(task,)), progress=not as_json)
+    report = run_evaluate(spec_from(EvalSpec, placement, model=model, tasks=(task,)), progress=not as_json)
     results = report.pop("tasks")[task.label]
     d = task.data
     report.update({"data": d.file, "format": d.format, "seq_len": d.seq_len})

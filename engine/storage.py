@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,11 @@ def atomic_save_safetensors(
 
 
 def file_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """``{name: {sha256, bytes}}`` for every file directly in ``directory``."""
+    """``{relative path: {sha256, bytes}}`` for every file under ``directory``."""
+    directory = Path(directory)
     return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(Path(directory).iterdir())
+        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
 
@@ -111,3 +113,74 @@ def commit_dir(staging: Path, out_dir: str | Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
+
+
+# ---- block files: one safetensors file per decoder block, with an index of sizes and checksums ----------------------
+
+BLOCK_INDEX = "blocks.json"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def block_path(directory: str | Path, index: int) -> Path:
+    return Path(directory) / f"block_{index:05d}.safetensors"
+
+
+def write_block(directory: str | Path, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Block ``index``'s tensors written (atomically) and dropped from the page cache; its index entry."""
+    path = block_path(directory, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(path, {k: v.detach().cpu() for k, v in tensors.items()})
+    entry = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    with open(path, "rb") as f:  # written and synced: drop it from the page cache (see read_safetensors)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return entry
+
+
+def write_block_index(directory: str | Path, entries: dict[int, dict[str, Any]]) -> None:
+    atomic_write_json(Path(directory) / BLOCK_INDEX, {str(k): v for k, v in sorted(entries.items())})
+
+
+def read_block_index(directory: str | Path) -> dict[int, dict[str, Any]]:
+    path = Path(directory) / BLOCK_INDEX
+    if not path.is_file():
+        return {}
+    try:
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
+        raise EngineError(f"{path}: corrupt block index ({exc})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file in one sequential read; the tensors are views of that one buffer."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        data_len = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        buffer = torch.empty(data_len, dtype=torch.uint8)
+        if f.readinto(buffer.numpy()) != data_len:
+            raise EngineError(f"{path}: truncated block file")
+        # Like O_DIRECT: a streamed block is not read again soon, so leave the page cache to others
+        # (and every fetch a real read from the disk).
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    tensors = {}
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        raw = buffer[start:end]
+        if start % dtype.itemsize:  # unaligned: safetensors orders by alignment, so this is rare
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(entry["shape"])
+    return tensors
+
+
+def safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header, 8 + header_len

@@ -34,6 +34,15 @@ def modulora(*args: Any) -> int:
     return 0
 
 
+def directory_tensors(directory: Path) -> dict[str, Any]:
+    """Every tensor of a quantized directory, by file and name: two directories hold the same model exactly when
+    these are equal."""
+    from safetensors.torch import load_file
+
+    return {f"{path.relative_to(directory)}:{name}": tensor for path in sorted(directory.rglob("*.safetensors"))
+            for name, tensor in load_file(path).items()}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if not GGUF_MODEL.is_file():
         raise pytest.UsageError(f"shared model not found at {GGUF_MODEL}; set MODULORA_SHARED")

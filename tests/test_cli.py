@@ -102,7 +102,7 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
 def test_corrupt_quantized_dir_is_refused_by_the_real_command(q3_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(q3_dir, broken)
-    weights = broken / "model.safetensors"
+    weights = broken / "blocks" / "block_00002.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     result = modulora("eval", broken, "--data", VALID_TXT)
     assert result.returncode == 2

@@ -6,7 +6,9 @@ import copy
 import json
 
 import pytest
+import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from conftest import GGUF_MODEL, SHARED, TRAIN_TXT, VALID_TXT
 from test_cli import modulora_in_process
@@ -62,8 +64,11 @@ def test_dynamic_finetune_eval_ranks_and_export(tmp_path, capsys, float_model):
     assert code in (0, None), err
     config = json.loads((tmp_path / "exp" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["modulora_trained_rank"] == 4
-    PeftModel.from_pretrained(copy.deepcopy(float_model[0]), tmp_path / "exp" / "adapter")
-    assert (tmp_path / "exp" / "merged" / "model.safetensors").is_file()
+    peft = PeftModel.from_pretrained(copy.deepcopy(float_model[0]), tmp_path / "exp" / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exp" / "merged")  # sharded, with its index
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import GGUF_MODEL, TRAIN_TXT
+from conftest import GGUF_MODEL, TRAIN_TXT, directory_tensors
 
 pytestmark = pytest.mark.slow  # Ray clusters and subprocesses
 
@@ -36,7 +35,7 @@ def finish(proc: subprocess.Popen) -> None:
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(directory / "model.safetensors")
+    return directory_tensors(directory)
 
 
 @pytest.fixture(scope="module")

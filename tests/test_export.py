@@ -77,3 +77,21 @@ def test_cut_to_rank_keeps_dylora_scale(lora_model, float_model, valid_windows, 
     assert torch.allclose(logits(cut, ids), logits(lora_model, ids), atol=1e-6)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(float_model[0]), tmp_path / "r2")
     assert torch.allclose(logits(peft_model, ids), logits(lora_model, ids), atol=1e-4)
+
+
+def test_merged_export_of_a_quantized_directory_block_by_block(float_model, tmp_path):
+    """``modulora export --merged`` on a finetune of a quantized directory reads its blocks one at a time: transformers
+    loads the sharded result, equal to the quantized model with its adapter."""
+    from conftest import GGUF_MODEL, TRAIN_TXT, modulora
+    from engine.pipelines import load_with_adapter
+
+    assert modulora("quantize", GGUF_MODEL, "--bits", "3", "--out", tmp_path / "q") == 0
+    assert modulora("finetune", tmp_path / "q", "--data", TRAIN_TXT, "--seq-len", "64", "--limit", "16", "--steps", "3",
+                    "--out", tmp_path / "run") == 0
+    assert modulora("export", tmp_path / "run", "--merged", "--out", tmp_path / "exp") == 0
+    shards = sorted(p.name for p in (tmp_path / "exp" / "merged").glob("model-*.safetensors"))
+    assert len(shards) == 6  # five blocks and what is outside them
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exp" / "merged")
+    ours, _, _ = load_with_adapter(tmp_path / "run")
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(logits(merged, ids), logits(ours, ids), atol=1e-4)

@@ -98,3 +98,40 @@ def test_a_trained_head_falls_back_to_the_models_loss():
     torch.testing.assert_close(chunked_causal_lm_loss(model, data), model(**data).loss)
     with pytest.raises(ValueError, match="frozen output head"):
         linear_cross_entropy(torch.zeros(1, 2, 32, dtype=torch.float64), model.lm_head, data["labels"][:1, :2])
+
+
+def dense_distillation(student, teacher, data, ce_weight):
+    """LREC's loss from whole logits in float64: mean over predicted tokens of KL(p_t || p_s) + w CE."""
+    with torch.no_grad():
+        t_logits = teacher(input_ids=data["input_ids"]).logits[:, :-1].double()
+    s_logits = student(input_ids=data["input_ids"]).logits[:, :-1].double()
+    labels = data["labels"][:, 1:]
+    mask = labels != -100
+    log_p_s = torch.log_softmax(s_logits[mask], dim=-1)
+    log_p_t = torch.log_softmax(t_logits[mask], dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
+    ce = torch.nn.functional.nll_loss(log_p_s, labels[mask])
+    return kl + ce_weight * ce
+
+
+@pytest.mark.parametrize(("ce_weight", "chunk_tokens"), [(1.0, 3), (0.0, 64), (2.5, 1)])
+def test_tiled_distillation_matches_float64_dense(ce_weight, chunk_tokens):
+    """LREC's tiled loss and gradients against the whole-logits formula in float64 (independent arithmetic)."""
+    from engine.train.losses import linear_distillation
+
+    torch.manual_seed(1)
+    teacher, data = tiny_llama(torch.float32).requires_grad_(False), batch()
+    student = copy.deepcopy(teacher)
+    for name, param in student.named_parameters():
+        param.data.add_(0.05 * torch.randn_like(param))
+        param.requires_grad_("q_proj" in name or "down_proj" in name)
+    ref_loss, ref_grads = loss_and_grads(student, dense_distillation(student, teacher, data, ce_weight))
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(input_ids=data["input_ids"]).last_hidden_state
+    hidden = student.get_decoder()(input_ids=data["input_ids"]).last_hidden_state
+    loss = linear_distillation(hidden, t_hidden, student.get_output_embeddings(), teacher.get_output_embeddings(),
+                               data["labels"], ce_weight, chunk_tokens)
+    loss, grads = loss_and_grads(student, loss)
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), ref.double(), rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

@@ -86,8 +86,9 @@ def test_overwrite_keeps_a_complete_directory(rtn_models, float_model, tmp_path)
 @pytest.mark.parametrize(
     "damage,message",
     [
-        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]), "truncated"),
-        (lambda d: _flip_byte(d / "model.safetensors"), "checksum mismatch"),
+        (lambda d: (d / "outside.safetensors").write_bytes((d / "outside.safetensors").read_bytes()[:-100]), "truncated"),
+        (lambda d: _flip_byte(d / "blocks" / "block_00003.safetensors"), "checksum mismatch"),
+        (lambda d: (d / "blocks" / "block_00001.safetensors").unlink(), "missing"),
         (lambda d: (d / "config.json").unlink(), "missing"),
         (lambda d: (d / "modulora.json").write_text("{not json"), "corrupt manifest"),
         (lambda d: (d / "modulora.json").unlink(), "not a quantized model directory"),

@@ -15,7 +15,7 @@ from engine.errors import EngineError
 from engine.eval import perplexity
 from engine.model import decoder_blocks, quantize_model
 from engine.offload import BlockStreamer, DiskEmbedding, DiskStore, make_store, offload_vocab_tables
-from engine.offload.store import read_safetensors
+from engine.storage import read_safetensors
 from engine.quant import OPTQQuantizer, RTNQuantizer
 from engine.quant.base import LayerStats
 from engine.model import adapter_state, add_lora, lora_parameters

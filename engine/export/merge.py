@@ -1,40 +1,114 @@
-"""A plain float model with each adapter folded into its base weight, loadable by transformers alone."""
+"""A plain float model with each adapter folded into its base weight, loadable by transformers alone.
+
+The merged model is written one decoder block at a time, one safetensors shard per block plus one for everything
+outside the blocks, with the Hugging Face index (``model.safetensors.index.json``): memory holds one merged block.
+A model whose blocks are streamed (its packed weights on ``meta``) has each block brought in and released around
+its shard by the ``blocks`` lifecycle; tensors it left on disk (the vocabulary tables) come from ``extra``.
+"""
 
 from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
-from engine.model.quantize import replace_module
-from engine.storage import commit_dir, staging_dir
+from engine.model import BlockLifecycle, blocks_prefix, decoder_blocks, replace_module, unique_state
+from engine.storage import atomic_save_safetensors, atomic_write_json, commit_dir, staging_dir
+
+INDEX = "model.safetensors.index.json"
 
 
 @torch.no_grad()
 def merged_float_model(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A copy of ``model`` whose ModuLoRA layers are ``nn.Linear(W_q + s B A)``."""
+    """A copy of ``model`` (resident) whose ModuLoRA layers are ``nn.Linear(W_q + s B A)``."""
     merged = copy.deepcopy(model)
     for name, layer in [(n, m) for n, m in merged.named_modules() if isinstance(m, ModuLoRALinear)]:
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
-        linear.weight.copy_(layer.merged_weight(torch.float64))  # one rounding, at the end
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-        replace_module(merged, name, linear)
+        replace_module(merged, name, _merged_linear(layer, dtype))
     return merged.requires_grad_(False)
 
 
-def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    """``save_pretrained`` (safetensors) of the merged model and its tokenizer, atomically."""
+def _merged_linear(layer: ModuLoRALinear, dtype: torch.dtype) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+    linear.weight.copy_(layer.merged_weight(torch.float64))  # one rounding, at the end
+    if layer.bias is not None:
+        linear.bias.copy_(layer.bias)
+    return linear
+
+
+@torch.no_grad()
+def _merged_block(model: nn.Module, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Block ``index``'s tensors as the float model has them (full names), each ModuLoRA layer merged."""
+    prefix = f"{blocks_prefix(model)}.{index}."
+    block = decoder_blocks(model)[index]
+    tensors: dict[str, torch.Tensor] = {}
+    merged = {name: _merged_linear(m, dtype) for name, m in block.named_modules() if isinstance(m, ModuLoRALinear)}
+    for name, module in block.named_modules():
+        if isinstance(module, ModuLoRALinear) or any(name.startswith(f"{m}.") for m in merged):
+            continue
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and key not in module._non_persistent_buffers_set:
+                tensors[f"{prefix}{name}.{key}" if name else f"{prefix}{key}"] = _cast(tensor, dtype)
+    for name, linear in merged.items():
+        tensors.update({f"{prefix}{name}.{key}": value for key, value in linear.state_dict().items()})
+    return tensors
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+
+
+def save_merged(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    blocks: BlockLifecycle | None = None,
+    extra: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """The merged float model in ``dtype`` as sharded safetensors with an index, config and tokenizer, atomically."""
+    blocks = blocks or BlockLifecycle()
     staging = staging_dir(out_dir)
     try:
-        merged_float_model(model).save_pretrained(staging, safe_serialization=True)
+        n_blocks = len(decoder_blocks(model))
+        weight_map: dict[str, str] = {}
+        total = 0
+        for index in range(n_blocks):
+            blocks.load(index)
+            tensors = _merged_block(model, index, dtype)
+            blocks.done(index)
+            total += _write_shard(staging, f"model-{index + 1:05d}-of-{n_blocks + 1:05d}.safetensors", tensors,
+                                  weight_map)
+        outside, _ = unique_state(model, skip=f"{blocks_prefix(model)}.")
+        tensors = {k: _cast(v, dtype) for k, v in outside.items() if not v.is_meta}
+        tensors.update({k: _cast(v, dtype) for k, v in (extra() if extra else {}).items()})
+        missing = sorted(k for k, v in outside.items() if v.is_meta and k not in tensors)
+        if missing:
+            raise EngineError(f"cannot merge: no tensor for {missing[:3]}")
+        total += _write_shard(staging, f"model-{n_blocks + 1:05d}-of-{n_blocks + 1:05d}.safetensors", tensors,
+                              weight_map)
+        atomic_write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        config = copy.deepcopy(model.config)
+        config.torch_dtype = str(dtype).removeprefix("torch.")
+        for key in ("quantization_config",):
+            if hasattr(config, key):
+                delattr(config, key)
+        config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         commit_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_shard(staging: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
+    atomic_save_safetensors(staging / name, {k: v.contiguous() for k, v in tensors.items()},
+                            metadata={"format": "pt"})
+    weight_map.update({key: name for key in tensors})
+    return sum(t.numel() * t.element_size() for t in tensors.values())

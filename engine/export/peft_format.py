@@ -80,14 +80,15 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return config, tensors
 
 
-def attach_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Give ``model`` the adapter saved at ``path`` (its layers, rank and alpha)."""
+def attach_adapter(model: nn.Module, path: str | Path, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Give ``model`` the adapter saved at ``path`` (its layers, rank and alpha), on ``device`` (default: the
+    device of each layer's packed weight; name one when those are streamed placeholders)."""
     config, tensors = read_adapter(path)
     names = config.get("modulora_layers") or sorted(
         {k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(PREFIX)}
     )
     include = "^(" + "|".join(map(re.escape, names)) + ")$"
-    add_lora(model, config["r"], config["lora_alpha"], seed=0, include=include)  # weights loaded next
+    add_lora(model, config["r"], config["lora_alpha"], seed=0, include=include, device=device)  # weights loaded next
     ours = {}
     for name in names:
         ours[f"{name}.lora_a"] = tensors[f"{PREFIX}{name}.lora_A.weight"]

@@ -9,18 +9,43 @@ from engine.model.adapters import (
     lora_parameters,
     set_active_rank,
 )
+from engine.model.build import (
+    blocks_prefix, load_block, load_outside_blocks, load_resident, materialize, meta_model, release_block,
+)
 from engine.model.calibrate import MODES, RunnerFactory, quantize_calibrated
-from engine.model.checkpoint import is_quantized_dir, load_model, load_quantized, read_manifest, save_quantized
+from engine.model.checkpoint import (
+    BLOCKS, OUTSIDE, QuantizedWriter, is_quantized_dir, load_block_weights, load_model, load_quantized, read_manifest,
+    release_block_weights, save_quantized,
+)
 from engine.model.gguf_export import quantize_gguf
 from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
-from engine.model.quantize import decoder_blocks, quantize_model, replace_module, target_linear_names
-from engine.model.sequential import CalibrationShard, ShardRunner, Wrap
-from engine.model.state import model_size, quantized_layers
-from engine.model.stats import collect_stats, load_stats, merge_stats, save_stats, shard_spans
+from engine.model.quantize import decoder_blocks, quantize_model, replace_module, target_linear_names, vocab_table_names
+from engine.model.sequential import BlockLifecycle, CalibrationShard, ShardRunner, Wrap, sum_in_order
+from engine.model.source import CheckpointSource, GGUFSource, SafetensorsSource, open_source
+from engine.model.state import model_size, quantized_layers, unique_state
+from engine.model.stats import SHARD_WINDOWS, collect_stats, load_stats, merge_stats, save_stats, shard_spans
 
 __all__ = [
+    "BLOCKS",
     "MODES",
+    "SHARD_WINDOWS",
+    "OUTSIDE",
+    "BlockLifecycle",
+    "CheckpointSource",
+    "GGUFSource",
+    "QuantizedWriter",
+    "SafetensorsSource",
+    "blocks_prefix",
+    "load_block",
+    "load_block_weights",
+    "load_outside_blocks",
+    "load_resident",
+    "materialize",
+    "meta_model",
+    "open_source",
+    "release_block",
+    "release_block_weights",
     "CalibrationShard",
     "RunnerFactory",
     "ShardRunner",
@@ -51,5 +76,8 @@ __all__ = [
     "save_stats",
     "set_active_rank",
     "shard_spans",
+    "sum_in_order",
     "target_linear_names",
+    "unique_state",
+    "vocab_table_names",
 ]

@@ -4,12 +4,12 @@ Calibration data is a set of token windows (:func:`engine.data.calibration_windo
 seeded random windows of a text file, as the OPTQ reference samples its
 calibration set).  Two modes:
 
-* ``sequential`` (default; the OPTQ paper's protocol, see
+* ``sequential`` (the OPTQ paper's protocol, see
   :mod:`engine.model.sequential`): block by block, every layer calibrated on
   the output of the already quantized layers before it.
-* ``independent``: all layers' statistics from one pass of the float model
-  (:func:`engine.model.stats.collect_stats`), so they can be collected in
-  shards, merged, saved, and layers quantized in any order.
+* ``independent``: every layer calibrated on the float model's inputs, also
+  block by block (the statistics equal one pass of the float model,
+  :func:`engine.model.stats.collect_stats`).
 
 Typical use::
 
@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from engine.errors import EngineError
-from engine.model.quantize import target_linear_names
-from engine.model.sequential import ShardRunner, Wrap, quantize_sequential, sum_in_order
+from engine.model.sequential import BlockLifecycle, ShardRunner, Wrap, quantize_blockwise
 from engine.model.stats import SHARD_WINDOWS
 from engine.quant.base import Quantizer
 
@@ -47,6 +46,7 @@ def quantize_calibrated(
     wrap: Wrap | None = None,
     shard_windows: int = SHARD_WINDOWS,
     runner_factory: RunnerFactory = ShardRunner,
+    lifecycle: BlockLifecycle | None = None,
 ) -> list[str]:
     """Quantize ``names`` (default: all decoder linears) in place, calibrated on token ``windows``.
 
@@ -54,14 +54,13 @@ def quantize_calibrated(
     model's output; see :mod:`engine.model.sequential`.  The statistics are
     summed over shards of ``shard_windows`` windows; ``runner_factory`` decides
     where the shards run (this process by default; ``cluster.calibrate`` runs
-    them on Ray workers, with the same result).
+    them on Ray workers, with the same result).  ``lifecycle`` brings each
+    block of a model built on ``meta`` in, and saves and releases it, so the
+    model is never whole in memory.
     """
     if mode not in MODES:
         raise EngineError(f"unknown calibration mode {mode!r}; allowed: {', '.join(MODES)}")
     if asym_alpha and mode != "sequential":
         raise EngineError("asymmetric calibration needs the sequential calibration mode")
     runner = runner_factory(model, windows, batch_size, asym_alpha > 0, shard_windows)
-    if mode == "sequential":
-        return quantize_sequential(model, quantizer, runner, names, wrap, asym_alpha)
-    names = names if names is not None else target_linear_names(model)
-    return runner.quantize(model, quantizer, names, sum_in_order(runner.call("stats", names)), wrap)
+    return quantize_blockwise(model, quantizer, runner, names, wrap, asym_alpha, mode == "sequential", lifecycle)

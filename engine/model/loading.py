@@ -6,16 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-
-from engine.errors import EngineError
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -57,36 +48,13 @@ def gguf_config_and_tokenizer(path: Path) -> tuple[PretrainedConfig, PreTrainedT
     return config, _gguf_tokenizer(model_type, parsed["tokenizer"])
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A GGUF file through transformers' GGUF reader (quantized tensors come back dequantized)."""
-    config, tokenizer = gguf_config_and_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config, dtype=dtype)
-    # The weights arrive dequantized; drop transformers' "gguf-quantized" marks so the model saves as plain float.
-    model.hf_quantizer = None
-    model.quantization_method = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
+def load_float_model(
+    source: str | Path, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The whole float model and its tokenizer from a ``.gguf`` file, a local Hugging Face directory or a hub id,
+    read tensor by tensor into a model built on ``meta``; ``dtype`` None keeps the checkpoint's dtype."""
+    from engine.model.build import load_resident
+    from engine.model.source import open_source
 
-
-def load_float_model(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a ``.gguf`` file, a local HF directory, or (for real users) a hub id."""
-    path = Path(source)
-    if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = load_gguf(path, dtype)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise EngineError(f"{path}: not a model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    elif path.exists():
-        raise EngineError(f"{path}: expected a .gguf file or a model directory")
-    elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise EngineError(f"{source}: no such file or directory")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    model.eval()
-    model.requires_grad_(False)
-    return model, tokenizer
+    checkpoint = open_source(source)
+    return load_resident(checkpoint, dtype), checkpoint.tokenizer()

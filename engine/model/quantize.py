@@ -40,6 +40,19 @@ def target_linear_names(model: nn.Module, include: str | None = None) -> list[st
     return names
 
 
+def vocab_table_names(model: nn.Module) -> dict[str, str]:
+    """The vocabulary-sized tables that can live on disk, by role: the input embeddings' and a bias-free linear
+    output head's parameter names; neither when the two are tied (one tensor, which both uses need)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        return {}
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    tables = {"input embeddings": names[id(embedding.weight)]}
+    if isinstance(head, nn.Linear) and head.bias is None:
+        tables["output head"] = names[id(head.weight)]
+    return tables
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)

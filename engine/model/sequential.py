@@ -1,7 +1,12 @@
-"""Sequential calibration (the OPTQ paper's protocol): quantize a model block by block.
+"""Calibrated quantization block by block: sequential (the OPTQ paper's protocol) and independent.
 
-Each decoder block's layers are calibrated on the output of the already
-quantized blocks before it.  Within a block, layers that consume one input
+The calibration windows' hidden states are carried from decoder block to
+decoder block, so only the block at work needs its weights: a model built on
+``meta`` has each block materialised before it and saved and released after
+it (:class:`BlockLifecycle`), and holds one block's float weights at a time.
+
+*Sequential*: each decoder block's layers are calibrated on the output of the
+already quantized blocks before it.  Within a block, layers that consume one input
 tensor (q/k/v; gate/up) are quantized together, and the layers after them
 (o; down) are calibrated with those already quantized, so every layer can
 compensate the error upstream of it ("true sequential").
@@ -13,12 +18,17 @@ handed to the quantizer is ``W + alpha * W (X - X_q)^T X_q (X_q^T X_q)^-1``,
 which at ``alpha = 1`` turns minimizing ``||(W' - Q) X_q||`` (what every
 Hessian quantizer does) into minimizing ``||W X - Q X_q||``.  It works for any
 quantizer, since only the weight it is given changes.
+
+*Independent*: every layer is calibrated on the float model's inputs (each
+block's statistics are taken, and the hidden states advanced, before the block
+is quantized).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +37,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import EngineError
 from engine.model.quantize import decoder_blocks, quantize_model, target_linear_names
-from engine.model.stats import collect_stats, recording_cross_inputs, recording_inputs, shard_spans
+from engine.model.stats import recording_cross_inputs, recording_inputs, shard_spans
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer
 
 Wrap = Callable[[QuantizedWeight, torch.Tensor | None], nn.Module]
@@ -134,15 +144,25 @@ def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor,
     return (w + alpha * correction).to(weight.dtype).to(weight.device)
 
 
-class CalibrationShard:
-    """One shard of calibration windows: its statistics in either mode, its activations block by block.
+@dataclass
+class BlockLifecycle:
+    """What happens to a decoder block around its calibration: made resident before it, saved and released after
+    it (a model built on ``meta``).  The default does nothing: a resident model."""
 
-    *Independent* mode needs only :meth:`stats` (a float-model pass).  In
-    *sequential* mode the shard keeps its windows' activations at the current
-    block, computes each group's statistics from them, then advances them
-    through the (now quantized) block.  The driver sums the shards' statistics
-    in shard order, so the result does not depend on how many processes held
-    the shards (see :class:`ShardRunner`).
+    load: Callable[[int], None] = lambda index: None
+    done: Callable[[int], None] = lambda index: None
+
+
+class CalibrationShard:
+    """One shard of calibration windows and their activations, carried block by block.
+
+    The shard keeps its windows' activations at the current block and computes
+    statistics from them (a group's, sequential; the whole block's, independent),
+    then advances them through the block.  The driver sums the shards'
+    statistics in shard order, so the result does not depend on how many
+    processes held the shards (see :class:`ShardRunner`).  Whoever holds the
+    shards brings each block in before :meth:`begin_block` and may release it
+    after :meth:`end_block` (:class:`BlockLifecycle`).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool) -> None:
@@ -152,10 +172,6 @@ class CalibrationShard:
         self._calls: list[BlockCall] | None = None
         self.float_hidden: list[torch.Tensor] | None = None
         self.float_block: nn.Module | None = None
-
-    def stats(self, names: list[str]) -> dict[str, LayerStats]:
-        """Independent mode: every named layer's statistics from one pass of the model over the shard."""
-        return collect_stats(self.model, self.windows, names, self.batch_size, shard_windows=len(self.windows))
 
     @property
     def calls(self) -> list[BlockCall]:
@@ -169,9 +185,17 @@ class CalibrationShard:
         return shared_input_groups(self.model, self.blocks[index], names, self.calls[0])
 
     def begin_block(self, index: int) -> None:
-        """Keep the float block beside the one being quantized (asymmetric calibration needs both)."""
+        """Keep a float copy of the block beside the one being quantized (asymmetric calibration needs both)."""
         if self.asym:
             self.float_block = copy.deepcopy(self.blocks[index])
+
+    @torch.no_grad()
+    def block_stats(self, index: int, names: list[str]) -> dict[str, LayerStats]:
+        """Independent mode: the statistics of every named layer of block ``index`` on the current activations."""
+        with recording_inputs(self.model, names) as stats:
+            for call in self.calls:
+                _run(self.blocks[index], call)
+        return stats
 
     @torch.no_grad()
     def group_stats(self, index: int, group: list[str]) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
@@ -187,7 +211,8 @@ class CalibrationShard:
 
     @torch.no_grad()
     def end_block(self, index: int) -> None:
-        """Advance the activations through block ``index``, now quantized (and the float twin's)."""
+        """Advance the activations through block ``index`` (quantized, sequential; float, independent), and the
+        float twin's."""
         block = self.blocks[index]
         if self.float_block is not None:
             self.float_hidden = [_run(self.float_block, _with_hidden(c, h)) for c, h in zip(self.calls, self.float_hidden)]
@@ -200,7 +225,7 @@ class ShardRunner:
 
     The Ray runner (``cluster.calibrate``) implements the same three methods
     with shards on workers and layers quantized in parallel; the driver loop in
-    :func:`quantize_sequential` is shared, so both give the same weights.
+    :func:`quantize_blockwise` is shared, so both give the same weights.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int) -> None:
@@ -212,10 +237,12 @@ class ShardRunner:
         return [getattr(shard, method)(*args) for shard in self.shards]
 
     def quantize(
-        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None
+        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None,
+        install: bool = True,
     ) -> list[str]:
-        """Quantize ``names`` of the driver's ``model`` in place and make every shard's model agree."""
-        return quantize_model(model, quantizer, names, stats, wrap)  # the shards share ``model`` here
+        """Quantize ``names`` of the driver's ``model`` in place and, with ``install``, make every shard's model
+        agree (the shards share ``model`` here)."""
+        return quantize_model(model, quantizer, names, stats, wrap)
 
 
 def sum_in_order(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,25 +255,36 @@ def sum_in_order(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def quantize_sequential(
+def quantize_blockwise(
     model: nn.Module,
     quantizer: Quantizer,
     runner: ShardRunner,
     names: list[str] | None = None,
     wrap: Wrap | None = None,
     asym_alpha: float = 0.0,
+    sequential: bool = True,
+    lifecycle: BlockLifecycle | None = None,
 ) -> list[str]:
     """Quantize ``names`` (default: all decoder linears) block by block, as described above, with the
-    calibration shards of ``runner``."""
+    calibration shards of ``runner``; ``lifecycle`` brings each block in and saves and releases it."""
     if not 0.0 <= asym_alpha <= 1.0:
         raise EngineError(f"asymmetric calibration alpha must be in [0, 1], got {asym_alpha}")
+    lifecycle = lifecycle or BlockLifecycle()
     names = names if names is not None else target_linear_names(model)
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     done: list[str] = []
-    for index in tqdm(range(len(blocks)), desc=f"calibrate ({quantizer.name})", unit="block", leave=False):
+    mode = "sequential" if sequential else "independent"
+    for index in tqdm(range(len(blocks)), desc=f"calibrate ({quantizer.name}, {mode})", unit="block", leave=False):
         block_names = [n for n in names if n.startswith(f"{prefix}.{index}.")]
+        lifecycle.load(index)
         runner.call("begin_block", index)
+        if not sequential:
+            stats = sum_in_order(runner.call("block_stats", index, block_names)) if block_names else {}
+            runner.call("end_block", index)
+            done += runner.quantize(model, quantizer, block_names, stats, wrap, install=False) if block_names else []
+            lifecycle.done(index)
+            continue
         for group in runner.call("groups", index, block_names)[0] if block_names else []:
             partials = runner.call("group_stats", index, group)
             stats = sum_in_order([p[0] for p in partials])
@@ -256,7 +294,8 @@ def quantize_sequential(
                 linear.weight.data = aligned_weight(linear.weight, stats[name], cross[name], asym_alpha)
             done += runner.quantize(model, quantizer, group, stats, wrap)
         runner.call("end_block", index)
+        lifecycle.done(index)
     outside = sorted(set(names) - set(done))
     if outside:
-        raise EngineError(f"layers outside the decoder blocks cannot be calibrated sequentially: {outside[:3]}")
+        raise EngineError(f"layers outside the decoder blocks cannot be calibrated block by block: {outside[:3]}")
     return done

@@ -12,16 +12,19 @@ from engine.model.quantize import target_linear_names
 ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
 
 
-def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The base model's ``state_dict()`` (adapters excluded: they are saved on their own) without
-    tied duplicates, plus ``{alias: kept_name}`` for the dropped ones."""
+def unique_state(model: nn.Module, skip: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The base model's ``state_dict()`` (adapters excluded: they are saved on their own; names starting with
+    ``skip`` too) without tied duplicates, plus ``{alias: kept_name}`` for the dropped ones."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith(ADAPTER_SUFFIXES):
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.endswith(ADAPTER_SUFFIXES) or (skip and name.startswith(skip)):
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.is_meta:  # shapes only (a streamed model): tied tensors are the same object
+            key = ("meta", id(tensor), tuple(tensor.shape))
+        else:
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
             aliases[name] = seen[key]
         else:

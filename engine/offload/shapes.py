@@ -11,12 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig
 
 from engine.errors import EngineError
-from engine.model.quantize import decoder_blocks
+from engine.model import decoder_blocks, meta_model
 from engine.offload.vocab import disk_vocab_tables
 
 # Published shapes of models users finetune on one GPU or a few.
@@ -57,12 +56,6 @@ def load_config(name_or_path: str, **overrides: object) -> PretrainedConfig:
         raise EngineError(f"unknown model {name_or_path!r}: not a file, and built-in names are "
                           f"{', '.join(BUILTIN_CONFIGS)}")
     return AutoConfig.from_pretrained(name_or_path, **overrides)  # a hub id (needs network or a local cache)
-
-
-def meta_model(config: PretrainedConfig) -> PreTrainedModel:
-    """The model with every tensor on ``meta``: shapes only."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 @dataclass(frozen=True)

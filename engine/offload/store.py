@@ -15,9 +15,6 @@ touches nothing but the store's own data.
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -26,15 +23,13 @@ from typing import ClassVar
 import torch
 
 from engine.errors import EngineError
-from engine.storage import atomic_save_safetensors, atomic_write_json, sha256_file
+from engine.model import CheckpointSource
+from engine.storage import (
+    BLOCK_INDEX, block_path, read_block_index, read_safetensors, sha256_file, write_block, write_block_index,
+)
 
 Tensors = dict[str, torch.Tensor]
 TIERS = ("device", "host", "disk")
-INDEX_FILE = "blocks.json"
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 
 def tensors_nbytes(tensors: Tensors) -> int:
@@ -115,27 +110,20 @@ class DiskStore(BlockStore):
         super().__init__(device)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        index_path = self.directory / INDEX_FILE
-        self._index: dict[int, dict[str, object]] = {}
-        if index_path.is_file():
-            self._index = {int(k): v for k, v in json.loads(index_path.read_text()).items()}
+        self._index: dict[int, dict[str, object]] = read_block_index(self.directory)
 
     def path(self, index: int) -> Path:
-        return self.directory / f"block_{index:05d}.safetensors"
+        return block_path(self.directory, index)
 
     def put(self, index: int, tensors: Tensors) -> None:
-        path = self.path(index)
-        atomic_save_safetensors(path, {k: v.detach().cpu() for k, v in tensors.items()})
-        self._index[index] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        with open(path, "rb") as f:  # written and synced: drop it from the page cache (see read_safetensors)
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        atomic_write_json(self.directory / INDEX_FILE, {str(k): v for k, v in sorted(self._index.items())})
+        self._index[index] = write_block(self.directory, index, tensors)
+        write_block_index(self.directory, self._index)
 
     def verify(self) -> None:
         """Check every block file against its recorded sha256 (a crash or a bad disk shows here)."""
         for index, entry in self._index.items():
             if sha256_file(self.path(index)) != entry["sha256"]:
-                raise EngineError(f"{self.path(index)}: checksum mismatch with {self.directory / INDEX_FILE}")
+                raise EngineError(f"{self.path(index)}: checksum mismatch with {self.directory / BLOCK_INDEX}")
 
     def _load(self, index: int) -> Tensors:
         tensors = read_safetensors(self.path(index))
@@ -150,28 +138,32 @@ class DiskStore(BlockStore):
         return index in self._index
 
 
-def read_safetensors(path: Path) -> Tensors:
-    """A safetensors file in one sequential read; the tensors are views of that one buffer."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        data_len = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        buffer = torch.empty(data_len, dtype=torch.uint8)
-        if f.readinto(buffer.numpy()) != data_len:
-            raise EngineError(f"{path}: truncated block file")
-        # Like O_DIRECT: a streamed block is not read again soon, so leave the page cache to others
-        # (and every fetch a real read from the disk).
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    tensors = {}
-    for name, entry in header.items():
-        start, end = entry["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        raw = buffer[start:end]
-        if start % dtype.itemsize:  # unaligned: safetensors orders by alignment, so this is rare
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).view(entry["shape"])
-    return tensors
+class CheckpointStore(BlockStore):
+    """A float checkpoint's decoder blocks read from its own files on every fetch (a teacher streamed from disk):
+    nothing is copied, and nothing is put."""
+
+    tier = "disk"
+
+    def __init__(self, source: CheckpointSource, prefix: str, n_blocks: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
+        self.source, self.prefix, self.n_blocks = source, prefix, n_blocks
+        self._bytes: dict[int, int] = {}
+
+    def put(self, index: int, tensors: Tensors) -> None:
+        raise EngineError("a checkpoint store is read-only")
+
+    def _load(self, index: int) -> Tensors:
+        start = f"{self.prefix}.{index}."
+        tensors = {name[len(start):]: self.source.read(name).to(self.device)
+                   for name in self.source.names() if name.startswith(start)}
+        self._bytes[index] = tensors_nbytes(tensors)
+        return tensors
+
+    def nbytes(self, index: int) -> int:
+        return self._bytes.get(index, 0)
+
+    def __contains__(self, index: int) -> bool:
+        return 0 <= index < self.n_blocks
 
 
 def make_store(tier: str, device: torch.device | str = "cpu", directory: str | Path | None = None) -> BlockStore:

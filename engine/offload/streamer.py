@@ -26,6 +26,7 @@ percent of throughput (pages faulted in again) for a lower peak.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,7 +39,7 @@ from engine.offload.store import BlockStore, Tensors
 from engine.procstat import release_free_heap
 from engine.quant.base import QuantizedWeight
 
-Slot = tuple[QuantizedWeight, str, str]  # (module, buffer name, key in the block's tensor dict)
+Slot = tuple[nn.Module, str, str]  # (module, parameter or buffer name, key in the block's tensor dict)
 
 
 class _BlockInput(torch.autograd.Function):
@@ -70,9 +71,14 @@ class _BlockOutput(torch.autograd.Function):
 
 
 class BlockStreamer:
-    """Moves ``model``'s decoder-block weights into ``store`` and streams them back on demand."""
+    """Moves ``model``'s decoder-block weights into ``store`` and streams them back on demand.
 
-    def __init__(self, model: nn.Module, store: BlockStore, prefetch: int = 1) -> None:
+    ``streamed`` picks what of a block streams: its packed quantized weights (default), or every float weight
+    (:func:`float_weights`: a float teacher whose blocks are read from its checkpoint).
+    """
+
+    def __init__(self, model: nn.Module, store: BlockStore, prefetch: int = 1,
+                 streamed: Callable[[nn.Module], tuple[list[Slot], Tensors]] | None = None) -> None:
         if prefetch < 0:
             raise EngineError(f"prefetch must be >= 0, got {prefetch}")
         self.store, self.prefetch = store, prefetch
@@ -80,7 +86,7 @@ class BlockStreamer:
         self.slots: list[list[Slot]] = []
         self.placeholders: list[Tensors] = []
         for index, block in enumerate(self.blocks):
-            slots, tensors = _block_buffers(block)
+            slots, tensors = (streamed or packed_weights)(block)
             if not slots:
                 raise EngineError(f"decoder block {index} has no quantized weights to stream (quantize the model first)")
             if index not in store:
@@ -110,7 +116,10 @@ class BlockStreamer:
         for module, name, key in self.slots[index]:
             if key not in tensors:
                 raise EngineError(f"block {index}: the {self.store.tier} store lacks tensor {key!r}")
-            module._buffers[name] = tensors[key]
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(tensors[key], requires_grad=False)
+            else:
+                module._buffers[name] = tensors[key]
 
     def _prefetch(self, index: int) -> None:
         if index not in self._resident and index not in self._pending:
@@ -208,13 +217,26 @@ class BlockStreamer:
         self._executor.shutdown()
 
 
-def _block_buffers(block: nn.Module) -> tuple[list[Slot], Tensors]:
+def packed_weights(block: nn.Module) -> tuple[list[Slot], Tensors]:
+    """The buffers of a block's quantized weights (codes, scales, zero points, ...), by name within the block."""
     slots, tensors = [], {}
     for module_name, module in block.named_modules():
         if isinstance(module, QuantizedWeight):
             for name, buffer in module._buffers.items():
-                if buffer is not None:
+                if buffer is not None and name not in module._non_persistent_buffers_set:
                     key = f"{module_name}.{name}"
                     slots.append((module, name, key))
                     tensors[key] = buffer
+    return slots, tensors
+
+
+def float_weights(block: nn.Module) -> tuple[list[Slot], Tensors]:
+    """Every parameter and persistent buffer of a float block, by name within the block."""
+    slots, tensors = [], {}
+    for module_name, module in block.named_modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and name not in module._non_persistent_buffers_set:
+                key = f"{module_name}.{name}" if module_name else name
+                slots.append((module, name, key))
+                tensors[key] = tensor
     return slots, tensors

@@ -15,9 +15,7 @@ needed whole at once:
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,27 +24,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
-from engine.storage import atomic_save_safetensors
+from engine.model import vocab_table_names
+from engine.storage import atomic_save_safetensors, safetensors_header
 
 TABLE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 HEAD_TILE_BYTES = 16 << 20  # rows per read of the head in its own forward (evaluation's full logits)
 
 
 class DiskTable(nn.Module):
-    """A frozen ``[rows, columns]`` float table kept in a safetensors file (tensor ``weight``), read by rows."""
+    """A frozen ``[rows, columns]`` float table kept as tensor ``tensor`` of a safetensors file, read by rows (in
+    place: a quantized directory's or a checkpoint's own file serves, with no copy)."""
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", tensor: str = "weight") -> None:
         super().__init__()
         self.path, self.device = Path(path), torch.device(device)
-        with open(self.path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            entry = json.loads(f.read(header_len))["weight"]
+        header, data_start = safetensors_header(self.path)
+        if tensor not in header:
+            raise EngineError(f"{self.path}: no tensor {tensor!r}")
+        entry = header[tensor]
         if entry["dtype"] not in TABLE_DTYPES:
             raise EngineError(f"{self.path}: table dtype {entry['dtype']} not one of {', '.join(TABLE_DTYPES)}")
         self.dtype = TABLE_DTYPES[entry["dtype"]]
         self.rows, self.columns = entry["shape"]
         self.row_bytes = self.columns * self.dtype.itemsize
-        self.data_start = 8 + header_len + entry["data_offsets"][0]
+        self.data_start = data_start + entry["data_offsets"][0]
 
     @classmethod
     def offload(cls, weight: torch.Tensor, path: str | Path) -> DiskTable:
@@ -105,14 +106,13 @@ class DiskHead(DiskTable):
 
 
 def disk_vocab_tables(model: nn.Module) -> dict[str, nn.Module]:
-    """The tables the disk tier keeps on disk, by name: the input embeddings and a bias-free linear head; neither
-    when the two are tied (one tensor, which both uses need)."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is embedding.weight:
-        return {}
-    tables = {"input embeddings": embedding}
-    if isinstance(head, nn.Linear) and head.bias is None:
-        tables["output head"] = head
+    """The tables the disk tier keeps on disk, by role (:func:`engine.model.vocab_table_names`)."""
+    roles = vocab_table_names(model)
+    tables = {}
+    if "input embeddings" in roles:
+        tables["input embeddings"] = model.get_input_embeddings()
+    if "output head" in roles:
+        tables["output head"] = model.get_output_embeddings()
     return tables
 
 
@@ -126,3 +126,14 @@ def offload_vocab_tables(model: nn.Module, directory: str | Path) -> list[str]:
     if "output head" in tables:
         model.set_output_embeddings(DiskHead.offload(tables["output head"].weight, directory / "output_head.safetensors"))
     return list(tables)
+
+
+def vocab_tables_in_place(model: nn.Module, path: str | Path) -> list[str]:
+    """Read ``model``'s vocabulary tables (left on ``meta``) from the safetensors file ``path`` that holds them under
+    their own names (a quantized directory's ``outside.safetensors``): nothing is copied."""
+    roles = vocab_table_names(model)
+    if "input embeddings" in roles:
+        model.set_input_embeddings(DiskEmbedding(path, tensor=roles["input embeddings"]))
+    if "output head" in roles:
+        model.set_output_embeddings(DiskHead(path, tensor=roles["output head"]))
+    return list(roles)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from engine.data import check_data
 from engine.eval import task_metric
 from engine.model import model_size, set_active_rank
-from engine.pipelines.loading import load_with_adapter
+from engine.pipelines.loading import attach_offload, load_with_adapter, streams_in_place
 from engine.pipelines.specs import EvalSpec
 
 
@@ -16,8 +18,19 @@ def evaluate(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     ``{"ranks": {rank: metrics}}``, the dynamic-rank adapter cut to each rank in turn."""
     for task in spec.tasks:
         check_data(task.data.file, task.data.format_spec())  # before the (possibly long) model load
-    model, tokenizer, _ = load_with_adapter(spec.model)
+    model, tokenizer, _ = load_with_adapter(spec.model, stream=streams_in_place(spec.model, spec.offload))
     report: dict[str, Any] = {"model": spec.model, **model_size(model), "tasks": {}}
+    with tempfile.TemporaryDirectory(prefix="modulora-eval-blocks-") as scratch:
+        streamer = attach_offload(model, spec.model, spec.offload, Path(scratch))
+        try:
+            _score(model, tokenizer, spec, report, progress)
+        finally:
+            if streamer is not None:
+                streamer.close()
+    return report
+
+
+def _score(model: Any, tokenizer: Any, spec: EvalSpec, report: dict[str, Any], progress: bool) -> None:
     for task in spec.tasks:
         d = task.data
         metric = task_metric(d.format, d.file, tokenizer, d.format_spec(), d.limit, d.seq_len, task.batch_size,
@@ -31,4 +44,3 @@ def evaluate(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
             report["tasks"][task.label] = {"ranks": per_rank}
         else:
             report["tasks"][task.label] = metric(model)
-    return report

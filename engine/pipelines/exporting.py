@@ -1,15 +1,22 @@
 """The export use case: a run's adapter as a PEFT adapter (cut to a rank) and, optionally, merged into a float
-model that transformers loads alone."""
+model that transformers loads alone, written one decoder block at a time (a quantized directory's blocks are read
+from its files one by one, its vocabulary tables copied from its outside file)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+
 from engine.export import attach_adapter, read_adapter, save_adapter, save_merged
-from engine.model import load_model, set_active_rank
-from engine.pipelines.loading import ADAPTER_DIR
-from engine.pipelines.specs import ExportSpec
+from engine.model import (
+    OUTSIDE, BlockLifecycle, is_quantized_dir, load_block_weights, load_model, read_manifest, release_block_weights,
+    set_active_rank, vocab_table_names,
+)
+from engine.pipelines.loading import ADAPTER_DIR, COMPUTE_DEVICE
+from engine.pipelines.specs import COMPUTE_DTYPES, ExportSpec
 
 
 def export(spec: ExportSpec) -> dict[str, Any]:
@@ -17,10 +24,21 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     adapter = Path(spec.run) / ADAPTER_DIR
     config, _ = read_adapter(adapter)
     base = config["base_model_name_or_path"]
-    model, tokenizer, _ = load_model(base)
-    attach_adapter(model, adapter)
+    stream = spec.merged and is_quantized_dir(base) and read_manifest(base)["format_version"] == 2
+    model, tokenizer, _ = load_model(base, stream=stream)
+    attach_adapter(model, adapter, device=COMPUTE_DEVICE)
     save_adapter(model, Path(spec.out) / "adapter", base, spec.rank)
     if spec.merged:
         set_active_rank(model, spec.rank)
-        save_merged(model, tokenizer, Path(spec.out) / "merged")
+        blocks, extra = None, None
+        if stream:
+            blocks = BlockLifecycle(lambda i: load_block_weights(model, base, i), lambda i: release_block_weights(model, i))
+            extra = lambda: _tables(model, Path(base))  # noqa: E731
+        save_merged(model, tokenizer, Path(spec.out) / "merged", COMPUTE_DTYPES[spec.dtype], blocks, extra)
     return {"rank": spec.rank or config["r"], "base": base, "merged": spec.merged}
+
+
+def _tables(model: Any, base: Path) -> dict[str, torch.Tensor]:
+    """The vocabulary tables a streamed model left in its directory's outside file."""
+    with safe_open(str(base / OUTSIDE), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in vocab_table_names(model).values()}

@@ -19,9 +19,10 @@ from engine.data import build_examples, check_data, read_text, token_windows
 from engine.eval import perplexity
 from engine.export import save_adapter
 from engine.model import add_lora, lora_layers, model_size
-from engine.offload import BlockStreamer, make_store, offload_vocab_tables
 from engine.options import as_plain
-from engine.pipelines.loading import ADAPTER_DIR, load_with_adapter, pad_id
+from engine.pipelines.loading import (
+    ADAPTER_DIR, COMPUTE_DEVICE, attach_offload, load_with_adapter, pad_id, streams_in_place,
+)
 from engine.pipelines.specs import COMPUTE_DTYPES, FinetuneSpec, LoraSpec
 from engine.storage import atomic_write_json
 from engine.train import EvalFn, Trainer
@@ -32,20 +33,16 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
 
     With ``spec.offload.tier`` the decoder blocks' packed weights live on that
     tier and are streamed in block by block; the updates are the same bit for bit.
+    On the disk tier a quantized directory is streamed from its own files.
     """
     out = Path(spec.out)
     check_data(spec.data.file, spec.data.format_spec())
-    model, tokenizer, _ = load_with_adapter(spec.model)
+    model, tokenizer, _ = load_with_adapter(spec.model, stream=streams_in_place(spec.model, spec.offload))
     prepare_adapters(model, spec.lora, spec.train.seed, spec.dtype)
     examples = build_examples(spec.data.file, spec.data.format_spec(), tokenizer, spec.data.seq_len, spec.data.limit)
     eval_fn = _perplexity_eval(tokenizer, spec) if spec.eval_data else None
     size = model_size(model)  # before offloading: the same figures as a resident run
-    streamer = None
-    if spec.offload.tier is not None:
-        store = make_store(spec.offload.tier, directory=spec.offload.dir or out / "blocks")
-        streamer = BlockStreamer(model, store, spec.offload.prefetch)
-        if spec.offload.tier == "disk":
-            offload_vocab_tables(model, store.directory)
+    streamer = attach_offload(model, spec.model, spec.offload, out / "blocks")
     trainer = Trainer(model, examples, spec.train, out, pad_id(tokenizer), rank_max=spec.lora.rank_max,
                       dynamic_frozen=spec.lora.frozen, host_optimizer=spec.offload.optimizer, eval_fn=eval_fn)
     start = time.perf_counter()
@@ -68,7 +65,7 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
 def prepare_adapters(model: PreTrainedModel, lora: LoraSpec, seed: int, dtype: str) -> None:
     """Fresh adapters, unless the model (a corrected one) already carries one: then training goes on from it."""
     if not lora_layers(model):
-        add_lora(model, lora.adapter_rank, lora.scale_alpha, seed=seed)
+        add_lora(model, lora.adapter_rank, lora.scale_alpha, seed=seed, device=COMPUTE_DEVICE)
     for layer in lora_layers(model).values():
         layer.compute_dtype = COMPUTE_DTYPES[dtype]
 

@@ -1,4 +1,5 @@
-"""Loading what a use case starts from: a model with the adapter of a corrected directory or a finetune run."""
+"""Loading what a use case starts from: a model with the adapter of a corrected directory or a finetune run, and
+the offload tier its decoder blocks are streamed from."""
 
 from __future__ import annotations
 
@@ -8,24 +9,57 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.export import attach_adapter, is_adapter_dir, read_adapter
-from engine.model import is_quantized_dir, load_model
+from engine.model import is_quantized_dir, load_model, read_manifest
+from engine.offload import BlockStreamer, make_store, offload_vocab_tables, stream_from_directory
+from engine.pipelines.specs import OffloadSpec
 
 ADAPTER_DIR = "adapter"
+COMPUTE_DEVICE = "cpu"  # where adapters are made for a model whose blocks are streamed in
 
 
-def load_with_adapter(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
-    """A model with the adapter of a corrected directory or of a finetune run, else the model itself.
-
-    A corrected directory is a quantized model with ``adapter/`` inside; a
-    finetune run holds only ``adapter/``, whose config names the base model.
-    """
+def base_of(source: str | Path) -> str:
+    """The model the weights come from: a quantized or corrected directory itself, a finetune run's base (its
+    adapter names it), else the source (a float model)."""
     adapter = Path(source) / ADAPTER_DIR
-    if not is_adapter_dir(adapter):
-        return load_model(source)
-    base = source if is_quantized_dir(source) else read_adapter(adapter)[0]["base_model_name_or_path"]
-    model, tokenizer, manifest = load_model(base)
-    attach_adapter(model, adapter)
+    if is_adapter_dir(adapter) and not is_quantized_dir(source):
+        return read_adapter(adapter)[0]["base_model_name_or_path"]
+    return str(source)
+
+
+def streams_in_place(source: str | Path, offload: OffloadSpec) -> bool:
+    """Whether the disk tier reads the blocks and vocabulary tables from the base's own files (a format 2
+    quantized directory, no other block directory asked for) instead of a copy."""
+    base = base_of(source)
+    return (offload.tier == "disk" and offload.dir is None and is_quantized_dir(base)
+            and read_manifest(base).get("format_version") == 2)
+
+
+def load_with_adapter(
+    source: str | Path, stream: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
+    """A model with the adapter of a corrected directory or of a finetune run, else the model itself; ``stream``
+    leaves the blocks' packed weights and the vocabulary tables on disk (see :func:`attach_offload`)."""
+    adapter = Path(source) / ADAPTER_DIR
+    model, tokenizer, manifest = load_model(base_of(source), stream)
+    if is_adapter_dir(adapter):
+        attach_adapter(model, adapter, device=COMPUTE_DEVICE)
     return model, tokenizer, manifest
+
+
+def attach_offload(model: PreTrainedModel, source: str | Path, offload: OffloadSpec,
+                   blocks_dir: Path) -> BlockStreamer | None:
+    """Stream ``model``'s decoder blocks from the tier ``offload`` names (None: resident).  A model loaded with
+    ``stream`` reads them, and its vocabulary tables, from its directory in place; otherwise the blocks go to
+    the tier's store (on disk: ``offload.dir`` or ``blocks_dir``, the tables beside them)."""
+    if offload.tier is None:
+        return None
+    if streams_in_place(source, offload):
+        return stream_from_directory(model, base_of(source), offload.prefetch)
+    store = make_store(offload.tier, directory=offload.dir or blocks_dir)
+    streamer = BlockStreamer(model, store, offload.prefetch)
+    if offload.tier == "disk":
+        offload_vocab_tables(model, store.directory)
+    return streamer
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

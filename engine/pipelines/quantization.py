@@ -1,4 +1,12 @@
-"""The quantize use case: a float model (or a quantized GGUF file) into a checksummed quantized directory."""
+"""The quantize use case: a float checkpoint (or a quantized GGUF file) into a checksummed quantized directory.
+
+The model is built on ``meta`` and handled one decoder block at a time: the
+block's float weights are read from the checkpoint, quantized (calibrated on
+the windows' hidden states carried from the block before, for OPTQ and
+QuIP#), written to the output's block file and released.  Memory holds one
+block's float weights, the embeddings, norms and head, and the calibration
+windows' activations.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from engine.data import calibration_windows, read_text
 from engine.model import (
+    BlockLifecycle,
+    QuantizedWriter,
     RunnerFactory,
     ShardRunner,
-    load_float_model,
+    blocks_prefix,
+    decoder_blocks,
+    load_block,
     load_gguf_quantized,
+    load_outside_blocks,
+    meta_model,
+    open_source,
     quantize_calibrated,
     quantize_model,
+    release_block,
     save_quantized,
+    target_linear_names,
 )
 from engine.options import as_plain
 from engine.pipelines.specs import GGUF_METHOD, QuantizeSpec
@@ -28,19 +47,40 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
         model, tokenizer, manifest = load_gguf_quantized(spec.model)
         return save_quantized(model, tokenizer, spec.out, {k: manifest[k] for k in ("source_model", "quantizer")})
     quantizer = spec.quantizer()
-    model, tokenizer = load_float_model(spec.model)
-    start = time.perf_counter()
+    source = open_source(spec.model)
+    model = meta_model(source.config)
+    load_outside_blocks(model, source)
+    writer = QuantizedWriter(spec.out, source.config, source.tokenizer())
     info: dict[str, Any] = {"source_model": _source(spec.model), "quantizer": quantizer.describe()}
-    if spec.calib is None:
-        quantize_model(model, quantizer)
-    else:
-        c = spec.calib
-        windows = calibration_windows(tokenizer, read_text(c.file), c.windows, c.seq_len, c.seed)
-        quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym, runner_factory=runner_factory)
-        info["calibration"] = {**as_plain(c), "file": str(Path(c.file).resolve()), "sha256": sha256_file(c.file),
-                               "asym_alpha": c.asym}
-    info["quantize_seconds"] = time.perf_counter() - start
-    return save_quantized(model, tokenizer, spec.out, info)
+    start = time.perf_counter()
+
+    def load(index: int) -> None:
+        load_block(model, index, source)
+
+    def done(index: int) -> None:
+        writer.write_block(model, index)
+        release_block(model, index)
+
+    try:
+        if spec.calib is None:
+            names, prefix = target_linear_names(model), blocks_prefix(model)
+            for index in tqdm(range(len(decoder_blocks(model))), desc=f"quantize ({quantizer.name})", unit="block",
+                              leave=False):
+                load(index)
+                quantize_model(model, quantizer, [n for n in names if n.startswith(f"{prefix}.{index}.")])
+                done(index)
+        else:
+            c = spec.calib
+            windows = calibration_windows(source.tokenizer(), read_text(c.file), c.windows, c.seq_len, c.seed)
+            quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
+                                runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
+            info["calibration"] = {**as_plain(c), "file": str(Path(c.file).resolve()), "sha256": sha256_file(c.file),
+                                   "asym_alpha": c.asym}
+        info["quantize_seconds"] = time.perf_counter() - start
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(model, info)
 
 
 def _source(model: str) -> str:

@@ -142,7 +142,13 @@ class CorrectSpec(Spec):
     limit: int | None = setting(None, "int", "Use at most this many windows.", minimum=1, optional=True)
     seq_len: int = setting(default_of(DataSpec, "seq_len"), "int", "Tokens per window.", minimum=2)
     train: TrainSpec = field(default_factory=TrainSpec)
+    offload: OffloadSpec = field(default_factory=OffloadSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint.")
+
+    def validate(self) -> None:
+        if self.offload.optimizer and self.train.optimizer != "cpu_adam":
+            raise SettingError("offload.optimizer", "keeping optimizer state on the host needs {0} cpu_adam",
+                               ("train.optimizer",))
 
     @property
     def lora(self) -> LoraSpec:
@@ -174,10 +180,13 @@ class EvalSpec(Spec):
 
     model: str = setting(kind="model", help="Model, quantized or corrected directory, or finetune run.")
     tasks: tuple[TaskSpec, ...] = ()
+    offload: OffloadSpec = field(default_factory=OffloadSpec)
 
     def validate(self) -> None:
         if not self.tasks:
             raise SettingError("tasks", "missing")
+        if self.offload.optimizer:
+            raise SettingError("offload.optimizer", "evaluation has no optimizer")
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,7 @@ class ExportSpec(Spec):
     out: str = setting(kind="path", help="Output directory.")
     rank: int | None = setting(None, "int", "Cut a dynamic-rank adapter to this rank.", minimum=1, optional=True)
     merged: bool = setting(False, "bool", "Also write a merged float model (transformers format) to OUT/merged.")
+    dtype: str = setting("float32", "str", "Float dtype of the merged model.", choices=tuple(COMPUTE_DTYPES))
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,64 @@ class TiledCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
 
 
+class TiledDistillation(torch.autograd.Function):
+    """``scale * sum_i [KL(p_t,i || p_s,i) + ce_weight * CE(p_s,i, target_i)]`` over rows, student logits
+    ``student_tiles`` applied to ``hidden``, teacher logits ``teacher_tiles`` applied to ``teacher_hidden`` (no
+    gradient), both a tile of vocabulary rows at a time.
+
+    One pass with running maxima: the student's log-sum-exp, the teacher's, and ``sum p_t (z_t - z_s)`` (the
+    teacher's weights rescaled as its maximum moves) give ``KL = sum p_t (z_t - z_s) - lse_t + lse_s``; the
+    gradient for the hidden states, ``((1 + w) p_s - p_t - w onehot) W_s``, is gathered in the same pass.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_tiles: Tiles,
+                teacher_tiles: Tiles, targets: torch.Tensor, ce_weight: float, scale: float) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        dt = torch.promote_types(hidden.dtype, torch.float32)
+        rows = hidden.shape[0]
+        max_s = torch.full((rows,), float("-inf"), dtype=dt, device=hidden.device)
+        max_t, sum_s, sum_t, cross, picked = max_s.clone(), *(torch.zeros_like(max_s) for _ in range(4))
+        if want_grad:
+            grad_s, grad_t, target_rows = (torch.zeros(hidden.shape, dtype=dt, device=hidden.device) for _ in range(3))
+        for (start, weight, bias), (start_t, weight_t, bias_t) in zip(student_tiles(), teacher_tiles()):
+            if start != start_t or weight.shape[0] != weight_t.shape[0]:
+                raise ValueError("student and teacher heads must have the same vocabulary")
+            z_s = F.linear(hidden, weight, bias).to(dt)
+            z_t = F.linear(teacher_hidden, weight_t, bias_t).to(dt)
+            positions = ((targets >= start) & (targets < start + weight.shape[0])).nonzero().squeeze(1)
+            columns = targets[positions] - start
+            picked[positions] = z_s[positions, columns]
+            new_t = torch.maximum(max_t, z_t.amax(dim=-1))
+            rescale_t = (max_t - new_t).exp_()
+            exp_t = (z_t - new_t.unsqueeze(1)).exp_()
+            sum_t.mul_(rescale_t).add_(exp_t.sum(dim=-1))
+            cross.mul_(rescale_t).add_((exp_t * (z_t - z_s)).sum(dim=-1))
+            new_s = torch.maximum(max_s, z_s.amax(dim=-1))
+            rescale_s = (max_s - new_s).exp_()
+            exp_s = z_s.sub_(new_s.unsqueeze(1)).exp_()  # unnormalised student softmax, in the logits' buffer
+            sum_s.mul_(rescale_s).add_(exp_s.sum(dim=-1))
+            if want_grad:
+                grad_s.mul_(rescale_s.unsqueeze(1)).add_(exp_s.to(hidden.dtype) @ weight)
+                grad_t.mul_(rescale_t.unsqueeze(1)).add_(exp_t.to(hidden.dtype) @ weight)
+                target_rows[positions] = weight[columns].to(dt)
+            max_s, max_t = new_s, new_t
+        lse_s, lse_t = max_s + sum_s.log(), max_t + sum_t.log()
+        kl = cross / sum_t - lse_t + lse_s
+        grad_hidden = None
+        if want_grad:
+            grad_hidden = (grad_s.div_(sum_s.unsqueeze(1)).mul_(1 + ce_weight).sub_(grad_t.div_(sum_t.unsqueeze(1)))
+                           .sub_(target_rows.mul_(ce_weight)).mul_(scale).to(hidden.dtype))
+        ctx.save_for_backward(grad_hidden)
+        return (kl + ce_weight * (lse_s - picked)).sum() * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_hidden,) = ctx.saved_tensors
+        grad = None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype)
+        return grad, None, None, None, None, None, None
+
+
 def head_tiles(head: nn.Module, tile_rows: int) -> Tiles:
     """The tiles of ``tile_rows`` vocabulary rows of an ``nn.Linear`` (views) or of a head on disk (reads)."""
     if hasattr(head, "weight_tiles"):
@@ -110,6 +168,27 @@ def linear_cross_entropy(
     tile_rows = max(1, chunk_tokens * head.out_features // max(rows.shape[0], 1))
     scale = 1.0 / max(valid.numel(), 1)
     return TiledCrossEntropy.apply(rows, head_tiles(head, tile_rows), targets.index_select(0, valid), scale)
+
+
+def linear_distillation(
+    hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    head: nn.Module,
+    teacher_head: nn.Module,
+    labels: torch.Tensor,
+    ce_weight: float,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Mean over predicted tokens of KL(teacher || student) + ``ce_weight`` x cross-entropy (LREC), the frozen
+    heads applied a tile of the vocabulary at a time (as :func:`linear_cross_entropy`)."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    valid = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
+    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).index_select(0, valid)
+    tile_rows = max(1, chunk_tokens * head.out_features // max(rows.shape[0], 1))
+    scale = 1.0 / max(valid.numel(), 1)
+    return TiledDistillation.apply(rows, teacher_rows, head_tiles(head, tile_rows), head_tiles(teacher_head, tile_rows),
+                                   targets.index_select(0, valid), ce_weight, scale)
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:

@@ -20,32 +20,32 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from engine.errors import EngineError
+
 from engine.model.adapters import lora_layers
+from engine.train.losses import linear_distillation, supports_chunked_loss
 from engine.quant.base import LayerStats, Quantizer
 
 DistillLoss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def distillation_loss(teacher: nn.Module, ce_weight: float, temperature: float = 1.0) -> DistillLoss:
-    """A trainer loss: per-token KL(teacher || student) plus ``ce_weight`` times cross-entropy."""
+def distillation_loss(teacher: nn.Module, ce_weight: float) -> DistillLoss:
+    """A trainer loss: per-token KL(teacher || student) plus ``ce_weight`` times cross-entropy, over tiles of
+    the vocabulary (no logits tensor; the teacher may stream its blocks, its head may be on disk)."""
     teacher.eval()
+    if not (supports_chunked_loss(teacher)):
+        raise EngineError(f"{type(teacher).__name__}: LREC needs logits that are the output head's (no soft-capping)")
 
     def loss(student: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits[:, :-1].float()
-        student_logits = student(**inputs).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        log_p_s = F.log_softmax(student_logits[mask] / temperature, dim=-1)
-        log_p_t = F.log_softmax(teacher_logits[mask] / temperature, dim=-1)
-        kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
-        ce = F.cross_entropy(student_logits[mask], labels[mask])
-        return kl + ce_weight * ce
+            teacher_hidden = teacher.get_decoder()(**inputs).last_hidden_state
+        hidden = student.get_decoder()(**inputs).last_hidden_state
+        return linear_distillation(hidden, teacher_hidden, student.get_output_embeddings(),
+                                   teacher.get_output_embeddings(), batch["labels"], ce_weight)
 
     return loss
 
@@ -75,9 +75,11 @@ def loftq_init(
     quantizer: Quantizer,
     iters: int,
     stats: dict[str, LayerStats] | None = None,
+    names: list[str] | None = None,
 ) -> None:
-    """Re-quantize every adapted layer of ``student`` from ``teacher``'s float weight with LoftQ."""
-    layers = lora_layers(student)
+    """Re-quantize every adapted layer of ``student`` (or those in ``names``: one decoder block, whose teacher
+    weights are resident) from ``teacher``'s float weight with LoftQ."""
+    layers = {n: m for n, m in lora_layers(student).items() if names is None or n in names}
     for name, layer in tqdm(layers.items(), desc="loftq init", unit="layer", leave=False):
         weight = teacher.get_submodule(name).weight
         qweight, a, b = loftq_layer(weight, quantizer, layer.rank, layer.scaling, iters, stats and stats.get(name))

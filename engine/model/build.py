@@ -1,0 +1,108 @@
+"""Models built on ``meta`` and materialised part by part from a checkpoint.
+
+Building a transformers model on ``meta`` costs nothing at any size; a part
+(one decoder block, or everything outside the blocks) then gets its tensors
+from a :class:`~engine.model.source.CheckpointSource`, and goes back to
+``meta`` when it is done with.  A path that holds one block at a time thus
+holds one block's float weights at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from engine.errors import EngineError
+from engine.model.quantize import decoder_blocks, replace_module
+from engine.model.source import CheckpointSource
+
+
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model with every tensor on ``meta``: shapes only."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """The qualified name of the decoder blocks' list (``model.layers`` for Llama)."""
+    blocks = decoder_blocks(model)
+    return next(name for name, module in model.named_modules() if module is blocks)
+
+
+def _read(source: CheckpointSource, name: str, like: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = source.read(name)
+    if tuple(tensor.shape) != tuple(like.shape):
+        raise EngineError(f"{source.path}: {name} is {tuple(tensor.shape)} in the checkpoint, {tuple(like.shape)} in "
+                          "its config")
+    return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+
+
+def materialize(module: nn.Module, prefix: str, source: CheckpointSource, dtype: torch.dtype | None = None,
+                skip: tuple[str, ...] = ()) -> None:
+    """Every ``meta`` parameter and persistent buffer of ``module`` read from ``source`` (named ``prefix`` + its
+    name), but those under ``skip`` (qualified prefixes); ``dtype`` None keeps the checkpoint's."""
+    for name, sub in module.named_modules():
+        qualified = f"{prefix}{name}." if name else prefix
+        if qualified.startswith(skip):
+            continue
+        for key, param in list(sub._parameters.items()):
+            if param is not None and param.is_meta and f"{qualified}{key}" in source:
+                value = _read(source, f"{qualified}{key}", param, dtype)
+                sub._parameters[key] = nn.Parameter(value, requires_grad=False)
+        for key, buffer in list(sub._buffers.items()):
+            if buffer is not None and buffer.is_meta and f"{qualified}{key}" in source:
+                sub._buffers[key] = _read(source, f"{qualified}{key}", buffer, dtype)
+
+
+def load_outside_blocks(model: PreTrainedModel, source: CheckpointSource, dtype: torch.dtype | None = None) -> None:
+    """Embeddings, final norm, output head (tied to the embeddings where the config says so) and the rotary
+    tables: everything but the decoder blocks."""
+    prefix = blocks_prefix(model)
+    materialize(model, "", source, dtype, skip=(f"{prefix}.",))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _recompute_buffers(model, prefix)
+    _check_materialised(model, source, skip=f"{prefix}.")
+
+
+def load_block(model: PreTrainedModel, index: int, source: CheckpointSource, dtype: torch.dtype | None = None) -> nn.Module:
+    """Decoder block ``index`` with its float weights read from ``source``."""
+    prefix = f"{blocks_prefix(model)}.{index}."
+    block = decoder_blocks(model)[index]
+    materialize(block, prefix, source, dtype)
+    _check_materialised(block, source, prefix=prefix)
+    return block
+
+
+def release_block(model: PreTrainedModel, index: int) -> None:
+    """Decoder block ``index`` back to ``meta``: its memory is free again."""
+    decoder_blocks(model)[index].to("meta")
+
+
+def _recompute_buffers(model: PreTrainedModel, blocks: str) -> None:
+    """Buffers a checkpoint does not hold (rotary frequency tables) made again from the config."""
+    for name, module in list(model.named_modules()):
+        if name.startswith(f"{blocks}.") or not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if "rotary" not in type(module).__name__.lower():
+            raise EngineError(f"{name}: cannot materialise its buffers ({type(module).__name__})")
+        replace_module(model, name, type(module)(config=model.config))
+
+
+def _check_materialised(module: nn.Module, source: CheckpointSource, prefix: str = "", skip: str | None = None) -> None:
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_meta and not (skip and f"{prefix}{name}".startswith(skip)):
+            raise EngineError(f"{source.path}: the checkpoint has no tensor {prefix}{name}")
+
+
+def load_resident(source: CheckpointSource, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The whole model materialised (for a model that fits in memory: evaluation of a float model)."""
+    model = meta_model(source.config)
+    load_outside_blocks(model, source, dtype)
+    for index in range(len(decoder_blocks(model))):
+        load_block(model, index, source, dtype)
+    return model

@@ -1,0 +1,167 @@
+"""Float checkpoints read one tensor at a time: Hugging Face safetensors (one file, or shards with an index) and GGUF.
+
+A model larger than memory is never read whole: the model is built on ``meta``
+(:mod:`engine.model.build`) and each tensor is read from its source only when
+the part of the model that holds it is materialised (one decoder block, or the
+embeddings, norms and head).  Tensors come back in the checkpoint's own dtype
+(bfloat16 stays bfloat16); safetensors shards are memory-mapped, so a tensor
+costs its own bytes, nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from engine.errors import EngineError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointSource(ABC):
+    """A float checkpoint: its config, its tokenizer and its tensors by parameter name."""
+
+    def __init__(self, path: Path, config: PretrainedConfig) -> None:
+        self.path, self.config = path, config
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Parameter names the checkpoint holds (a tied output head may be absent)."""
+
+    @abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in the checkpoint's dtype, on the CPU."""
+
+    @abstractmethod
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._name_set
+
+    @property
+    def _name_set(self) -> set[str]:
+        if not hasattr(self, "_names_cache"):
+            self._names_cache = set(self.names())
+        return self._names_cache
+
+
+class SafetensorsSource(CheckpointSource):
+    """A Hugging Face model directory: ``config.json``, ``model.safetensors`` or sharded files with an index."""
+
+    def __init__(self, directory: Path) -> None:
+        if not (directory / "config.json").is_file():
+            raise EngineError(f"{directory}: not a model directory (no config.json)")
+        super().__init__(directory, AutoConfig.from_pretrained(str(directory)))
+        if (directory / INDEX_FILE).is_file():
+            try:
+                weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise EngineError(f"{directory / INDEX_FILE}: not a safetensors index ({exc})") from None
+        elif (directory / SINGLE_FILE).is_file():
+            weight_map = {name: SINGLE_FILE for name in self._keys(directory / SINGLE_FILE)}
+        else:
+            raise EngineError(f"{directory}: no {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints are read)")
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, Any] = {}
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def file_of(self, name: str) -> Path:
+        """The shard that holds ``name`` (a safetensors file: tables on disk read it in place)."""
+        return self.path / self.weight_map[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.weight_map:
+            raise EngineError(f"{self.path}: the checkpoint has no tensor {name!r}")
+        file = self.weight_map[name]
+        try:
+            if file not in self._handles:
+                self._handles[file] = safe_open(str(self.path / file), framework="pt")
+            return self._handles[file].get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise EngineError(f"{self.path / file}: unreadable ({exc})") from None
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+
+class GGUFSource(CheckpointSource):
+    """A GGUF file: tensors dequantized to float32 one at a time, renamed and re-ordered as transformers' GGUF
+    loader does (its name map and tensor processor, e.g. Llama's rotary row order of Q and K)."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        from engine.model.build import meta_model
+        from engine.model.loading import gguf_config_and_tokenizer
+
+        config, self._tokenizer = gguf_config_and_tokenizer(path)
+        super().__init__(path, config)
+        try:
+            self.reader = GGUFReader(path)
+        except (ValueError, OSError) as exc:
+            raise EngineError(f"{path}: not a readable GGUF file ({exc})") from None
+        architecture = self.reader.fields["general.architecture"].contents()
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+        self.mapping = get_gguf_hf_weights_map(meta_model(config), self.processor)
+        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        if name not in self.tensors:
+            raise EngineError(f"{self.path}: the file has no tensor for {name!r}")
+        tensor = self.tensors[name]
+        result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                        tensor_key_mapping=self.mapping, parsed_parameters={"tensors": {}})
+        return torch.from_numpy(np.array(result.weights, dtype=np.float32))
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+
+def open_source(source: str | Path) -> CheckpointSource:
+    """A float checkpoint: a ``.gguf`` file, a local Hugging Face directory, or a hub id (downloaded to the local
+    cache first; with ``HF_HUB_OFFLINE=1`` or no network, one line naming the id)."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFSource(path)
+    if path.is_dir():
+        return SafetensorsSource(path)
+    if path.exists():
+        raise EngineError(f"{path}: expected a .gguf file or a model directory")
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise EngineError(f"{source}: no such file or directory")
+    return SafetensorsSource(_hub_snapshot(str(source)))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise EngineError(f"{repo_id}: not a local path, and the hub copy could not be had "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
