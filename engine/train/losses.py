@@ -34,6 +34,14 @@ DEFAULT_CHUNK_TOKENS = 64
 Tiles = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]]  # (first row, weight, bias) per tile
 
 
+def _running_softmax(running_max: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One tile of a softmax over tiles: the new running maximum, the factor that rescales sums kept against the
+    old one, and the tile's ``exp(logits - new maximum)`` (computed in place in ``logits``)."""
+    new_max = torch.maximum(running_max, logits.amax(dim=-1))
+    rescale = (running_max - new_max).exp_()
+    return new_max, rescale, logits.sub_(new_max.unsqueeze(1)).exp_()
+
+
 class TiledCrossEntropy(torch.autograd.Function):
     """``scale * sum_i CE(head(hidden_i), target_i)`` over rows, the frozen head given as ``tiles()``.
 
@@ -54,9 +62,7 @@ class TiledCrossEntropy(torch.autograd.Function):
             positions = ((targets >= start) & (targets < start + weight.shape[0])).nonzero().squeeze(1)
             columns = targets[positions] - start
             picked[positions] = logits[positions, columns]
-            new_max = torch.maximum(running_max, logits.amax(dim=-1))
-            rescale = (running_max - new_max).exp_()
-            probs = logits.sub_(new_max.unsqueeze(1)).exp_()  # unnormalised, in the logits' buffer
+            new_max, rescale, probs = _running_softmax(running_max, logits)  # probs unnormalised
             sum_exp.mul_(rescale).add_(probs.sum(dim=-1))
             if want_grad:
                 weighted.mul_(rescale.unsqueeze(1)).add_(probs.to(hidden.dtype) @ weight)
@@ -104,14 +110,11 @@ class TiledDistillation(torch.autograd.Function):
             positions = ((targets >= start) & (targets < start + weight.shape[0])).nonzero().squeeze(1)
             columns = targets[positions] - start
             picked[positions] = z_s[positions, columns]
-            new_t = torch.maximum(max_t, z_t.amax(dim=-1))
-            rescale_t = (max_t - new_t).exp_()
-            exp_t = (z_t - new_t.unsqueeze(1)).exp_()
+            difference = z_t - z_s
+            new_t, rescale_t, exp_t = _running_softmax(max_t, z_t)
             sum_t.mul_(rescale_t).add_(exp_t.sum(dim=-1))
-            cross.mul_(rescale_t).add_((exp_t * (z_t - z_s)).sum(dim=-1))
-            new_s = torch.maximum(max_s, z_s.amax(dim=-1))
-            rescale_s = (max_s - new_s).exp_()
-            exp_s = z_s.sub_(new_s.unsqueeze(1)).exp_()  # unnormalised student softmax, in the logits' buffer
+            cross.mul_(rescale_t).add_((exp_t * difference).sum(dim=-1))
+            new_s, rescale_s, exp_s = _running_softmax(max_s, z_s)  # unnormalised softmaxes
             sum_s.mul_(rescale_s).add_(exp_s.sum(dim=-1))
             if want_grad:
                 grad_s.mul_(rescale_s.unsqueeze(1)).add_(exp_s.to(hidden.dtype) @ weight)
