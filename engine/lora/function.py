@@ -1,63 +1,22 @@
 """The quantization-agnostic ModuLoRA autograd function.
 
-``y = x W^T + s (x A^T) B^T`` where ``W`` is only ever available through
-``qweight.dequantize``.  Forward and backward both re-materialise ``W`` (in tiles of at
-most ``tile_numel`` elements when set, bounding the transient dense buffer); the
-context saves ``x``, ``A``, ``B`` and ``x A^T`` but never the dense weight.
+``y = x W^T + s (x A^T) B^T`` where ``W`` is only ever available through the
+packed weight's own products (``qweight.matmul`` and ``matmul_t``, by default
+tiled dequantization).  Forward and backward both re-materialise ``W`` (in tiles
+of at most ``tile_numel`` elements when set, bounding the transient dense
+buffer); the context saves ``x``, ``A``, ``B`` and ``x A^T`` but never the dense
+weight.
 This is the ModuLoRA paper's backward pass (Yin et al., 2023): it works for any
 quantizer because it needs nothing but a dequantize method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from engine.quant.base import QuantizedWeight
-
-TILE_ALIGN = 64  # column tiles are multiples of this, so they start on group and packing-chunk boundaries
-
-
-def _resident(weight: torch.Tensor) -> torch.Tensor:
-    """Refuse a shape-only placeholder: CPU matmuls against ``meta`` tensors return garbage silently."""
-    if weight.is_meta:
-        raise RuntimeError("quantized weight is not resident: its decoder block was not streamed in")
-    return weight
-
-
-def _spans(n: int, step: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
-
-
-def quantized_matmul(x: torch.Tensor, qweight: QuantizedWeight, tile_numel: int | None) -> torch.Tensor:
-    """``x @ W^T``; with a tile budget, ``W`` is dequantized a block of input columns at a time
-    and the partial products accumulate in place into one output buffer."""
-    n_out, n_in = qweight.out_features, qweight.in_features
-    if tile_numel is None or tile_numel >= n_out * n_in:
-        return x @ _resident(qweight.dequantize(x.dtype)).T
-    step = max(TILE_ALIGN, tile_numel // n_out // TILE_ALIGN * TILE_ALIGN)
-    x2 = x.reshape(-1, n_in)
-    y = torch.zeros(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
-    for c0, c1 in _spans(n_in, step):
-        y.addmm_(x2[:, c0:c1], _resident(qweight.dequantize(x.dtype, cols=(c0, c1))).T)
-    return y.view(*x.shape[:-1], n_out)
-
-
-def quantized_matmul_transposed(g: torch.Tensor, qweight: QuantizedWeight, tile_numel: int | None) -> torch.Tensor:
-    """``g @ W`` (the input gradient); with a tile budget, accumulated over blocks of ``W``'s rows."""
-    n_out, n_in = qweight.out_features, qweight.in_features
-    if tile_numel is None or tile_numel >= n_out * n_in:
-        return g @ _resident(qweight.dequantize(g.dtype))
-    step = max(1, tile_numel // n_in)
-    g2 = g.reshape(-1, n_out)
-    out = torch.zeros(g2.shape[0], n_in, dtype=g.dtype, device=g.device)
-    for r0, r1 in _spans(n_out, step):
-        out.addmm_(g2[:, r0:r1], _resident(qweight.dequantize(g.dtype, rows=(r0, r1))))
-    return out.view(*g.shape[:-1], n_in)
-
 
 class ModuLoRAFunction(torch.autograd.Function):
     """Fused base + LoRA matmul; gradients for ``x``, ``A`` and ``B`` only (``W`` is frozen)."""
@@ -74,7 +33,7 @@ class ModuLoRAFunction(torch.autograd.Function):
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
         xc = x.to(compute_dtype)
-        y = quantized_matmul(xc, qweight, tile_numel)
+        y = qweight.matmul(xc, tile_numel)
         xa = None
         if lora_a is not None:
             xa = xc @ lora_a.to(compute_dtype).T
@@ -91,7 +50,7 @@ class ModuLoRAFunction(torch.autograd.Function):
         g = grad_y.to(dt)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = quantized_matmul_transposed(g, ctx.qweight, ctx.tile_numel)
+            grad_x = ctx.qweight.matmul_t(g, ctx.tile_numel)
         if lora_a is not None:
             gb = g @ lora_b.to(dt)  # [..., r]
             if ctx.needs_input_grad[0]:

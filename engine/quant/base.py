@@ -15,7 +15,9 @@ See ``docs/custom_quantizer.md`` for a worked example of a user's own quantizer.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,10 +28,20 @@ from engine.errors import EngineError
 from engine.options import Option, SettingError
 
 Span = tuple[int, int]
+TILE_ALIGN = 64  # column tiles are multiples of this at least (group and packing-chunk boundaries)
 
 
 class QuantizedWeight(nn.Module, ABC):
-    """A frozen low-precision ``[out_features, in_features]`` weight."""
+    """A frozen low-precision ``[out_features, in_features]`` weight.
+
+    Compute goes through :meth:`matmul` (``x Wᵀ``) and :meth:`matmul_t` (``g W``),
+    which by default re-materialise ``W`` in tiles of at most ``tile_numel``
+    weights, each weight once per product: column tiles for the forward product
+    when the format can decode a span of columns by itself (``column_granule``
+    columns at a time), row tiles otherwise and for the input gradient.  A format
+    overrides them where its own layout computes better (QuIP#: the rotation is
+    applied to the activations).
+    """
 
     format_name: ClassVar[str]
 
@@ -62,6 +74,31 @@ class QuantizedWeight(nn.Module, ABC):
         return {"format": self.format_name, **self.config()}
 
     @property
+    def column_granule(self) -> int | None:
+        """Columns a tile of this weight spans in multiples of, so that no stored unit (group, block, packed
+        chunk) is decoded twice; None when columns cannot be decoded without their whole rows."""
+        return TILE_ALIGN
+
+    def matmul(self, x: torch.Tensor, tile_numel: int | None = None) -> torch.Tensor:
+        """``x @ W^T``: with a tile budget, ``W`` in tiles (see the class docstring)."""
+        if tile_numel is None or tile_numel >= self.out_features * self.in_features:
+            return x @ resident(self.dequantize(x.dtype)).T
+        granule = self.column_granule
+        if granule is None or granule >= self.in_features:
+            return row_tiled_matmul(x, self.out_features, lambda r0, r1: self.dequantize(x.dtype, rows=(r0, r1)),
+                                    max(1, tile_numel // self.in_features))
+        step = max(granule, tile_numel // self.out_features // granule * granule)
+        return column_tiled_matmul(x, self.out_features, self.in_features,
+                                   lambda c0, c1: self.dequantize(x.dtype, cols=(c0, c1)), step)
+
+    def matmul_t(self, g: torch.Tensor, tile_numel: int | None = None) -> torch.Tensor:
+        """``g @ W`` (the input gradient): with a tile budget, ``W`` a block of rows at a time."""
+        if tile_numel is None or tile_numel >= self.out_features * self.in_features:
+            return g @ resident(self.dequantize(g.dtype))
+        return row_tiled_matmul_t(g, self.in_features, lambda r0, r1: self.dequantize(g.dtype, rows=(r0, r1)),
+                                  max(1, tile_numel // self.in_features))
+
+    @property
     def nbytes(self) -> int:
         """Exact storage in bytes: every persistent buffer (codes, scales, zeros, ...)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
@@ -72,6 +109,52 @@ class QuantizedWeight(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"{self.format_name}, shape={tuple(self.shape)}, bits_per_weight={self.bits_per_weight:.3f}"
+
+
+def resident(weight: torch.Tensor) -> torch.Tensor:
+    """Refuse a shape-only placeholder: CPU matmuls against ``meta`` tensors return garbage silently."""
+    if weight.is_meta:
+        raise RuntimeError("quantized weight is not resident: its decoder block was not streamed in")
+    return weight
+
+
+def spans(n: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def column_tiled_matmul(x: torch.Tensor, n_out: int, n_in: int, tile: Callable[[int, int], torch.Tensor],
+                        step: int) -> torch.Tensor:
+    """``x @ W^T`` from ``tile(c0, c1) = W[:, c0:c1]``, accumulated in place into one output buffer."""
+    x2 = x.reshape(-1, n_in)
+    y = torch.zeros(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    for c0, c1 in spans(n_in, step):
+        y.addmm_(x2[:, c0:c1], resident(tile(c0, c1)).T)
+    return y.view(*x.shape[:-1], n_out)
+
+
+def row_tiled_matmul(x: torch.Tensor, n_out: int, tile: Callable[[int, int], torch.Tensor], step: int) -> torch.Tensor:
+    """``x @ W^T`` from ``tile(r0, r1) = W[r0:r1]``: each tile gives a block of output columns."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    for r0, r1 in spans(n_out, step):
+        torch.mm(x2, resident(tile(r0, r1)).T, out=y[:, r0:r1])
+    return y.view(*x.shape[:-1], n_out)
+
+
+def row_tiled_matmul_t(g: torch.Tensor, n_in: int, tile: Callable[[int, int], torch.Tensor], step: int) -> torch.Tensor:
+    """``g @ W`` from ``tile(r0, r1) = W[r0:r1]``, accumulated over blocks of ``W``'s rows."""
+    n_out = g.shape[-1]
+    g2 = g.reshape(-1, n_out)
+    out = torch.zeros(g2.shape[0], n_in, dtype=g.dtype, device=g.device)
+    for r0, r1 in spans(n_out, step):
+        out.addmm_(g2[:, r0:r1], resident(tile(r0, r1)))
+    return out.view(*g.shape[:-1], n_in)
+
+
+def lcm_granule(unit: int) -> int:
+    """The smallest multiple of ``TILE_ALIGN`` that is also a multiple of ``unit``."""
+    return math.lcm(TILE_ALIGN, unit)
 
 
 @dataclass

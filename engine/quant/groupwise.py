@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from engine.options import Option, SettingError
-from engine.quant.base import QuantizedWeight, Span, register_format
+from engine.quant.base import QuantizedWeight, Span, lcm_granule, register_format
 from engine.quant.kernels import dequantize_groups
 from engine.quant.packing import SUPPORTED_BITS, pack, unpack
 
@@ -109,6 +109,14 @@ class GroupQuantizedWeight(QuantizedWeight):
     @property
     def n_groups(self) -> int:
         return self.scales.shape[1]
+
+    @property
+    def column_granule(self) -> int | None:
+        """Whole groups; none with act-order (stored columns are permuted: a span of the weight's columns is
+        spread over every group) or one group per row."""
+        if hasattr(self, "perm") or self.group_size >= self.in_features:
+            return None
+        return lcm_granule(self.group_size)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -44,7 +44,10 @@ import torch
 
 from engine.errors import EngineError
 from engine.options import Option
-from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
+from engine.quant.base import (
+    LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer, row_tiled_matmul,
+    row_tiled_matmul_t,
+)
 from engine.quant.e8p import DIM, e8_ball_decode, e8_ball_encode, e8p_decode, e8p_encode
 from engine.quant.hadamard import RandomHadamard, padded_size, random_signs
 
@@ -242,6 +245,40 @@ class QuipWeight(QuantizedWeight):
         if cols is not None:
             dense = dense[:, cols[0] : cols[1]]
         return dense.to(dtype)
+
+
+    def _input_transform(self) -> RandomHadamard:
+        return RandomHadamard(self.in_features, unpack_signs(self.signs_in, self.in_padded).to(self.scale.device))
+
+    def _output_transform(self) -> RandomHadamard | None:
+        if not self.rotate_out:
+            return None
+        return RandomHadamard(self.out_features, unpack_signs(self.signs_out, self.out_padded).to(self.scale.device))
+
+    def _rotated_tiles(self, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
+        return lambda r0, r1: self.rotated(slice(r0, r1)).to(dtype)
+
+    def matmul(self, x: torch.Tensor, tile_numel: int | None = None) -> torch.Tensor:
+        """``x Wᵀ = out(in(x) Rᵀ)``: the incoherence transforms applied to the activations (``in`` pads and
+        rotates them, ``out`` rotates back and crops), ``R`` decoded a block of its rows at a time, each once."""
+        if tile_numel is None or tile_numel >= self.out_features * self.in_features:
+            return super().matmul(x, tile_numel)
+        x_rot = self._input_transform().forward(x.float()).to(x.dtype)  # transforms in float32, products in x's
+        n_rows = self.out_padded if self.rotate_out else self.out_features
+        step = max(1, tile_numel // self.in_padded)
+        y = row_tiled_matmul(x_rot, n_rows, self._rotated_tiles(x.dtype), step)
+        out_t = self._output_transform()
+        return y if out_t is None else out_t.inverse(y.float()).to(x.dtype)
+
+    def matmul_t(self, g: torch.Tensor, tile_numel: int | None = None) -> torch.Tensor:
+        """``g W = in⁻¹(out⁻¹(g) R)``, ``R`` decoded a block of its rows at a time, each once."""
+        if tile_numel is None or tile_numel >= self.out_features * self.in_features:
+            return super().matmul_t(g, tile_numel)
+        out_t = self._output_transform()
+        g_rot = g if out_t is None else out_t.forward(g.float()).to(g.dtype)
+        step = max(1, tile_numel // self.in_padded)
+        z = row_tiled_matmul_t(g_rot, self.in_padded, self._rotated_tiles(g.dtype), step)
+        return self._input_transform().inverse(z.float()).to(g.dtype)
 
 
 def layer_seed(weight: torch.Tensor, seed: int) -> int:

@@ -23,7 +23,9 @@ import torch
 
 from engine.errors import EngineError
 from engine.options import Option
-from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
+from engine.quant.base import (
+    LayerStats, QuantizedWeight, Quantizer, Span, lcm_granule, register_format, register_quantizer,
+)
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -135,6 +137,11 @@ class BnB4BitWeight(QuantizedWeight):
             quant_type=self.quant_type,
         )
         return F.dequantize_4bit(packed.reshape(-1).contiguous(), state).reshape(-1)
+
+    @property
+    def column_granule(self) -> int | None:
+        """Whole blocks when blocks tile every row; none when they straddle rows."""
+        return lcm_granule(self.block_size) if self.in_features % self.block_size == 0 else None
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None

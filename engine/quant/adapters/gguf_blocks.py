@@ -18,7 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import EngineError
-from engine.quant.base import QuantizedWeight, Span, register_format
+from engine.quant.base import QuantizedWeight, Span, lcm_granule, register_format
 
 U8 = torch.uint8
 
@@ -188,6 +188,10 @@ class GGUFWeight(QuantizedWeight):
         if "blocks" not in tensors:
             raise EngineError("gguf weight: missing tensor 'blocks'")
         return cls(tensors["blocks"], config["ggml_type"], config["in_features"])
+
+    @property
+    def column_granule(self) -> int:
+        return lcm_granule(GGML_QUANT_SIZES[self.qtype][0])
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None

@@ -25,7 +25,9 @@ import torch
 
 from engine.errors import EngineError
 from engine.options import Option, SettingError
-from engine.quant.base import LayerStats, QuantizedWeight, Quantizer, Span, register_format, register_quantizer
+from engine.quant.base import (
+    LayerStats, QuantizedWeight, Quantizer, Span, lcm_granule, register_format, register_quantizer,
+)
 from engine.quant.packing import pack, unpack
 
 HQQ_BITS = (2, 3, 4, 8)
@@ -103,6 +105,11 @@ class HQQWeight(QuantizedWeight):
             "zero": zero.reshape(-1, 1).float(),
         }
         return hqq_quantizer().dequantize(codes, meta)
+
+    @property
+    def column_granule(self) -> int | None:
+        """Whole groups when groups tile every row; none when they straddle rows."""
+        return lcm_granule(self.group_size) if self.in_features % self.group_size == 0 else None
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None
