@@ -135,12 +135,13 @@ def shared_input_groups(model: nn.Module, block: nn.Module, names: list[str], ca
 
 def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor, alpha: float) -> torch.Tensor:
     """``W + alpha W (X - X_q)^T X_q (X_q^T X_q + ridge)^-1`` from ``stats.xtx = X_q^T X_q`` and
-    ``cross = X_q^T X`` (see the module docstring)."""
+    ``cross = X_q^T X`` (see the module docstring), in the statistics' dtype."""
     h = stats.xtx
-    ridge = torch.eye(len(h), dtype=h.dtype) * (ALIGN_DAMP * h.diagonal().mean())
-    w = weight.detach().double().cpu()
+    w = weight.detach().to(h.dtype).cpu()
     shift = w @ (cross.T - h)  # W (X - X_q)^T X_q
-    correction = torch.linalg.solve(h + ridge, shift.T).T
+    ridged = h.clone()
+    ridged.diagonal().add_(ALIGN_DAMP * h.diagonal().mean())
+    correction = torch.linalg.solve(ridged, shift.T).T
     return (w + alpha * correction).to(weight.dtype).to(weight.device)
 
 
@@ -289,10 +290,11 @@ def quantize_blockwise(
             partials = runner.call("group_stats", index, group)
             stats = sum_in_order([p[0] for p in partials])
             cross = sum_in_order([p[1] for p in partials]) if asym_alpha else {}
-            for name in cross:
+            for name in list(cross):
                 linear = model.get_submodule(name)
-                linear.weight.data = aligned_weight(linear.weight, stats[name], cross[name], asym_alpha)
+                linear.weight.data = aligned_weight(linear.weight, stats[name], cross.pop(name), asym_alpha)
             done += runner.quantize(model, quantizer, group, stats, wrap)
+            del stats, partials
         runner.call("end_block", index)
         lifecycle.done(index)
     outside = sorted(set(names) - set(done))

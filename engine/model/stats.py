@@ -1,12 +1,14 @@
 """Per-layer input statistics (:class:`LayerStats`): collected with forward hooks, merged, saved, loaded.
 
 Hessian-based quantizers (OPTQ, QuIP#) need, for every linear layer, the sum
-``X^T X`` of the inputs it sees on calibration text.  Sums in float64 make
-statistics from data shards merge exactly by addition (:func:`merge_stats`),
-so collection can be split across workers.
+``X^T X`` of the inputs it sees on calibration text.  The sums carry twice the
+activations' precision (:func:`stats_dtype`: float64 for float32 activations,
+float32 for bfloat16 ones, so a 7B model's ``11008 x 11008`` sums take 485 MB,
+not 970), and shards are added in shard order (:func:`merge_stats`), so
+collection can be split across workers with the same result.
 
-Files are safetensors, one float64 ``xtx`` tensor per layer, with the row
-counts as JSON in the header metadata.
+Files are safetensors, one ``xtx`` tensor per layer, with the row counts as
+JSON in the header metadata.
 """
 
 from __future__ import annotations
@@ -30,8 +32,21 @@ STATS_FORMAT = "modulora-layer-stats"
 SHARD_WINDOWS = 32  # calibration windows per statistics shard: the unit of data parallelism
 
 
+def stats_dtype(activations: torch.dtype) -> torch.dtype:
+    """Twice the activations' precision: float64 sums of float32 activations, float32 sums of 16-bit ones."""
+    return torch.float64 if activations in (torch.float32, torch.float64) else torch.float32
+
+
 def _rows(args: tuple[Any, ...], in_features: int) -> torch.Tensor:
-    return args[0].detach().reshape(-1, in_features).to(device="cpu", dtype=torch.float64)
+    x = args[0].detach()
+    return x.reshape(-1, in_features).to(device="cpu", dtype=stats_dtype(x.dtype))
+
+
+def _add(total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``total + left^T right``, the sum made on first use in the rows' dtype."""
+    if total is None or total.numel() == 0:
+        total = torch.zeros(left.shape[1], right.shape[1], dtype=left.dtype)
+    return total.addmm_(left.T, right)
 
 
 @contextmanager
@@ -41,11 +56,11 @@ def recording_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, L
     handles = []
 
     def hook(name: str, in_features: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        stats[name] = LayerStats(torch.zeros(in_features, in_features, dtype=torch.float64), 0)
+        stats[name] = LayerStats(torch.empty(0), 0)
 
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
             x = _rows(args, in_features)
-            stats[name].xtx.addmm_(x.T, x)
+            stats[name].xtx = _add(stats[name].xtx, x, x)
             stats[name].count += x.shape[0]
 
         return record
@@ -72,13 +87,13 @@ def recording_cross_inputs(model: nn.Module, twins: dict[str, nn.Module]) -> Ite
     handles = []
 
     def hooks(name: str, n: int) -> tuple[Callable, Callable]:
-        cross[name] = torch.zeros(n, n, dtype=torch.float64)
+        cross[name] = torch.empty(0)
 
         def record_twin(_module: nn.Module, args: tuple[Any, ...]) -> None:
             latest[name] = _rows(args, n)
 
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            cross[name].addmm_(_rows(args, n).T, latest.pop(name))
+            cross[name] = _add(cross[name], _rows(args, n), latest.pop(name))
 
         return record_twin, record
 

@@ -170,7 +170,7 @@ class LayerStats:
     @property
     def hessian(self) -> torch.Tensor:
         """The OPTQ proxy Hessian ``H = 2 X^T X / N``."""
-        return 2.0 * self.xtx / max(self.count, 1)
+        return self.xtx.mul(2.0).div_(max(self.count, 1))  # one new matrix, in the sums' dtype
 
     def merge(self, other: LayerStats) -> LayerStats:
         return LayerStats(self.xtx + other.xtx, self.count + other.count)

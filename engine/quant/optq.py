@@ -36,18 +36,35 @@ from engine.quant.base import LayerStats, Quantizer, register_quantizer
 from engine.quant.groupwise import GROUPWISE_OPTIONS, GroupQuantizedWeight, check_settings, quantize_codes, range_params
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64).
+def hessian_diagonal(stats: LayerStats) -> torch.Tensor:
+    """The diagonal of ``H = 2 X^T X / N``, as :attr:`LayerStats.hessian` computes it, without the matrix."""
+    return 2.0 * stats.xtx.diagonal() / max(stats.count, 1)
+
+
+def inverse_hessian_factor(
+    stats: LayerStats, damp: float, dead: torch.Tensor | None = None, perm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``, in the statistics' dtype: ``H`` with
+    its dead inputs' diagonal set to 1, rows and columns in the order ``perm``.
 
     Row ``i`` of ``U``, scaled by ``1 / U_ii``, is how the rounding error of
     column ``i`` is spread over columns ``i..n`` (OPTQ's Cholesky reformulation).
+    At most two matrices of ``H``'s size are alive beside the statistics.
     """
-    h = hessian.double().clone()
+    h = stats.hessian
+    if dead is not None:
+        h.diagonal()[dead] = 1.0
+    if perm is not None:
+        h = h[perm]
+        h = h[:, perm]
     h.diagonal().add_(damp * h.diagonal().mean())
     chol, info = torch.linalg.cholesky_ex(h)
+    del h
     if info.item() != 0:
         raise EngineError(f"Hessian is not positive definite even after dampening {damp}; raise damp")
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    inverse = torch.cholesky_inverse(chol)
+    del chol
+    return torch.linalg.cholesky(inverse, upper=True)
 
 
 CLIP_SHRINKS = [1.0 - i / 100 for i in range(80)]  # range shrink factors tried by the clip search
@@ -125,9 +142,9 @@ class OPTQQuantizer(Quantizer):
         n_groups = -(-in_f // G)
 
         w = weight.detach().float().clone()
-        hessian = stats.hessian.to(w.device)  # a new tensor: the caller's statistics stay as they are
-        dead = hessian.diagonal() == 0
-        hessian.diagonal()[dead] = 1.0
+        diagonal = hessian_diagonal(stats).to(w.device)  # the caller's statistics stay as they are
+        dead = diagonal == 0
+        diagonal[dead] = 1.0
         w[:, dead] = 0.0
 
         scales = torch.empty(out_f, n_groups, device=w.device)
@@ -135,12 +152,12 @@ class OPTQQuantizer(Quantizer):
         if self.static_groups:  # one range per original-order group, fixed before any update
             for g in range(n_groups):
                 cols = slice(g * G, (g + 1) * G)
-                scales[:, g], zeros[:, g] = self._ranges(w[:, cols], hessian.diagonal()[cols])
-        perm = torch.argsort(hessian.diagonal(), descending=True, stable=True) if self.act_order else None
+                scales[:, g], zeros[:, g] = self._ranges(w[:, cols], diagonal[cols])
+        perm = torch.argsort(diagonal, descending=True, stable=True) if self.act_order else None
         if perm is not None:
             w = w[:, perm]
-            hessian = hessian[perm][:, perm]
-        u = inverse_hessian_factor(hessian, self.damp).float()
+            diagonal = diagonal[perm]
+        u = inverse_hessian_factor(stats, self.damp, dead, perm).float()
 
         # static groups follow the original column order, dynamic ones the processing order
         order = perm if self.static_groups and perm is not None else torch.arange(in_f, device=w.device)
@@ -157,7 +174,7 @@ class OPTQQuantizer(Quantizer):
                 if not self.static_groups and col % G == 0:
                     # this group's columns are up to date: all inside this block, or the block starts here
                     group_cols = torch.cat([block[:, i : i + G], w[:, i2 : col + G]], dim=1)
-                    importance = hessian.diagonal()[col : col + G]
+                    importance = diagonal[col : col + G]
                     scales[:, group], zeros[:, group] = self._ranges(group_cols, importance)
                 scale, zero = scales[:, group], zeros[:, group]
                 q = quantize_codes(block[:, i], scale, zero, self.bits)

@@ -319,24 +319,26 @@ class QuipQuantizer(Quantizer):
             raise EngineError("quip needs calibration statistics (a Hessian per layer)")
         if stats.xtx.shape != (n, n):
             raise EngineError(f"quip: Hessian of shape {tuple(stats.xtx.shape)} does not match {n} input features")
-        hessian = stats.hessian.to(torch.float64)
-        w = weight.detach().to(torch.float64).clone()
+        hessian = stats.hessian  # the statistics' dtype: float64, or float32 for a 16-bit model's
+        dt = hessian.dtype
+        w = weight.detach().to(dt).clone()
         w[:, torch.diagonal(hessian) == 0] = 0.0  # dead inputs: their weights never matter
 
         gen = torch.Generator().manual_seed(layer_seed(weight, self.seed))
-        in_t = RandomHadamard(n, random_signs(padded_size(n, DIM), gen).double())
+        in_t = RandomHadamard(n, random_signs(padded_size(n, DIM), gen).to(dt))
         w_rot = in_t.forward(w)
         h_rot = in_t.forward(in_t.forward(hessian).T)
+        del hessian
         mean_diag = torch.diagonal(h_rot).mean()
         h_rot.diagonal().add_(self.damp * mean_diag if mean_diag > 0 else 1.0)
         out_signs = None
         if self.incoherence == "both":
             out_signs = random_signs(padded_size(m), gen)
-            w_rot = RandomHadamard(m, out_signs.double()).forward(w_rot.T).T
+            w_rot = RandomHadamard(m, out_signs.to(dt)).forward(w_rot.T).T
             square = w_rot.square().mean().reshape(1, 1)
         else:
             square = w_rot.square().mean(dim=1, keepdim=True)
-        scale = (square.sqrt() / self.rms).to(SCALE_DTYPE).double()  # the stored value
+        scale = (square.sqrt() / self.rms).to(SCALE_DTYPE).to(dt)  # the stored value
         scale = torch.where(scale > 0, scale, 1.0)
         try:
             codes, _ = ldlq(w_rot / scale, h_rot, STAGES[self.bits], self.tune_iters)

@@ -62,11 +62,27 @@ def loftq_layer(
     for _ in range(max(1, iters)):
         qweight = quantizer.quantize((w - scaling * b @ a).float(), stats)
         residual = w - qweight.dequantize(torch.float64)
-        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        u, s, vh = top_singular(residual, rank)
         root = (s[:rank] / scaling).sqrt()
         b = u[:, :rank] * root
         a = root[:, None] * vh[:rank]
     return qweight, a.float(), b.float()
+
+
+EXACT_SVD_MAX = 1024  # above this smaller side, the top singular triplets come from a randomized SVD
+LOWRANK_OVERSAMPLE, LOWRANK_ITERS = 16, 2
+
+
+def top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest singular triplets ``(U, S, Vᵀ)``: exactly for small matrices; for large ones (a 7B
+    model's layers) by randomized subspace iteration (Halko et al.), seeded, which costs ``O(m n rank)`` instead
+    of a full SVD's ``O(m n min(m, n))``."""
+    if min(matrix.shape) <= EXACT_SVD_MAX:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + LOWRANK_OVERSAMPLE, min(matrix.shape)), niter=LOWRANK_ITERS)
+    return u, s, v.T
 
 
 def loftq_init(
