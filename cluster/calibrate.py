@@ -33,8 +33,9 @@ from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
     CalibrationShard, ShardRunner, Wrap, load_block, load_outside_blocks, meta_model, open_source, release_block,
-    replace_module, shard_spans,
+    release_output_head, replace_module, shard_spans,
 )
+from engine.procstat import keep_heap_bounded
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
 from engine.quant import LayerStats, Quantizer, weight_from_state
 
@@ -51,9 +52,11 @@ class ShardWorker:
     def __init__(self, model_source: str, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
                  asym: bool, threads: int) -> None:
         torch.set_num_threads(threads)
+        keep_heap_bounded()
         source = open_source(model_source)
         self.model = meta_model(source.config)
-        load_outside_blocks(self.model, source)
+        load_outside_blocks(self.model, source)  # the windows start at the input embeddings; no head needed
+        release_output_head(self.model)
         self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
 

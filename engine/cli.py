@@ -20,6 +20,7 @@ from engine.pipelines import (
     CorrectSpec, EvalSpec, ExportSpec, FinetuneSpec, PlanSpec, TaskSpec, options, quantize_options, quantize_spec,
     spec_from,
 )
+from engine.procstat import keep_heap_bounded
 
 EXIT_USAGE = 2
 PLUGIN_GROUP = "modulora.commands"
@@ -158,9 +159,10 @@ def export(run_dir: str, **given: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @options(PlanSpec)
 def plan_command(as_json: bool, **given: Any) -> None:
-    """Predict the peak memory and step time of finetuning a model, from its shapes alone.
+    """Predict the peak memory of a stage (finetune by default; --stage quantize, calibrate, correct, eval or
+    export) and a finetune's step time, from the model's shapes alone.
 
-    Unset settings take the finetune's and the quantizer's defaults.  Exit code 0
+    Unset settings take the stage's and the quantizer's defaults.  Exit code 0
     whether it fits or not; the verdict says which memory is short and what would fit.
     """
     from engine.pipelines import plan
@@ -190,6 +192,7 @@ def add_plugin_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click's own errors and EngineError both become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_heap_bounded()
     add_plugin_commands()
     try:
         cli.main(args=argv, prog_name="modulora", standalone_mode=False)

@@ -9,6 +9,7 @@ the reset starts from what the process really holds.
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 
@@ -40,6 +41,23 @@ def release_free_heap() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's initial value
+
+
+def keep_heap_bounded() -> None:
+    """Fix glibc's mmap threshold at its initial 128 KiB, so every tensor-sized buffer is its own mapping, returned
+    to the kernel when freed: RSS then follows the live tensors.
+
+    By default glibc raises the threshold to the size of each large buffer freed (up to 32 MiB) and serves later
+    ones from a heap it seldom returns; quantizing a 7B model one block at a time then peaked at 3.34 GiB instead
+    of 2.33 GiB here.  A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone; no-op off glibc.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 class PeakRss:

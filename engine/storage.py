@@ -177,6 +177,31 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_tensors(
+    path: str | Path, names: list[str] | None = None, header: tuple[dict[str, Any], int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Named tensors of a safetensors file (all by default), each read into its own buffer by plain reads.
+
+    No memory map: a mapped file's pages, once touched, count in the process's RSS until it is unmapped, so a
+    checkpoint read tensor by tensor through a kept ``safe_open`` handle grows to the size of the checkpoint.
+    ``header`` is :func:`safetensors_header`'s answer, for a caller reading one file many times.
+    """
+    entries, data_start = header or safetensors_header(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        for name in entries if names is None else names:
+            if name not in entries:
+                raise EngineError(f"{path}: no tensor {name!r}")
+            entry = entries[name]
+            start, end = entry["data_offsets"]
+            buffer = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(data_start + start)
+            if f.readinto(buffer.numpy()) != end - start:
+                raise EngineError(f"{path}: truncated at tensor {name!r}")
+            tensors[name] = buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
+    return tensors
+
+
 def safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
     with open(path, "rb") as f:

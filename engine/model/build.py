@@ -69,6 +69,14 @@ def load_outside_blocks(model: PreTrainedModel, source: CheckpointSource, dtype:
     _check_materialised(model, source, skip=f"{prefix}.")
 
 
+def release_output_head(model: PreTrainedModel) -> None:
+    """An untied output head back to ``meta`` while only the blocks and the input embeddings are needed
+    (calibration); :func:`load_outside_blocks` reads it again."""
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        head.to("meta")
+
+
 def load_block(model: PreTrainedModel, index: int, source: CheckpointSource, dtype: torch.dtype | None = None) -> nn.Module:
     """Decoder block ``index`` with its float weights read from ``source``."""
     prefix = f"{blocks_prefix(model)}.{index}."

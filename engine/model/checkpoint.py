@@ -45,6 +45,7 @@ from engine.storage import (
     commit_dir,
     file_manifest,
     read_safetensors,
+    read_tensors,
     safetensors_header,
     staging_dir,
     verify_file_manifest,
@@ -188,9 +189,10 @@ def load_quantized(
     model = meta_model(config)
     layers = manifest["layers"]
     leave = set(vocab_table_names(model).values()) if stream else set()
-    outside = load_file(str(path / OUTSIDE))
+    outside = read_tensors(path / OUTSIDE, [n for n in safetensors_header(path / OUTSIDE)[0] if n not in leave])
     for alias, kept in manifest["aliases"].items():
-        outside[alias] = outside[kept]
+        if kept in outside:
+            outside[alias] = outside[kept]
     _assign(model, {k: v for k, v in outside.items() if k not in leave}, path / OUTSIDE)
     prefix = blocks_prefix(model)
     for index, block in enumerate(decoder_blocks(model)):
@@ -200,9 +202,12 @@ def load_quantized(
             local = name[len(block_prefix):]
             parts = {k[len(local) + 6:]: tensors.pop(k) for k in list(tensors) if k.startswith(f"{local}.base.")}
             qweight = weight_from_state(parts, layers[name])
-            replace_module(block, local, ModuLoRALinear(qweight, tensors.pop(f"{local}.bias", None)))
+            bias = tensors.pop(f"{local}.bias", None)
+            replace_module(block, local, ModuLoRALinear(qweight, _own(bias) if stream else bias))
             if stream:
                 _to_placeholders(qweight)
+        if stream:  # kept alone, the norms would keep the whole block's read buffer alive through their views
+            tensors = {k: _own(v) for k, v in tensors.items()}
         _assign(block, tensors, block_path(path / BLOCKS, index))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -245,6 +250,11 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> 
 def _stored(qweight: QuantizedWeight) -> list[str]:
     """The buffers a packed weight is saved with (derived ones, such as an inverse permutation, stay)."""
     return [k for k, v in qweight._buffers.items() if v is not None and k not in qweight._non_persistent_buffers_set]
+
+
+def _own(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy in its own memory of a view into a block file's read buffer."""
+    return None if tensor is None else tensor.clone()
 
 
 def _to_placeholders(qweight: QuantizedWeight) -> None:

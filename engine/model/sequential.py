@@ -139,6 +139,7 @@ def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor,
     h = stats.xtx
     w = weight.detach().to(h.dtype).cpu()
     shift = w @ (cross.T - h)  # W (X - X_q)^T X_q
+    del cross  # the caller hands it over (popped from its dict): one Hessian-sized matrix fewer in the solve
     ridged = h.clone()
     ridged.diagonal().add_(ALIGN_DAMP * h.diagonal().mean())
     correction = torch.linalg.solve(ridged, shift.T).T

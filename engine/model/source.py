@@ -5,12 +5,14 @@ A model larger than memory is never read whole: the model is built on ``meta``
 the part of the model that holds it is materialised (one decoder block, or the
 embeddings, norms and head).  Tensors come back in the checkpoint's own dtype
 (bfloat16 stays bfloat16); safetensors shards are memory-mapped, so a tensor
-costs its own bytes, nothing more.
+costs its own bytes, nothing more: shards are read with plain reads, never memory-mapped (a mapped shard's
+touched pages would stay in the process's RSS).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.errors import EngineError
+from engine.storage import read_tensors, safetensors_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,14 +72,11 @@ class SafetensorsSource(CheckpointSource):
         else:
             raise EngineError(f"{directory}: no {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints are read)")
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+        return list(_header(path)[0])
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -86,17 +86,15 @@ class SafetensorsSource(CheckpointSource):
         return self.path / self.weight_map[name]
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
         if name not in self.weight_map:
             raise EngineError(f"{self.path}: the checkpoint has no tensor {name!r}")
-        file = self.weight_map[name]
+        path = self.path / self.weight_map[name]
+        if path.name not in self._headers:
+            self._headers[path.name] = _header(path)
         try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(self.path / file), framework="pt")
-            return self._handles[file].get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise EngineError(f"{self.path / file}: unreadable ({exc})") from None
+            return read_tensors(path, [name], self._headers[path.name])[name]
+        except OSError as exc:
+            raise EngineError(f"{path}: unreadable ({exc})") from None
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(self.path))
@@ -139,6 +137,13 @@ class GGUFSource(CheckpointSource):
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        return safetensors_header(path)
+    except (OSError, ValueError, struct.error) as exc:
+        raise EngineError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def open_source(source: str | Path) -> CheckpointSource:

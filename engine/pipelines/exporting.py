@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from engine.export import attach_adapter, read_adapter, save_adapter, save_merged
 from engine.model import (
@@ -17,6 +16,7 @@ from engine.model import (
 )
 from engine.pipelines.loading import ADAPTER_DIR, COMPUTE_DEVICE
 from engine.pipelines.specs import COMPUTE_DTYPES, ExportSpec
+from engine.storage import read_tensors
 
 
 def export(spec: ExportSpec) -> dict[str, Any]:
@@ -40,5 +40,4 @@ def export(spec: ExportSpec) -> dict[str, Any]:
 
 def _tables(model: Any, base: Path) -> dict[str, torch.Tensor]:
     """The vocabulary tables a streamed model left in its directory's outside file."""
-    with safe_open(str(base / OUTSIDE), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in vocab_table_names(model).values()}
+    return read_tensors(base / OUTSIDE, list(vocab_table_names(model).values()))

@@ -1,18 +1,22 @@
-"""The plan use case: will a finetune fit its machine, and how long will a step take?  From shapes alone."""
+"""The plan use case: will a stage fit its machine (and, for a finetune, how long will a step take)?  From shapes
+alone."""
 
 from __future__ import annotations
 
-from engine.offload.planner import Plan, PlanInputs, make_plan
+from engine.offload.planner import Plan, PlanInputs, StageInputs, StagePlan, make_plan, stage_plan
 from engine.offload.shapes import ModelShapes, load_config, model_shapes
-from engine.pipelines.specs import PlanSpec
+from engine.pipelines.specs import SEQUENTIAL_ASYM_ALPHA, PlanSpec
 
 
-def plan(spec: PlanSpec) -> Plan:
-    return make_plan(plan_inputs(spec, model_shapes(load_config(spec.model))))
+def plan(spec: PlanSpec) -> Plan | StagePlan:
+    shapes = model_shapes(load_config(spec.model))
+    if spec.stage == "finetune":
+        return make_plan(plan_inputs(spec, shapes))
+    return stage_plan(stage_inputs(spec, shapes), spec.hardware.host_mem)
 
 
 def plan_inputs(spec: PlanSpec, shapes: ModelShapes) -> PlanInputs:
-    """The planner's inputs for ``spec`` on a model of ``shapes``."""
+    """The planner's inputs for the finetune ``spec`` on a model of ``shapes``."""
     h = spec.hardware
     return PlanInputs(
         shapes, bits=spec.bits, rank=spec.rank, seq_len=spec.seq_len, batch=spec.batch,
@@ -20,4 +24,15 @@ def plan_inputs(spec: PlanSpec, shapes: ModelShapes) -> PlanInputs:
         group_size=spec.group_size, tier=spec.tier, prefetch=spec.prefetch, compute_dtype=spec.dtype,
         optimizer_offload=spec.optimizer_offload, device=h.device, disk_gbps=h.disk_gbps, h2d_gbps=h.h2d_gbps,
         tflops=h.tflops, dequant_gweights=h.dequant_gweights,
+    )
+
+
+def stage_inputs(spec: PlanSpec, shapes: ModelShapes) -> StageInputs:
+    """The stage planner's inputs for ``spec``."""
+    asym = spec.calib_mode == "sequential" and SEQUENTIAL_ASYM_ALPHA > 0
+    return StageInputs(
+        shapes, stage=spec.stage, method=spec.method, bits=spec.bits, group_size=spec.group_size,
+        source_dtype=spec.source_dtype, compute_dtype=spec.dtype, calib_windows=spec.calib_windows,
+        calib_seq_len=spec.calib_seq_len, asym=asym, workers=spec.workers, rank=spec.rank, seq_len=spec.seq_len,
+        batch=spec.batch, tier=spec.tier, prefetch=spec.prefetch,
     )

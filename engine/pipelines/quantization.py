@@ -4,8 +4,9 @@ The model is built on ``meta`` and handled one decoder block at a time: the
 block's float weights are read from the checkpoint, quantized (calibrated on
 the windows' hidden states carried from the block before, for OPTQ and
 QuIP#), written to the output's block file and released.  Memory holds one
-block's float weights, the embeddings, norms and head, and the calibration
-windows' activations.
+block's float weights, the input embeddings (calibration only) and the
+calibration windows' activations; the rest of the tensors outside the blocks
+are read at the end, to be written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from engine.model import (
     quantize_calibrated,
     quantize_model,
     release_block,
+    release_output_head,
     save_quantized,
     target_linear_names,
 )
@@ -49,7 +51,6 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
     quantizer = spec.quantizer()
     source = open_source(spec.model)
     model = meta_model(source.config)
-    load_outside_blocks(model, source)
     writer = QuantizedWriter(spec.out, source.config, source.tokenizer())
     info: dict[str, Any] = {"source_model": _source(spec.model), "quantizer": quantizer.describe()}
     start = time.perf_counter()
@@ -71,12 +72,15 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
                 done(index)
         else:
             c = spec.calib
+            load_outside_blocks(model, source)  # the calibration windows start at the input embeddings
+            release_output_head(model)
             windows = calibration_windows(source.tokenizer(), read_text(c.file), c.windows, c.seq_len, c.seed)
             quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
                                 runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
             info["calibration"] = {**as_plain(c), "file": str(Path(c.file).resolve()), "sha256": sha256_file(c.file),
                                    "asym_alpha": c.asym}
         info["quantize_seconds"] = time.perf_counter() - start
+        load_outside_blocks(model, source)
     except BaseException:
         writer.abort()
         raise

@@ -21,6 +21,7 @@ from engine.data import FORMATS, FormatSpec
 from engine.eval import EVAL_FORMATS
 from engine.model import MODES, is_quantized_dir, is_quantized_gguf
 from engine.offload import TIERS
+from engine.offload.planner import SOURCE_DTYPE_BYTES, STAGES
 from engine.options import SettingError, Spec, default_of, setting
 from engine.quant import Quantizer, make_quantizer, quantizer_class
 from engine.quant.packing import SUPPORTED_BITS
@@ -288,11 +289,23 @@ def _default_quantizer() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PlanSpec(Spec):
-    """A finetune to plan from its model's shapes alone: its defaults are the finetune's and the quantizer's."""
+    """A stage to plan from its model's shapes alone (a finetune by default): its defaults are the stage's and the
+    quantizer's."""
 
     model: str = setting(kind="str", help="Built-in shape (llama-7b/13b/30b/65b, llama-2-70b, falcon-40b) or a "
                          "config.json.")
     hardware: HardwareSpec
+    stage: str = setting("finetune", "str", "What to plan: the command of that name (load: a quantized model held "
+                         "in memory).", choices=STAGES)
+    method: str = setting(default_of(QuantizeSpec, "method"), "str", "Quantizer (quantize, calibrate).")
+    source_dtype: str = setting("bfloat16", "str", "The float checkpoint's dtype (quantize, calibrate, correct).",
+                                choices=tuple(SOURCE_DTYPE_BYTES))
+    calib_windows: int = setting(default_of(CalibSpec, "windows"), "int", "Calibration windows.", minimum=1)
+    calib_seq_len: int = setting(default_of(CalibSpec, "seq_len"), "int", "Tokens per calibration window.",
+                                 minimum=2)
+    calib_mode: str = setting(default_of(CalibSpec, "mode"), "str", "Calibration mode (sequential adds GPTAQ's "
+                              "float twin).", choices=MODES)
+    workers: int = setting(2, "int", "Ray workers (calibrate).", minimum=1)
     bits: int = setting(_default_quantizer()["bits"], "int", "Bits per weight.", choices=SUPPORTED_BITS)
     group_size: int = setting(_default_quantizer()["group_size"], "int", "Columns per scale; -1 for one per row.",
                               minimum=-1)

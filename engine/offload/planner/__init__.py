@@ -10,13 +10,16 @@ models fit.  On a CPU-only machine the "device" is host RAM: device and host are
 one memory, and host-tier weights count against it like resident ones.
 
 ``inputs`` (what is planned), ``sizes`` (memory model), ``timing`` (time model),
-``plan`` (a placement's parts, peaks and verdict), ``search`` (the placements tried).
+``plan`` (a placement's parts, peaks and verdict), ``search`` (the placements tried),
+``stages`` (the other commands: load, quantize, calibrate, correct, eval, export).
 """
 
 from engine.offload.planner.inputs import PlanInputs
 from engine.offload.planner.plan import Part, Plan
 from engine.offload.planner.search import make_plan
 from engine.offload.planner.sizes import GIB, MIB
+from engine.offload.planner.stages import SOURCE_DTYPE_BYTES, STAGES, StageInputs, StagePlan, stage_plan
 from engine.offload.planner.timing import StepTime
 
-__all__ = ["GIB", "MIB", "Part", "Plan", "PlanInputs", "StepTime", "make_plan"]
+__all__ = ["GIB", "MIB", "SOURCE_DTYPE_BYTES", "STAGES", "Part", "Plan", "PlanInputs", "StageInputs", "StagePlan",
+           "StepTime", "make_plan", "stage_plan"]

@@ -1,0 +1,329 @@
+"""Peak memory of the stages besides a finetune's training step: loading, quantizing (calibrated or not, in one
+process or on Ray workers), correcting (LREC), evaluating and exporting, each as the parts it holds at its peak.
+
+Every stage handles one decoder block at a time, so its peak is what stays for the whole run (the framework,
+the tensors outside the blocks it keeps, the calibration windows' hidden states) plus one block's float weights
+plus the largest transient of the block's work.  Sizes are exact from the shapes; the transients count the
+tensors the code holds at that moment (named with the code below), and were checked against a 7B-shaped
+checkpoint (``bench/scale.py``, ``docs/scale.md``).  Planned for a CPU: every part is host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import EngineError
+from engine.offload.planner.inputs import DTYPE_BYTES
+from engine.offload.planner.plan import Part
+from engine.offload.planner.sizes import (
+    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
+    NORM_FLOAT32_COPIES, RECOMPUTE_FFN_COPIES, RECOMPUTE_HIDDEN_COPIES,
+    dequant_tile_numel, lora_params, packed_block_bytes,
+)
+from engine.offload.shapes import ModelShapes
+from engine.options import format_size
+
+STAGES = ("load", "quantize", "calibrate", "correct", "finetune", "eval", "export")
+CALIBRATED = ("optq", "quip")  # methods that need calibration statistics
+SOURCE_DTYPE_BYTES = {**DTYPE_BYTES, "float16": 2}
+CALIB_BATCH = 8  # windows per calibration forward pass (engine.model.calibrate)
+TRAIN_LOSS_TILE = 8192  # vocabulary entries per tile of the tiled losses (engine.train.losses)
+
+# ---- Quantizing one layer (counts of float32 [out, in] matrices the quantizer holds at its peak) ---------------
+# RTN (engine.quant.rtn): the float32 weight, the per-column scale and zero point, and two temporaries of the
+# code computation.
+RTN_WEIGHT_COPIES = 5
+# OPTQ: the float32 weight and its act-order permutation (two while the permuted copy is made); beside the
+# statistics, at most two Hessian-sized matrices while the inverse's Cholesky factor is made (inverse_hessian_factor).
+OPTQ_WEIGHT_COPIES = 2
+OPTQ_HESSIAN_COPIES = 2
+# QuIP#: the weight rotated, divided by its scales and rounded, in the statistics' dtype; the Hessian, its rotation
+# (made from one intermediate) and the LDL factor (from the Cholesky factor), beside the statistics.
+QUIP_WEIGHT_COPIES = 4
+QUIP_HESSIAN_COPIES = 3
+# GPTAQ's alignment (engine.model.sequential.aligned_weight): the ridged copy and its LU factor beside the
+# statistics, the weight and its shift in the statistics' dtype.
+ALIGN_HESSIAN_COPIES = 2
+ALIGN_WEIGHT_COPIES = 2
+# One calibration forward pass of a block (CALIB_BATCH windows): its [T, hidden] and [T, ffn] tensors in the
+# model's dtype (as the training recompute's, without gradients), and the layer input upcast to the statistics'
+# dtype by the recording hook.
+CALIB_FORWARD_HIDDEN = RECOMPUTE_HIDDEN_COPIES
+CALIB_FORWARD_FFN = RECOMPUTE_FFN_COPIES
+# Writing a block file: the block's packed tensors, and safetensors' serialized copy of them.
+WRITE_COPIES = 2
+# Perplexity (engine.eval.perplexity): the model's float32 logits, their float64 copy and its log-softmax.
+EVAL_LOGIT_BYTES = FLOAT32 + 2 * 8
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """A stage to plan: the model's shapes and what the stage is run with."""
+
+    shapes: ModelShapes
+    stage: str
+    method: str  # quantize / calibrate: the quantizer
+    bits: int
+    group_size: int
+    source_dtype: str  # the float checkpoint's dtype (teacher, quantize source, merged export)
+    compute_dtype: str
+    calib_windows: int
+    calib_seq_len: int
+    asym: bool  # sequential calibration pulled towards the float model (GPTAQ): a float twin and cross statistics
+    workers: int  # calibrate: Ray workers holding shards of the windows
+    rank: int
+    seq_len: int
+    batch: int
+    tier: str  # eval / correct: where the packed blocks live (disk streams them; anything else holds them)
+    prefetch: int
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's parts at its peak (all in host memory), and the peak of each process it runs in."""
+
+    inputs: StageInputs
+    parts: tuple[Part, ...]
+    host_mem: int
+    worker_parts: tuple[Part, ...] = ()  # calibrate: one Ray worker's parts (the driver's are ``parts``)
+
+    @property
+    def host_peak(self) -> int:
+        return sum(part.nbytes for part in self.parts if part.where != "disk")
+
+    @property
+    def worker_peak(self) -> int:
+        return sum(part.nbytes for part in self.worker_parts)
+
+    @property
+    def fits(self) -> bool:
+        return self.host_peak + self.inputs.workers * self.worker_peak <= self.host_mem
+
+    def verdict(self) -> str:
+        total = self.host_peak + (self.inputs.workers * self.worker_peak if self.worker_parts else 0)
+        if self.fits:
+            return "fits"
+        largest = sorted(self.parts, key=lambda p: -p.nbytes)[:3]
+        return (f"does not fit: memory over by {format_size(total - self.host_mem)} ({format_size(total)} needed); "
+                f"largest: {', '.join(f'{p.name} {format_size(p.nbytes)}' for p in largest)}")
+
+    def to_json(self) -> dict[str, Any]:
+        i = self.inputs
+        return {
+            "stage": i.stage,
+            "parts": [vars(part) for part in self.parts],
+            "host_peak_bytes": self.host_peak,
+            **({"worker_parts": [vars(p) for p in self.worker_parts], "worker_peak_bytes": self.worker_peak,
+                "workers": i.workers} if self.worker_parts else {}),
+            "fits": self.fits,
+            "verdict": self.verdict(),
+        }
+
+    def render(self, title: str) -> str:
+        rows = [("", self.parts)] + ([(f"each of {self.inputs.workers} workers: ", self.worker_parts)]
+                                     if self.worker_parts else [])
+        width = max(len(part.name) for part in (*self.parts, *self.worker_parts))
+        lines = [f"{title}: {self.inputs.stage}"]
+        for label, parts in rows:
+            if label:
+                lines.append(label.rstrip(": "))
+            lines += [f"  {part.name:<{width}}  {format_size(part.nbytes):>10}  {part.where}" for part in parts]
+        lines.append(f"peak memory {format_size(self.host_peak)}"
+                     + (f" (driver), {format_size(self.worker_peak)} per worker" if self.worker_parts else ""))
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+
+def stage_plan(i: StageInputs, host_mem: int) -> StagePlan:
+    """The parts of ``i.stage`` at its peak (``finetune`` is planned by :func:`~engine.offload.planner.make_plan`)."""
+    if i.stage not in STAGES or i.stage == "finetune":
+        raise EngineError(f"stage {i.stage!r} is not planned here; stages: {', '.join(STAGES)}")
+    if i.stage == "calibrate":
+        driver = [_framework(), *_outside(i, head=True, note="read at the end, to be written"),
+                  Part("one block's float weights (read to quantize)", _block_float(i), "host"),
+                  _largest_quantize(i, driver=True), _written_block(i)]
+        return StagePlan(i, tuple(driver), host_mem, tuple(_calibration_parts(i, i.calib_windows // i.workers)))
+    builders = {"load": _load, "quantize": _quantize, "correct": _correct, "eval": _eval, "export": _export}
+    return StagePlan(i, tuple(builders[i.stage](i)), host_mem)
+
+
+# ---- the parts ----------------------------------------------------------------------------------------------------
+
+def _framework() -> Part:
+    return Part("runtime: framework (imports, kernels)", FRAMEWORK_HOST_BYTES, "host")
+
+
+def _outside(i: StageInputs, head: bool, note: str = "") -> list[Part]:
+    """The float tensors outside the blocks (in the source dtype): all of them, or the input embeddings alone."""
+    s, b = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
+    embeddings = s.vocab_size * s.hidden_size
+    nbytes = (s.outside_params if head else embeddings) * b
+    what = "float tensors outside the blocks" if head else "input embeddings"
+    return [Part(f"{what} ({i.source_dtype}{', ' + note if note else ''})", nbytes, "host")]
+
+
+def _block_float(i: StageInputs) -> int:
+    s = i.shapes
+    return (s.linear_params_per_block + s.block_other_params) * SOURCE_DTYPE_BYTES[i.source_dtype]
+
+
+def _written_block(i: StageInputs) -> Part:
+    return Part("one block's packed weights, written", WRITE_COPIES * packed_block_bytes(i.shapes, i.bits,
+                                                                                          i.group_size), "host")
+
+
+def _largest_linear(s: ModelShapes) -> tuple[int, int]:
+    return max(((out, inp) for _, out, inp in s.block_linears), key=lambda shape: shape[0] * shape[1])
+
+
+def _groups(s: ModelShapes) -> list[list[tuple[int, int]]]:
+    """The block's linears grouped by the input they are calibrated on, approximated as one group per parent
+    module and input width (Llama: q, k, v and o; gate and up; down): statistics of a group are alive together."""
+    groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for name, out, inp in s.block_linears:
+        groups.setdefault((name.rpartition(".")[0], inp), []).append((out, inp))
+    return list(groups.values())
+
+
+def _stats_bytes(i: StageInputs) -> int:
+    """Statistics carry twice the activations' precision (engine.model.stats.stats_dtype)."""
+    return 8 if i.source_dtype == "float32" else FLOAT32
+
+
+def _quantizer_work(i: StageInputs, out: int, inp: int) -> int:
+    """The quantizer's own tensors for one [out, inp] layer, beside the statistics."""
+    stb = _stats_bytes(i)
+    if i.method == "optq":
+        return OPTQ_HESSIAN_COPIES * inp * inp * stb + OPTQ_WEIGHT_COPIES * out * inp * FLOAT32
+    if i.method == "quip":
+        padded = _hadamard_width(inp)
+        return QUIP_HESSIAN_COPIES * padded * padded * stb + QUIP_WEIGHT_COPIES * out * padded * stb
+    return RTN_WEIGHT_COPIES * out * inp * FLOAT32
+
+
+def _hadamard_width(n: int) -> int:
+    from engine.quant.hadamard import padded_size
+
+    return padded_size(n, 8)
+
+
+def _largest_quantize(i: StageInputs, driver: bool = False) -> Part:
+    """The largest moment of quantizing a group of layers: its statistics (and, with GPTAQ, its alignment) beside
+    the quantizer's work on the group's largest layer."""
+    stb = _stats_bytes(i)
+    best = 0
+    for group in _groups(i.shapes):
+        stats = sum(inp * inp for _, inp in group) * stb
+        for out, inp in group:
+            align = (ALIGN_HESSIAN_COPIES * inp * inp + ALIGN_WEIGHT_COPIES * out * inp) * stb if i.asym else 0
+            best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
+    where = "on the driver, from the workers' statistics" if driver else "with its statistics"
+    return Part(f"quantizing the largest group of layers ({i.method}, {where})", best, "host")
+
+
+def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
+    """What a holder of ``windows`` calibration windows keeps: the input embeddings, the block at work (and its
+    float twin), the windows' hidden states, and the larger of a forward pass with its statistics."""
+    s, a, stb = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype], _stats_bytes(i)
+    tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
+    carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
+    widest = max(inp for _, _, inp in s.block_linears)
+    stats = max(sum(inp * inp for _, inp in group) for group in _groups(s)) * stb * (2 if i.asym else 1)
+    forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
+               + batch_tokens * widest * stb)
+    parts = [_framework(), *_outside(i, head=False),
+             Part("one block's float weights", _block_float(i), "host"),
+             Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens "
+                  f"({carried} carried + 1 advancing)", (carried + 1) * tokens * s.hidden_size * a, "host"),
+             Part("statistics of the largest group, and a forward pass", stats + forward, "host")]
+    if i.asym:
+        parts.insert(3, Part("the block's float twin (GPTAQ)", _block_float(i), "host"))
+    return parts
+
+
+def _quantize(i: StageInputs) -> list[Part]:
+    if i.method not in CALIBRATED:
+        return [_framework(), Part("one block's float weights", _block_float(i), "host"),
+                Part(f"quantizing the largest layer ({i.method})", _quantizer_work(i, *_largest_linear(i.shapes)),
+                     "host"), _written_block(i)]
+    parts = _calibration_parts(i, i.calib_windows)
+    stats = parts.pop()  # one process: the statistics' forward pass and the quantizer come one after the other
+    work = _largest_quantize(i)
+    parts.append(stats if stats.nbytes > work.nbytes else work)
+    return [*parts, _written_block(i)]
+
+
+def _packed_resident(i: StageInputs) -> list[Part]:
+    s = i.shapes
+    packed = packed_block_bytes(s, i.bits, i.group_size)
+    if i.tier == "disk":
+        return [Part(f"packed decoder weights ({s.n_blocks} blocks, read in place)", s.n_blocks * packed, "disk"),
+                Part(f"buffers: streamed blocks in flight ({2 + i.prefetch})", (2 + i.prefetch) * packed, "host"),
+                Part("runtime: disk streaming (prefetch thread, reads)", CPU_DISK_STREAMING_BYTES, "host")]
+    return [Part(f"packed decoder weights ({s.n_blocks} blocks)", s.n_blocks * packed, "host")]
+
+
+def _float_params(i: StageInputs) -> list[Part]:
+    """The quantized model's float tensors: norms in the blocks, and outside them all but the tables the disk tier
+    reads in place."""
+    s, b = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
+    on_disk = s.disk_vocab_params if i.tier == "disk" else 0
+    return [Part("float params outside the blocks", (s.outside_params - on_disk) * b, "host"),
+            Part("float params inside the blocks", s.n_blocks * s.block_other_params * b, "host")]
+
+
+def _load(i: StageInputs) -> list[Part]:
+    return [_framework(), *_float_params(i), *_packed_resident(i)]
+
+
+def _forward_block(i: StageInputs, tokens: int) -> int:
+    """A block's forward without gradients at ``tokens`` tokens: the recompute's tensors and one dequantized tile,
+    in the model's dtype (a quantized directory keeps its source's)."""
+    s, a = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
+    norms = (0 if i.source_dtype == "float32" else NORM_FLOAT32_COPIES["bfloat16"]) * tokens * s.hidden_size * FLOAT32
+    return (tokens * (RECOMPUTE_HIDDEN_COPIES * s.hidden_size + RECOMPUTE_FFN_COPIES * s.intermediate_size) * a
+            + norms + dequant_tile_numel(s) * (a + 1))
+
+
+def _eval(i: StageInputs) -> list[Part]:
+    s, tokens = i.shapes, i.batch * i.seq_len
+    logits = tokens * s.vocab_size * EVAL_LOGIT_BYTES
+    return [_framework(), *_float_params(i), *_packed_resident(i),
+            Part("activations: the larger of a block's forward and the logits", max(_forward_block(i, tokens), logits),
+                 "host"),
+            Part("runtime: scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "host")]
+
+
+def _correct(i: StageInputs) -> list[Part]:
+    """A finetune step of the student (LoRA on the streamed quantized blocks) beside the teacher's forward, whose
+    blocks are read from its checkpoint; the KL over vocabulary tiles."""
+    s, tokens, a = i.shapes, i.batch * i.seq_len, SOURCE_DTYPE_BYTES[i.source_dtype]
+    params = lora_params(s, i.rank)
+    teacher_block = _block_float(i)
+    tiles = tokens * TRAIN_LOSS_TILE * FLOAT32 * 4  # teacher and student tiles, their softmaxes
+    return [_framework(), *_float_params(i), *_packed_resident(i),
+            Part("LoRA weights, gradients, Adam moments (float32)", params * (2 * FLOAT32 + ADAM_MOMENT_BYTES), "host"),
+            Part(f"teacher: float blocks in flight ({2 + i.prefetch}, {i.source_dtype})", (2 + i.prefetch) * teacher_block,
+                 "host"),
+            Part("teacher: final hidden states", tokens * s.hidden_size * a, "host"),
+            Part("activations: block checkpoints", s.n_blocks * tokens * s.hidden_size * a, "host"),
+            Part("activations: a block's recompute, or the loss's vocabulary tiles",
+                 max(_forward_block(i, tokens), tiles), "host"),
+            Part("runtime: scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "host")]
+
+
+def _export(i: StageInputs) -> list[Part]:
+    """The merged model written one block at a time: each linear dequantized and merged with its adapter."""
+    s = i.shapes
+    out, inp = _largest_linear(s)
+    merged = (s.linear_params_per_block + s.block_other_params) * SOURCE_DTYPE_BYTES[i.compute_dtype]
+    return [_framework(), *_float_params(i),
+            Part("LoRA weights (float32)", lora_params(s, i.rank) * FLOAT32, "host"),
+            Part("one block's packed weights", packed_block_bytes(s, i.bits, i.group_size), "host"),
+            Part(f"one block merged ({i.compute_dtype}), and safetensors' serialized copy", WRITE_COPIES * merged,
+                 "host"),
+            Part("merging the largest layer (float32 dequantized weight and its LoRA product)",
+                 2 * out * inp * FLOAT32, "host"),
+            Part("the vocabulary tables copied to the merged model",
+                 s.disk_vocab_params * SOURCE_DTYPE_BYTES[i.compute_dtype], "host")]
