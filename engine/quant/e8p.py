@@ -19,7 +19,9 @@ either ``s ⊙ A[a] ∈ E8`` or ``s ⊙ A[a] - 1/2 ∈ D8``).
 Encoding is exact nearest-point search without enumerating the 2^16 points: for
 a shift ``t`` and source vector ``a``, the best signs are ``sign(y)`` (``y = x -
 t``), and if their parity is wrong the cheapest fix flips the coordinate with the
-smallest ``a_i |y_i|``.  That is 2 × 256 candidates per vector.
+smallest ``a_i |y_i|``.  That is 2 × 256 candidates per vector; a matrix product
+bounds all of them from below (the distance with the parity ignored), and only the
+few the bound cannot rule out are scored exactly.
 
 **E8 1-bit ball** (the residual stage of QuIP#'s 3-bit code): the 241 points of
 ``E8`` with squared norm <= 2 plus 15 of the 16 points ``±2 e_i`` (``-2 e_7``
@@ -74,35 +76,79 @@ def e8p_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(neg, -1.0, 1.0) * source_set().to(c.device)[a] + shift[..., None]
 
 
-def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def e8p_encode(x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """16-bit codes (int32 in ``[0, 2^16)``) of the nearest E8P points to ``x`` ``[..., 8]``."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, DIM).float()
-    out = torch.empty(flat.shape[0], dtype=torch.int32)
+    out = torch.empty(flat.shape[0], dtype=torch.int32, device=flat.device)
     for start in range(0, flat.shape[0], chunk):
         out[start : start + chunk] = _encode_chunk(flat[start : start + chunk])
     return out.reshape(lead)
 
 
+SHIFTS = ((1, 0.25), (0, -0.25))  # (shift bit, shift), in the order ties are settled
+CANDIDATES = 16  # (shift, a) pairs scored exactly per vector after the bound prunes the other 496
+MARGIN = 1e-3  # the bound must exceed the best exact distance by this to skip the full search
+
+
+def _shift_scores(y: torch.Tensor, a: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Exact squared distances from ``y = x - t`` ``[N, 8]`` to the best signed ``A[a]`` for every source
+    vector (``a`` None: ``[N, 256]``) or for given ``a`` ``[N, K]``; with the sign flags behind each distance."""
+    src, parity = source_set().to(y.device), _source_parity().to(y.device)
+    mag, neg = y.abs(), y < 0
+    chosen = src[None, :, :] if a is None else src[a]
+    prods = mag[:, None, :] * chosen  # [N, 256 or K, 8]
+    low, low_at = prods.min(-1)
+    wrong = (neg.sum(-1) % 2).bool()[:, None] != (parity[None, :] if a is None else parity[a])
+    score = prods.sum(-1) - 2.0 * low * wrong
+    dist = (y**2).sum(-1, keepdim=True) + (chosen**2).sum(-1) - 2.0 * score
+    return dist, neg, wrong, low_at
+
+
+def _code(y: torch.Tensor, a: torch.Tensor, shift_bit: torch.Tensor) -> torch.Tensor:
+    """The code of source vector ``a`` ``[N]`` under the best signs for ``y`` ``[N, 8]``."""
+    _, neg, wrong, low_at = _shift_scores(y, a[:, None])
+    rows = torch.arange(y.shape[0], device=y.device)
+    neg[rows, low_at[:, 0]] ^= wrong[:, 0]  # wrong parity: flip the cheapest coordinate
+    sign_bits = (neg[:, 1:].int() << torch.arange(1, DIM, dtype=torch.int32, device=y.device)).sum(-1)
+    return (a.int() << 8) | sign_bits.int() | shift_bit.int()
+
+
 def _encode_chunk(x: torch.Tensor) -> torch.Tensor:
-    src, parity = source_set(), _source_parity()
-    src_norm = (src**2).sum(-1)
+    """Nearest codes: a lower bound on all 512 distances (one matrix product: the distance ignoring the sign
+    parity) keeps ``CANDIDATES`` pairs to score exactly; vectors whose best exact distance does not clear the
+    next bound by ``MARGIN`` are searched in full, so the result is the full search's, ties included."""
+    src = source_set().to(x.device)
+    ys = torch.stack([x - shift for _, shift in SHIFTS])  # [2, N, 8]
+    # |y|² + |A[a]|² - 2 |y|·A[a] as one product: rows [|y|, |y|², 1] (vector-major, shifts interleaved)
+    # times columns [-2 A[a], 1, |A[a]|²]; row n of the [N, 512] view holds index shift_index * 256 + a.
+    ones = torch.ones(*ys.shape[:2], 1, device=x.device)
+    rows_in = torch.cat([ys.abs(), (ys**2).sum(-1, keepdim=True), ones], -1).transpose(0, 1).reshape(-1, DIM + 2)
+    cols = torch.cat([-2.0 * src, ones[0, :1].expand(len(src), 1), (src**2).sum(-1, keepdim=True)], -1)
+    bound = (rows_in @ cols.T).view(x.shape[0], -1)
+    kept_bound, kept = bound.topk(CANDIDATES + 1, dim=-1, largest=False)
+    kept, next_bound = kept[:, :CANDIDATES], kept_bound[:, CANDIDATES]
+    shift_index, a = kept // 256, kept % 256
+    dist = torch.stack([_shift_scores(ys[s], a)[0] for s in range(len(SHIFTS))]).gather(0, shift_index[None])[0]
+    best = dist.min(-1, keepdim=True).values
+    first = torch.where(dist == best, kept, bound.shape[-1]).min(-1).values  # ties: the full search's order
+    exact = best[:, 0] < next_bound - MARGIN
+    rows = torch.arange(x.shape[0], device=x.device)
+    bits = torch.tensor([bit for bit, _ in SHIFTS], device=x.device)
+    code = _code(ys[first // 256, rows], first % 256, bits[first // 256])
+    if not bool(exact.all()):
+        code[~exact] = _encode_full(x[~exact])
+    return code
+
+
+def _encode_full(x: torch.Tensor) -> torch.Tensor:
+    """Nearest codes by scoring all 2 × 256 (shift, a) pairs."""
     best_dist = best_code = None
-    for shift_bit, shift in ((1, 0.25), (0, -0.25)):
+    for shift_bit, shift in SHIFTS:
         y = x - shift
-        mag = y.abs()
-        neg = y < 0
-        prods = mag[:, None, :] * src[None, :, :]  # [N, 256, 8]
-        low, low_at = prods.min(-1)
-        wrong = (neg.sum(-1) % 2).bool()[:, None] != parity[None, :]
-        score = prods.sum(-1) - 2.0 * low * wrong
-        dist = (y**2).sum(-1, keepdim=True) + src_norm[None, :] - 2.0 * score
+        dist, _, _, _ = _shift_scores(y)
         dist, a = dist.min(-1)
-        rows = torch.arange(x.shape[0])
-        flip = wrong[rows, a]
-        neg[rows[flip], low_at[rows, a][flip]] ^= True
-        sign_bits = (neg[:, 1:].int() << torch.arange(1, DIM, dtype=torch.int32)).sum(-1, dtype=torch.int32)
-        code = (a.int() << 8) | sign_bits | shift_bit
+        code = _code(y, a, torch.full_like(a, shift_bit))
         if best_dist is None:
             best_dist, best_code = dist, code
         else:

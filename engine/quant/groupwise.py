@@ -17,7 +17,7 @@ import torch
 from engine.options import Option, SettingError
 from engine.quant.base import QuantizedWeight, Span, lcm_granule, register_format
 from engine.quant.kernels import dequantize_groups
-from engine.quant.packing import SUPPORTED_BITS, pack, unpack
+from engine.quant.packing import SUPPORTED_BITS, pack, unpack, unpack_columns
 
 SCALE_DTYPE = torch.float16
 
@@ -146,8 +146,9 @@ class GroupQuantizedWeight(QuantizedWeight):
     def _zero_points(self, rows: slice, g0: int, g1: int) -> torch.Tensor | None:
         if self.symmetric:
             return None
-        zeros = unpack(self.zeros, self.bits, self.out_features * self.n_groups)
-        return zeros.view(self.out_features, self.n_groups)[rows, g0:g1]
+        r0, r1, _ = rows.indices(self.out_features)  # only these rows' zero points: a tile's share, not all
+        zeros = unpack_columns(self.zeros, self.bits, r0 * self.n_groups, r1 * self.n_groups)
+        return zeros.view(r1 - r0, self.n_groups)[:, g0:g1]
 
     def _dequantize_stored(self, dtype: torch.dtype, rows: slice, c0: int, c1: int) -> torch.Tensor:
         """Columns ``[c0, c1)`` in storage order, computed one whole group at a time."""

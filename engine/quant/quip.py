@@ -127,24 +127,26 @@ def ldlq(
     blocks = n // DIM
     lower = block_ldl(hessian)
     rounded = torch.zeros_like(weight)
-    codes = [torch.empty(m, blocks, dtype=torch.int32) for _ in stages]
+    error = weight.clone()  # W - Ŵ, updated a block of columns at a time rather than recomputed per block
+    codes = [torch.empty(m, blocks, dtype=torch.int32, device=weight.device) for _ in stages]
 
     def put(k: int, target: torch.Tensor) -> None:
+        c0, c1 = k * DIM, (k + 1) * DIM
         block_codes, values = rvq_encode(target, stages)
-        rounded[:, k * DIM : (k + 1) * DIM] = values.to(rounded.dtype)
+        rounded[:, c0:c1] = values.to(rounded.dtype)
+        error[:, c0:c1] = weight[:, c0:c1] - rounded[:, c0:c1]
         for stage, code in zip(codes, block_codes):
             stage[:, k] = code
 
     for k in reversed(range(blocks)):
         c0, c1 = k * DIM, (k + 1) * DIM
-        put(k, weight[:, c0:c1] + (weight[:, c1:] - rounded[:, c1:]) @ lower[c1:, c0:c1])
+        put(k, weight[:, c0:c1] + error[:, c1:] @ lower[c1:, c0:c1])
     if tune_iters:
         diag_inv = torch.linalg.inv(diagonal_blocks(hessian))
         for _ in range(tune_iters):
             for k in reversed(range(blocks)):
                 c0, c1 = k * DIM, (k + 1) * DIM
-                step = (weight - rounded) @ hessian[:, c0:c1] @ diag_inv[k]
-                put(k, rounded[:, c0:c1] + step)
+                put(k, rounded[:, c0:c1] + error @ hessian[:, c0:c1] @ diag_inv[k])
     return codes, rounded
 
 
