@@ -136,6 +136,7 @@ class ProcessTreePeak:
 
         self.root = psutil.Process(pid)
         self.peaks: dict[int, tuple[str, int]] = {}
+        self.max_load = 0.0  # the machine's 1-minute load average: above 2, the command shared the 2 cores
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -155,6 +156,7 @@ class ProcessTreePeak:
                     continue
                 if rss > self.peaks.get(process.pid, ("", 0))[1]:
                     self.peaks[process.pid] = (name, rss)
+            self.max_load = max(self.max_load, os.getloadavg()[0])
             time.sleep(0.2)
 
     def finish(self) -> dict[int, tuple[str, int]]:
@@ -182,7 +184,7 @@ def timed(args: list[str], work: Path, log: Path, extra_env: dict[str, str]) -> 
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
     workers = [rss for pid, (name, rss) in peaks.items() if "ray::" in name or "default_worker" in name]
     return {"command": shown, "peak_rss_gib": rss_kb * 1024 / GIB, "wall_s": seconds,
-            "worker_peaks_gib": sorted((w / GIB for w in workers), reverse=True)}
+            "worker_peaks_gib": sorted((w / GIB for w in workers), reverse=True), "max_load": tree.max_load}
 
 
 def same_directories(a: Path, b: Path) -> bool:
@@ -260,7 +262,7 @@ def eval_disk(w: Path) -> tuple[list, list, list]:
 @row("correct", 4.0)
 def correct(w: Path) -> tuple[list, list, list]:
     return (["correct", w / "q7b-rtn", "--teacher", w / "ckpt7b", "--calib", TRAIN_TXT, "--seq-len", 512, "--limit", 8,
-             "--steps", 2, "--batch-size", 4, "--offload", "disk", "--out", w / "q7b-corrected"],
+             "--steps", 2, "--batch-size", 4, "--offload", "disk", "--grad-checkpointing", "--out", w / "q7b-corrected"],
             [*PLAN_7B, "--stage", "correct", "--bits", 3, "--group-size", 32, "--seq-len", 512, "--batch", 4,
              "--tier", "disk"], [w / "q7b-corrected"])
 
@@ -360,13 +362,15 @@ def report(done: dict[str, Any], work: Path) -> None:
         rows.append([name, ROWS[name]["inputs"], f"{peak:.2f}", f"{r['limit_gib']:.1f}",
                      "yes" if peak <= r["limit_gib"] else "**no**", ", ".join(cells) or "-",
                      f"{planned_peak:.2f}" if planned_peak else "-",
-                     f"{planned_peak / peak:.2f}" if planned_peak else "-", f"{r['wall_s']:.0f}", f"{r['disk_gb']:.1f}"])
+                     f"{planned_peak / peak:.2f}" if planned_peak else "-", f"{r['wall_s']:.0f}",
+                     f"{r['max_load']:.1f}" if "max_load" in r else "n/r", f"{r['disk_gb']:.1f}"])
         commands.append(r["command"])
         if "run_dir_share_of_model" in r:
+            rest = r.get("run_dir_share_without_adapter")
             notes.append(f"- `{name}`: the run directory without checkpoints is {100 * r['run_dir_share_of_model']:.2f}% "
-                         "of the quantized model's size, all of it but "
-                         f"{100 * r.get('run_dir_share_without_adapter', 0):.4f}% the trained adapter itself (rank 16 "
-                         "on every linear layer, float32); no block is copied (the disk tier reads the directory).")
+                         "of the quantized model's size: the trained adapter (rank 16 on every linear layer, float32)"
+                         + (f" and {100 * rest:.5f}% logs" if rest is not None else " and the logs")
+                         + "; no block is copied (the disk tier reads the quantized directory in place).")
         if "bit_identical_to_one_process" in r:
             same = "bit for bit the same" if r["bit_identical_to_one_process"] else "**not** the same"
             notes.append(f"- `{name}`: the packed weights of the 2 Ray workers and of the one process "
@@ -375,7 +379,10 @@ def report(done: dict[str, Any], work: Path) -> None:
             notes.append(f"- `{name}`: {r['wall_s'] / 2:.0f} s per 7B-shaped block (2 blocks); 32 blocks would "
                          f"take about {16 * r['wall_s'] / 3600:.1f} h.")
     headers = ["row", "input", "peak RSS GiB", "limit GiB", "within", "Ray workers' peaks GiB", "planned GiB",
-               "planned / measured", "wall s", "output GB"]
+               "planned / measured", "wall s", "max load", "output GB"]
+    missing = [name for name in ROWS if name not in done]
+    if missing:
+        notes.append(f"- Not measured yet (no finished run recorded): {', '.join(f'`{m}`' for m in missing)}.")
     body = "\n".join([INTRO, "", table(headers, rows), "", *notes])
     write_doc("scale", "Real scale: a 7B-shaped checkpoint and a 65B-shaped directory", "scale.py", body, commands)
 
@@ -397,7 +404,8 @@ model's tokenizer; 13.5 GB); `ckpt7b-2`, the same shapes with 2 decoder blocks, 
 take hours (every block has the same shapes, so the peak is the same); `q65b`, a Llama-65B-shaped 3-bit (group
 64) directory of random codes written block by block by the product's `QuantizedWriter` and read by the same
 loader as any user's directory.  "planned" is `modulora plan --stage ...` for the same settings (its JSON's
-`host_peak_bytes`)."""
+`host_peak_bytes`).  "max load" is the machine's highest 1-minute load average during the row (n/r: not
+recorded): above 2 the row shared the 2 cores with another and its wall time is longer than alone."""
 
 
 if __name__ == "__main__":
