@@ -33,7 +33,7 @@ from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
     CalibrationShard, ShardRunner, Wrap, load_block, load_outside_blocks, meta_model, open_source, release_block,
-    release_output_head, replace_module, shard_spans,
+    replace_module, shard_spans,
 )
 from engine.procstat import keep_heap_bounded
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
@@ -55,8 +55,7 @@ class ShardWorker:
         keep_heap_bounded()
         source = open_source(model_source)
         self.model = meta_model(source.config)
-        load_outside_blocks(self.model, source)  # the windows start at the input embeddings; no head needed
-        release_output_head(self.model)
+        load_outside_blocks(self.model, source, head=False)  # the windows start at the input embeddings
         self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
 

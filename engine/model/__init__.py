@@ -11,7 +11,6 @@ from engine.model.adapters import (
 )
 from engine.model.build import (
     blocks_prefix, load_block, load_outside_blocks, load_resident, materialize, meta_model, release_block,
-    release_output_head,
 )
 from engine.model.calibrate import MODES, RunnerFactory, quantize_calibrated
 from engine.model.checkpoint import (
@@ -41,7 +40,6 @@ __all__ = [
     "load_block",
     "load_block_weights",
     "load_outside_blocks",
-    "release_output_head",
     "load_resident",
     "materialize",
     "meta_model",

@@ -58,23 +58,25 @@ def materialize(module: nn.Module, prefix: str, source: CheckpointSource, dtype:
                 sub._buffers[key] = _read(source, f"{qualified}{key}", buffer, dtype)
 
 
-def load_outside_blocks(model: PreTrainedModel, source: CheckpointSource, dtype: torch.dtype | None = None) -> None:
+def load_outside_blocks(
+    model: PreTrainedModel, source: CheckpointSource, dtype: torch.dtype | None = None, head: bool = True
+) -> None:
     """Embeddings, final norm, output head (tied to the embeddings where the config says so) and the rotary
-    tables: everything but the decoder blocks."""
+    tables: everything but the decoder blocks.  ``head`` False leaves an untied output head on ``meta`` (for
+    calibration, whose windows start at the input embeddings); a later call reads it."""
     prefix = blocks_prefix(model)
-    materialize(model, "", source, dtype, skip=(f"{prefix}.",))
-    if getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    skip = (f"{prefix}.",) if head or tied else (f"{prefix}.", *_module_prefixes(model, model.get_output_embeddings()))
+    materialize(model, "", source, dtype, skip=skip)
+    if tied:
         model.tie_weights()
     _recompute_buffers(model, prefix)
-    _check_materialised(model, source, skip=f"{prefix}.")
+    _check_materialised(model, source, skip=skip)
 
 
-def release_output_head(model: PreTrainedModel) -> None:
-    """An untied output head back to ``meta`` while only the blocks and the input embeddings are needed
-    (calibration); :func:`load_outside_blocks` reads it again."""
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight:
-        head.to("meta")
+def _module_prefixes(model: nn.Module, module: nn.Module | None) -> tuple[str, ...]:
+    """The qualified prefix (``name.``) of ``module`` in ``model``; none if it is absent."""
+    return tuple(f"{name}." for name, sub in model.named_modules() if module is not None and sub is module)
 
 
 def load_block(model: PreTrainedModel, index: int, source: CheckpointSource, dtype: torch.dtype | None = None) -> nn.Module:
@@ -101,9 +103,10 @@ def _recompute_buffers(model: PreTrainedModel, blocks: str) -> None:
         replace_module(model, name, type(module)(config=model.config))
 
 
-def _check_materialised(module: nn.Module, source: CheckpointSource, prefix: str = "", skip: str | None = None) -> None:
+def _check_materialised(module: nn.Module, source: CheckpointSource, prefix: str = "",
+                        skip: tuple[str, ...] = ()) -> None:
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_meta and not (skip and f"{prefix}{name}".startswith(skip)):
+        if tensor.is_meta and not f"{prefix}{name}".startswith(skip):
             raise EngineError(f"{source.path}: the checkpoint has no tensor {prefix}{name}")
 
 

@@ -189,7 +189,8 @@ def load_quantized(
     model = meta_model(config)
     layers = manifest["layers"]
     leave = set(vocab_table_names(model).values()) if stream else set()
-    outside = read_tensors(path / OUTSIDE, [n for n in safetensors_header(path / OUTSIDE)[0] if n not in leave])
+    header = safetensors_header(path / OUTSIDE)
+    outside = read_tensors(path / OUTSIDE, [n for n in header[0] if n not in leave], header)
     for alias, kept in manifest["aliases"].items():
         if kept in outside:
             outside[alias] = outside[kept]

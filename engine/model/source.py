@@ -4,9 +4,9 @@ A model larger than memory is never read whole: the model is built on ``meta``
 (:mod:`engine.model.build`) and each tensor is read from its source only when
 the part of the model that holds it is materialised (one decoder block, or the
 embeddings, norms and head).  Tensors come back in the checkpoint's own dtype
-(bfloat16 stays bfloat16); safetensors shards are memory-mapped, so a tensor
-costs its own bytes, nothing more: shards are read with plain reads, never memory-mapped (a mapped shard's
-touched pages would stay in the process's RSS).
+(bfloat16 stays bfloat16); safetensors shards are read tensor by tensor with
+plain reads, never memory-mapped (a mapped shard's touched pages would stay in
+the process's RSS), so a tensor costs its own bytes, nothing more.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from engine.model import (
     quantize_calibrated,
     quantize_model,
     release_block,
-    release_output_head,
     save_quantized,
     target_linear_names,
 )
@@ -72,8 +71,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
                 done(index)
         else:
             c = spec.calib
-            load_outside_blocks(model, source)  # the calibration windows start at the input embeddings
-            release_output_head(model)
+            load_outside_blocks(model, source, head=False)  # the calibration windows start at the embeddings
             windows = calibration_windows(source.tokenizer(), read_text(c.file), c.windows, c.seq_len, c.seed)
             quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
                                 runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
