@@ -95,16 +95,16 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.layers, args.dim, args.tokens, args.rank, args.tile_numel)))
         return
-    from engine.lora.linear import DEFAULT_TILE_NUMEL
+    from engine.lora.linear import TILE_NUMEL
 
-    rows = [measure(kind, args.layers, args.dim, args.tokens, args.rank, DEFAULT_TILE_NUMEL) for kind in
+    rows = [measure(kind, args.layers, args.dim, args.tokens, args.rank, TILE_NUMEL["cpu"]) for kind in
             ("dense", "modulora-8", "modulora-4", "modulora-3", "modulora-2")]
     rows.append({**measure("modulora-4", args.layers, args.dim, args.tokens, args.rank, tile_numel=0),
                  "kind": "modulora-4, untiled (whole weight dequantized at once)"})
     dense_peak = rows[0]["step_peak_MiB"]
     header = (f"Forward+backward of {args.layers} layers {args.dim}x{args.dim}, {args.tokens} tokens, "
               f"LoRA rank {args.rank}, float32 compute, RTN group 64; ModuLoRA dequantizes tiles of "
-              f"{DEFAULT_TILE_NUMEL} weights (the default) unless marked. Peak RSS over the post-import baseline.")
+              f"{TILE_NUMEL['cpu']} weights (the default) unless marked. Peak RSS over the post-import baseline.")
     lines = [header, "", "| stack | weights MiB | step peak MiB | step extra MiB | peak vs dense |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['weights_MiB']:.0f} | {r['step_peak_MiB']:.0f} | "

@@ -87,8 +87,10 @@ def write_checkpoint(path: Path, model: str, n_blocks: int | None = None, seed: 
     staging.rename(path)
 
 
-def write_random_directory(path: Path, model: str, bits: int, group_size: int, seed: int = 0) -> None:
-    """A quantized directory of a built-in shape with random packed codes, written one block at a time."""
+def write_random_directory(path: Path, model: Any, bits: int, group_size: int, seed: int = 0,
+                           device: str = "cpu") -> None:
+    """A quantized directory of a built-in shape (or a config) with random packed codes, written one block at a
+    time; the codes are drawn on ``device`` (a GPU draws a 65B model's in seconds)."""
     from synthetic import packed_placeholder, random_block
 
     from engine.lora import ModuLoRALinear
@@ -96,16 +98,16 @@ def write_random_directory(path: Path, model: str, bits: int, group_size: int, s
     from engine.offload.shapes import load_config
     from engine.quant import GroupQuantizedWeight
 
-    config = load_config(model, torch_dtype="bfloat16", tie_word_embeddings=False)
+    config = load_config(model, torch_dtype="bfloat16", tie_word_embeddings=False) if isinstance(model, str) else model
     meta = meta_model(config)
     tokenizer = open_source(SHARED / "models" / "stories260K.gguf").tokenizer()
     writer = QuantizedWriter(path, config, tokenizer)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     for index, block in enumerate(decoder_blocks(meta)):
         for name, linear in list(block.named_modules()):
             if isinstance(linear, torch.nn.Linear):
                 placeholder = packed_placeholder(linear.out_features, linear.in_features, bits, group_size)
-                tensors = random_block(dict(placeholder._buffers), bits, generator)
+                tensors = {k: v.cpu() for k, v in random_block(dict(placeholder._buffers), bits, generator).items()}
                 qweight = GroupQuantizedWeight.from_state(tensors, placeholder.config())
                 replace_module(block, name, ModuLoRALinear(qweight))
         for name, param in list(block.named_parameters()):
@@ -118,10 +120,12 @@ def write_random_directory(path: Path, model: str, bits: int, group_size: int, s
     for name, param in list(meta.named_parameters()):
         if param.is_meta and not name.startswith(f"{blocks_prefix(meta)}."):
             owner, _, key = name.rpartition(".")
-            value = torch.ones(param.shape) if param.dim() == 1 else torch.randn(param.shape, generator=generator) * 0.02
+            value = (torch.ones(param.shape) if param.dim() == 1
+                     else torch.randn(param.shape, generator=generator, device=device).cpu() * 0.02)
             meta.get_submodule(owner)._parameters[key] = torch.nn.Parameter(value.to(torch.bfloat16), requires_grad=False)
-    writer.finish(meta, {"source_model": f"random {model}", "quantizer": {"method": "rtn", "bits": bits,
-                                                                          "group_size": group_size}})
+    name = model if isinstance(model, str) else config.model_type
+    writer.finish(meta, {"source_model": f"random {name}", "quantizer": {"method": "rtn", "bits": bits,
+                                                                        "group_size": group_size}})
 
 
 # --------------------------------------------------------------------------------------------------

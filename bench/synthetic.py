@@ -41,10 +41,12 @@ def random_block(placeholders: Tensors, bits: int, generator: torch.Generator, w
     out = {}
     for name, meta in placeholders.items():
         if meta.dtype == torch.uint8:
-            out[name] = torch.randint(0, 256, meta.shape, dtype=torch.uint8, generator=generator)
+            out[name] = torch.randint(0, 256, meta.shape, dtype=torch.uint8, generator=generator,
+                                      device=generator.device)
         else:  # uniform codes over 2**bits levels have std ~ 2**bits / sqrt(12) steps
             step = weight_std * 12**0.5 / 2**bits
-            out[name] = (step * (0.75 + 0.5 * torch.rand(meta.shape, generator=generator))).to(meta.dtype)
+            uniform = torch.rand(meta.shape, generator=generator, device=generator.device)
+            out[name] = (step * (0.75 + 0.5 * uniform)).to(meta.dtype)
     return out
 
 

@@ -153,14 +153,15 @@ def read_block_index(directory: str | Path) -> dict[int, dict[str, Any]]:
         raise EngineError(f"{path}: corrupt block index ({exc})") from None
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file in one sequential read; the tensors are views of that one buffer."""
+def read_safetensors(path: Path, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A safetensors file in one sequential read; the tensors are views of that one buffer (page-locked with
+    ``pin``, so a copy to a GPU starts from it directly; torch's pinned-memory cache reuses such buffers)."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
         data_len = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        buffer = torch.empty(data_len, dtype=torch.uint8)
+        buffer = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin)
         if f.readinto(buffer.numpy()) != data_len:
             raise EngineError(f"{path}: truncated block file")
         # Like O_DIRECT: a streamed block is not read again soon, so leave the page cache to others

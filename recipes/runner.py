@@ -173,7 +173,7 @@ def run_evaluate(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in ctx.recipe.get("evaluate")["models"] or [("finetuned" if ctx.recipe.get("finetune") else ctx.last_model())]:
         own = tasks if name == "finetuned" else [dataclasses.replace(t, ranks=None) for t in tasks]
-        report = evaluate(eval_spec(ctx.product(name), own))
+        report = evaluate(eval_spec(ctx.recipe, ctx.product(name), own))
         results[name] = {"bits_per_weight": report["bits_per_weight"],
                          "bits_per_weight_with_adapter": report["bits_per_weight_with_adapter"], **report["tasks"]}
     atomic_write_json(out / "results.json", results)

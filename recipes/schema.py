@@ -5,7 +5,8 @@ A recipe names a model and the stages to put it through, in this order::
     quantize -> correct -> finetune (or a cluster sweep) -> evaluate -> export
 
 plus where the weights live while training (``offload``), the machine it is
-meant for (``hardware``, checked by the planner) and the Ray cluster
+meant for (``hardware``, checked by the planner; its ``device`` is where every
+stage computes, ``auto`` without the section) and the Ray cluster
 (``cluster``).  Each section's keys, defaults and checks are the settings of
 the use case's spec (``engine.pipelines``), so a recipe and the command line
 take the same settings with the same defaults.  Every key is known: a typo is
@@ -104,16 +105,16 @@ def _top_keys(base: Path) -> Keys:
         "output": (string, None),
         "model": (mapping({"path": (model(base), REQUIRED), "shape": (string, None)}), REQUIRED),
         "quantize": (mapping({
-            **keys_of(QuantizeSpec, base, skip=("model", "out", "options")),
+            **keys_of(QuantizeSpec, base, skip=("model", "out", "options", "device")),
             **{name: (option.check, None) for name, option in all_options().items()},
         }), None),
-        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "resume"))), None),
-        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", "resume"))), None),
+        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "resume", "device"))), None),
+        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", "resume", "device"))), None),
         "evaluate": (mapping({
             "models": (listof(choice(tuple(PRODUCTS))), None),
             "tasks": (listof(mapping({**data, **keys_of(TaskSpec, base, skip=("data",))})), REQUIRED),
         }), None),
-        "export": (mapping(keys_of(ExportSpec, base, skip=("run", "out"))), None),
+        "export": (mapping(keys_of(ExportSpec, base, skip=("run", "out", "device"))), None),
         "offload": (mapping(keys_of(OffloadSpec, base)), None),
         "hardware": (mapping(keys_of(HardwareSpec, base)), None),
         "cluster": (mapping({

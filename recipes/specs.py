@@ -49,22 +49,28 @@ def made(stage: str, make: Callable[[], T], task: int = 0) -> T:
         raise EngineError(exc.render(lambda path: recipe_key(stage, path, task))) from None
 
 
+def device_of(recipe: Recipe) -> dict[str, str]:
+    """Every stage computes on the recipe's ``hardware.device`` (none: each stage's ``auto``)."""
+    hardware = recipe.get("hardware")
+    return {"device": hardware["device"]} if hardware and hardware.get("device") else {}
+
+
 def quantize_spec(recipe: Recipe, out: Path) -> QuantizeSpec:
     q = dict(recipe.get("quantize"))
     settings = {"model": recipe.get("model")["path"], "out": str(out), "method": q.pop("method"),
-                "calib": q.pop("calib"), "options": {k: v for k, v in q.items() if v is not None}}
+                "calib": q.pop("calib"), "options": {k: v for k, v in q.items() if v is not None}, **device_of(recipe)}
     assert set(q) <= set(all_options()), sorted(set(q) - set(all_options()))
     return made("quantize", lambda: build(QuantizeSpec, settings))
 
 
 def correct_spec(recipe: Recipe, model: str, out: Path, resume: bool) -> CorrectSpec:
     return made("correct", lambda: build(CorrectSpec, {**recipe.get("correct"), "model": model, "out": str(out),
-                                                       "resume": resume}))
+                                                       "resume": resume, **device_of(recipe)}))
 
 
 def finetune_spec(recipe: Recipe, model: str, out: Path, resume: bool) -> FinetuneSpec:
     settings = {**recipe.get("finetune"), "model": model, "out": str(out), "resume": resume,
-                "offload": recipe.get("offload") or {}}
+                "offload": recipe.get("offload") or {}, **device_of(recipe)}
     return made("finetune", lambda: build(FinetuneSpec, settings))
 
 
@@ -78,12 +84,13 @@ def task_specs(recipe: Recipe) -> list[TaskSpec]:
     return specs
 
 
-def eval_spec(model: str, tasks: list[TaskSpec]) -> EvalSpec:
-    return EvalSpec(model=model, tasks=tuple(tasks))
+def eval_spec(recipe: Recipe, model: str, tasks: list[TaskSpec]) -> EvalSpec:
+    return EvalSpec(model=model, tasks=tuple(tasks), **device_of(recipe))
 
 
 def export_spec(recipe: Recipe, run: str, out: Path) -> ExportSpec:
-    return made("export", lambda: build(ExportSpec, {**recipe.get("export"), "run": run, "out": str(out)}))
+    return made("export", lambda: build(ExportSpec, {**recipe.get("export"), "run": run, "out": str(out),
+                                                     **device_of(recipe)}))
 
 
 def hardware_spec(recipe: Recipe) -> HardwareSpec:

@@ -23,6 +23,23 @@ VALID_TXT = SHARED / "data" / "tinystories" / "valid.txt"
 TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
 
 
+# Every quantizer the engine has, at the bit widths users pick: (method, settings).
+QUANT_FORMATS = [
+    ("rtn", {"bits": 2, "group_size": 32}), ("rtn", {"bits": 3, "group_size": 64}),
+    ("rtn", {"bits": 4, "group_size": 32, "symmetric": True}), ("rtn", {"bits": 8, "group_size": -1}),
+    ("optq", {"bits": 3, "group_size": 32, "act_order": True}), ("quip", {"bits": 2}),
+    ("nf4", {}), ("fp4", {}), ("hqq", {"bits": 3}),
+]
+
+
+def layer_stats(n_in: int, rows: int = 512) -> Any:
+    """Input statistics of a layer from seeded Gaussian inputs (for the calibrated quantizers)."""
+    from engine.quant import LayerStats
+
+    x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return LayerStats(x.T @ x, rows)
+
+
 def modulora(*args: Any) -> int:
     """The exit code of ``modulora ARGS`` run in this interpreter (saves a subprocess's imports)."""
     from engine.cli import main

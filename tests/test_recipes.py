@@ -281,7 +281,7 @@ def report_metrics(out: Path) -> dict[str, Any]:
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if "seconds" not in k and k != "base"}
+            return {k: strip(v) for k, v in value.items() if "second" not in k and k != "base"}
         return value
 
     stages = json.loads((out / "report.json").read_text())["stages"]

@@ -131,7 +131,7 @@ class SweepSpec(Spec):
             f, model=str(quantized), out=str(run), resume=True, train=dataclasses.replace(f.train, lr=point.lr),
             lora=lora if lora.dynamic else dataclasses.replace(lora, rank=point.rank))
         task = dataclasses.replace(self.evaluation, ranks=(point.rank,) if lora.dynamic else None)
-        return Trial(point, quantize, finetune, EvalSpec(model=str(run), tasks=(task,)))
+        return Trial(point, quantize, finetune, EvalSpec(model=str(run), tasks=(task,), device=f.device))
 
     def trials(self) -> list[Trial]:
         return [self.trial(point) for point in self.points()]

@@ -8,10 +8,12 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from engine.errors import EngineError
+
+if TYPE_CHECKING:  # imported where rows are read: plain-text training and evaluation never need it
+    import datasets
 
 LOADERS = {
     ".json": ("json", {}),
@@ -31,6 +33,8 @@ def load_records(path: str | Path) -> datasets.Dataset:
     if path.suffix not in LOADERS:
         raise EngineError(f"{path}: unsupported file type {path.suffix!r}; allowed: {', '.join(LOADERS)}")
     builder, options = LOADERS[path.suffix]
+    import datasets
+
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", **options)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine.model import compute_device
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -32,7 +34,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     total_nll, count = 0.0, 0
-    device = next(model.parameters(), torch.empty(0)).device
+    device = compute_device(model)
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits[:, :-1]

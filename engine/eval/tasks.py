@@ -16,6 +16,7 @@ from engine.data.records import load_records, require_columns
 from engine.errors import EngineError
 from engine.data.text import read_text, token_windows
 from engine.eval.perplexity import perplexity
+from engine.model import compute_device
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_len: int) -> list[int]:
@@ -45,7 +46,7 @@ def classification_accuracy(
         prompt = _prompt_ids(tokenizer, classification_prompt(spec, row), max_len - max(map(len, words.values())))
         candidates = [prompt + words[label] for label in labels]
         width = max(map(len, candidates))
-        batch = torch.tensor([c + [0] * (width - len(c)) for c in candidates])
+        batch = torch.tensor([c + [0] * (width - len(c)) for c in candidates], device=compute_device(model))
         log_probs = F.log_softmax(model(input_ids=batch).logits.double(), dim=-1)
         scores = [
             sum(log_probs[i, len(prompt) - 1 + j, t].item() for j, t in enumerate(words[label]))
@@ -61,9 +62,10 @@ def generate(
 ) -> str:
     """Greedy continuation of ``prompt`` (stops at EOS), decoded without special tokens."""
     ids = _prompt_ids(tokenizer, prompt, max_len - max_new_tokens)
+    device = compute_device(model)
     out = model.generate(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        input_ids=torch.tensor([ids], device=device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
-from engine.model import BlockLifecycle, blocks_prefix, decoder_blocks, replace_module, unique_state
+from engine.model import BlockLifecycle, blocks_prefix, decoder_blocks, place, replace_module, unique_state
 from engine.storage import atomic_save_safetensors, atomic_write_json, commit_dir, staging_dir
 
 INDEX = "model.safetensors.index.json"
@@ -61,7 +61,8 @@ def _merged_block(model: nn.Module, index: int, dtype: torch.dtype) -> dict[str,
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+    """On the host (to be written), floating point in ``dtype``."""
+    return tensor.detach().to("cpu", dtype) if tensor.is_floating_point() else tensor.detach().cpu()
 
 
 def save_merged(
@@ -71,8 +72,10 @@ def save_merged(
     dtype: torch.dtype = torch.float32,
     blocks: BlockLifecycle | None = None,
     extra: Callable[[], dict[str, torch.Tensor]] | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """The merged float model in ``dtype`` as sharded safetensors with an index, config and tokenizer, atomically."""
+    """The merged float model in ``dtype`` as sharded safetensors with an index, config and tokenizer, atomically;
+    each block is dequantized and merged on ``device`` and written from the host."""
     blocks = blocks or BlockLifecycle()
     staging = staging_dir(out_dir)
     try:
@@ -81,6 +84,7 @@ def save_merged(
         total = 0
         for index in range(n_blocks):
             blocks.load(index)
+            place(decoder_blocks(model)[index], device)
             tensors = _merged_block(model, index, dtype)
             blocks.done(index)
             total += _write_shard(staging, f"model-{index + 1:05d}-of-{n_blocks + 1:05d}.safetensors", tensors,

@@ -10,9 +10,16 @@ from torch import nn
 from engine.lora.function import ModuLoRAFunction
 from engine.quant.base import QuantizedWeight
 
-# Dequantize at most this many weights at once (16 MiB in float32): layers up to 2048 x 2048 are
-# done in one piece, a 8192 x 22016 FFN weight in 43 tiles instead of one 720 MiB buffer.
-DEFAULT_TILE_NUMEL = 1 << 22
+# Dequantize at most this many weights at once.  On the CPU 4M (16 MiB in float32): layers up to 2048 x 2048
+# in one piece, a 8192 x 22016 FFN weight in 43 tiles instead of one 720 MiB buffer.  On a GPU 64M (128 MiB in
+# bf16): every 7B matrix in one piece and a 65B FFN weight in 3, since each tile costs a few kernel launches
+# and 4M tiles left a 7B step bound by launching them (2.5 s a step on an H200, docs/gpu.md).
+TILE_NUMEL = {"cpu": 1 << 22, "cuda": 1 << 26}
+AUTO_TILE = -1  # ``tile_numel`` default: the tile of the device the layer computes on
+
+
+def tile_numel_for(device_type: str) -> int:
+    return TILE_NUMEL.get(device_type, TILE_NUMEL["cpu"])
 
 
 class ModuLoRALinear(nn.Module):
@@ -37,7 +44,7 @@ class ModuLoRALinear(nn.Module):
         alpha: float = 0.0,
         compute_dtype: torch.dtype = torch.float32,
         adapter_dtype: torch.dtype = torch.float32,
-        tile_numel: int | None = DEFAULT_TILE_NUMEL,
+        tile_numel: int | None = AUTO_TILE,
     ) -> None:
         super().__init__()
         self.base = qweight
@@ -90,7 +97,8 @@ class ModuLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.adapter_factors()
-        y = ModuLoRAFunction.apply(x, a, b, self.base, self.scaling, self.tile_numel, self.compute_dtype)
+        tile = tile_numel_for(x.device.type) if self.tile_numel == AUTO_TILE else self.tile_numel
+        y = ModuLoRAFunction.apply(x, a, b, self.base, self.scaling, tile, self.compute_dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

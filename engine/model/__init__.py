@@ -20,6 +20,7 @@ from engine.model.checkpoint import (
 from engine.model.gguf_export import quantize_gguf
 from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
+from engine.model.placing import compute_device, place
 from engine.model.quantize import decoder_blocks, quantize_model, replace_module, target_linear_names, vocab_table_names
 from engine.model.sequential import BlockLifecycle, CalibrationShard, ShardRunner, Wrap, sum_in_order
 from engine.model.source import CheckpointSource, GGUFSource, SafetensorsSource, open_source
@@ -37,6 +38,8 @@ __all__ = [
     "QuantizedWriter",
     "SafetensorsSource",
     "blocks_prefix",
+    "compute_device",
+    "place",
     "load_block",
     "load_block_weights",
     "load_outside_blocks",

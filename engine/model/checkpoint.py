@@ -85,6 +85,7 @@ class QuantizedWriter:
         tensors = {k: v for k, v in block.state_dict().items() if not k.endswith(ADAPTER_SUFFIXES)}
         if any(t.is_meta for t in tensors.values()):
             raise EngineError(f"decoder block {index} is not materialised; it cannot be saved")
+        tensors = {k: v.cpu() for k, v in tensors.items()}  # a block quantized on a GPU is written from the host
         for name, layer in block.named_modules():
             if isinstance(layer, ModuLoRALinear):
                 self.layers[prefix + name] = {**layer.base.manifest(), "bias": layer.bias is not None}

@@ -21,7 +21,11 @@ def _drop_invalid_token_ids(fields: dict, vocab_size: int) -> None:
 
 def _gguf_tokenizer(architecture: str, tokenizer_fields: dict) -> PreTrainedTokenizerBase:
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:  # transformers before the GGUF integration became a package
+        from transformers.integrations.ggml import convert_gguf_tokenizer
 
     backend, extra = convert_gguf_tokenizer(architecture, tokenizer_fields)
     tokens = tokenizer_fields["tokens"]
@@ -30,7 +34,8 @@ def _gguf_tokenizer(architecture: str, tokenizer_fields: dict) -> PreTrainedToke
         for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         if f"{name}_id" in tokenizer_fields
     }
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **special, **extra)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**special, **extra})  # older transformers: extra
+    # repeats some special tokens
 
 
 def gguf_config_and_tokenizer(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:

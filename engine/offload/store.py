@@ -1,9 +1,14 @@
 """Where each decoder block's packed weights live between uses: device, host RAM or disk.
 
 A store holds, per block index, the flat ``{name: tensor}`` dict of that
-block's quantized-weight buffers.  :meth:`BlockStore.fetch` returns them ready
-to compute with on the compute device; it may run on a prefetch thread, so it
-touches nothing but the store's own data.
+block's quantized-weight buffers.  :meth:`BlockStore.fetch` returns them on the
+compute device; it may run on a prefetch thread, so it touches nothing but the
+store's own data.  On CUDA its host-to-device copies run on the store's own
+copy stream, overlapping the compute on the default stream; the consumer calls
+:meth:`BlockStore.ready` before computing with a block, which makes its stream
+wait for that block's copies (an event, not a host sync) and hands the tensors
+to that stream (``record_stream``), so their memory is not reused while it
+still reads them.
 
 * ``device``: the tensors stay on the compute device; fetch is free.
 * ``host``: CPU RAM (page-locked when the compute device is CUDA, so the copy
@@ -45,6 +50,8 @@ class BlockStore(ABC):
         self.device = torch.device(device)
         self.bytes_fetched = 0
         self._lock = threading.Lock()
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copied: dict[int, torch.cuda.Event] = {}
 
     @abstractmethod
     def put(self, index: int, tensors: Tensors) -> None:
@@ -61,17 +68,47 @@ class BlockStore(ABC):
     @abstractmethod
     def __contains__(self, index: int) -> bool: ...
 
+    @property
+    def fetch_is_enqueue(self) -> bool:
+        """Whether a fetch only enqueues copies on the copy stream (nothing to wait for on the host): the
+        streamer then fetches ahead on its own thread, with no prefetch thread competing for the GIL while it
+        launches kernels (that delay left most copies exposed)."""
+        return False
+
     def fetch(self, index: int) -> Tensors:
         if index not in self:
             raise EngineError(f"{self.tier} store has no block {index}")
-        tensors = self._load(index)
+        if self.copy_stream is None:
+            tensors = self._load(index)
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                tensors = self._load(index)
+                copied = torch.cuda.Event()
+                copied.record(self.copy_stream)
         with self._lock:
             self.bytes_fetched += self.nbytes(index) if self.tier != "device" else 0
+            if self.copy_stream is not None:
+                self._copied[index] = copied
+        return tensors
+
+    def ready(self, index: int, tensors: Tensors) -> Tensors:
+        """``tensors`` (block ``index``'s fetch) safe to compute with on the current stream."""
+        with self._lock:
+            copied = self._copied.pop(index, None)
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for tensor in tensors.values():
+                tensor.record_stream(stream)
         return tensors
 
 
 class DeviceStore(BlockStore):
     tier = "device"
+
+    @property
+    def fetch_is_enqueue(self) -> bool:
+        return True
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__(device)
@@ -92,6 +129,10 @@ class DeviceStore(BlockStore):
 
 class HostStore(DeviceStore):
     tier = "host"
+
+    @property
+    def fetch_is_enqueue(self) -> bool:
+        return self.copy_stream is not None
 
     def put(self, index: int, tensors: Tensors) -> None:
         pin = self.device.type == "cuda"
@@ -126,9 +167,10 @@ class DiskStore(BlockStore):
                 raise EngineError(f"{self.path(index)}: checksum mismatch with {self.directory / BLOCK_INDEX}")
 
     def _load(self, index: int) -> Tensors:
-        tensors = read_safetensors(self.path(index))
+        pinned = self.device.type == "cuda"
+        tensors = read_safetensors(self.path(index), pin=pinned)
         if self.device.type != "cpu":
-            tensors = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in tensors.items()}
+            tensors = {k: v.to(self.device, non_blocking=pinned) for k, v in tensors.items()}
         return tensors
 
     def nbytes(self, index: int) -> int:

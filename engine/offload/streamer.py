@@ -103,7 +103,7 @@ class BlockStreamer:
         self._training_pass = False
         self.max_resident = 0
         self.trim_heap = store.tier == "disk"
-        self._anchor = torch.zeros((), requires_grad=True)
+        self._anchor = torch.zeros((), requires_grad=True, device=store.device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-prefetch")
         self._hooks = []
         for index, block in enumerate(self.blocks):
@@ -122,14 +122,19 @@ class BlockStreamer:
                 module._buffers[name] = tensors[key]
 
     def _prefetch(self, index: int) -> None:
-        if index not in self._resident and index not in self._pending:
+        if index in self._resident or index in self._pending:
+            return
+        if self.store.fetch_is_enqueue:
+            self._pending[index] = done = Future()
+            done.set_result(self.store.fetch(index))
+        else:
             self._pending[index] = self._executor.submit(self.store.fetch, index)
 
     def _acquire(self, index: int) -> None:
         if index in self._resident:
             return
         future = self._pending.pop(index, None)
-        self._assign(index, future.result() if future is not None else self.store.fetch(index))
+        self._assign(index, self.store.ready(index, future.result() if future is not None else self.store.fetch(index)))
         self._resident.add(index)
         self.max_resident = max(self.max_resident, len(self._resident) + len(self._pending))
 

@@ -50,12 +50,12 @@ class DiskTable(nn.Module):
         self.data_start = data_start + entry["data_offsets"][0]
 
     @classmethod
-    def offload(cls, weight: torch.Tensor, path: str | Path) -> DiskTable:
-        """Write ``weight`` to ``path`` (atomically) and return the module that reads it from there."""
+    def offload(cls, weight: torch.Tensor, path: str | Path, device: torch.device | str = "cpu") -> DiskTable:
+        """Write ``weight`` to ``path`` (atomically) and return the module that reads it from there to ``device``."""
         if weight.requires_grad:
             raise EngineError(f"only a frozen table can live on disk ({Path(path).name} trains here)")
         atomic_save_safetensors(path, {"weight": weight.detach().cpu()})
-        return cls(path, weight.device)
+        return cls(path, device)
 
     def read_rows(self, start: int, out: torch.Tensor, fd: int) -> torch.Tensor:
         """Rows ``start .. start + len(out)`` of the open file ``fd``, read into ``out``."""
@@ -116,24 +116,26 @@ def disk_vocab_tables(model: nn.Module) -> dict[str, nn.Module]:
     return tables
 
 
-def offload_vocab_tables(model: nn.Module, directory: str | Path) -> list[str]:
-    """Put ``model``'s frozen :func:`disk_vocab_tables` on disk under ``directory``; the names of those moved."""
+def offload_vocab_tables(model: nn.Module, directory: str | Path, device: torch.device | str = "cpu") -> list[str]:
+    """Put ``model``'s frozen :func:`disk_vocab_tables` on disk under ``directory``, read back to ``device``; the
+    names of those moved."""
     tables = disk_vocab_tables(model)
     directory = Path(directory)
     if "input embeddings" in tables:
         weight = tables["input embeddings"].weight
-        model.set_input_embeddings(DiskEmbedding.offload(weight, directory / "input_embeddings.safetensors"))
+        model.set_input_embeddings(DiskEmbedding.offload(weight, directory / "input_embeddings.safetensors", device))
     if "output head" in tables:
-        model.set_output_embeddings(DiskHead.offload(tables["output head"].weight, directory / "output_head.safetensors"))
+        model.set_output_embeddings(DiskHead.offload(tables["output head"].weight,
+                                                     directory / "output_head.safetensors", device))
     return list(tables)
 
 
-def vocab_tables_in_place(model: nn.Module, path: str | Path) -> list[str]:
+def vocab_tables_in_place(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> list[str]:
     """Read ``model``'s vocabulary tables (left on ``meta``) from the safetensors file ``path`` that holds them under
-    their own names (a quantized directory's ``outside.safetensors``): nothing is copied."""
+    their own names (a quantized directory's ``outside.safetensors``) to ``device``: nothing is copied."""
     roles = vocab_table_names(model)
     if "input embeddings" in roles:
-        model.set_input_embeddings(DiskEmbedding(path, tensor=roles["input embeddings"]))
+        model.set_input_embeddings(DiskEmbedding(path, device, tensor=roles["input embeddings"]))
     if "output head" in roles:
-        model.set_output_embeddings(DiskHead(path, tensor=roles["output head"]))
+        model.set_output_embeddings(DiskHead(path, device, tensor=roles["output head"]))
     return list(roles)

@@ -29,6 +29,7 @@ from engine.options import as_plain
 from engine.pipelines.loading import ADAPTER_DIR, COMPUTE_DEVICE, attach_offload, load_with_adapter, pad_id
 from engine.pipelines.loading import streams_in_place
 from engine.pipelines.specs import CorrectSpec
+from engine.placement import resolve_device
 from engine.quant import Quantizer, make_quantizer
 from engine.storage import atomic_write_json
 from engine.train import Trainer, distillation_loss, loftq_init
@@ -40,6 +41,7 @@ STATS_BATCH = 8  # calibration windows per forward pass when LoftQ needs the tea
 def correct(spec: CorrectSpec) -> dict[str, Any]:
     """Write the corrected model to ``spec.out``; returns the training report."""
     out = Path(spec.out)
+    device = resolve_device(spec.device)
     check_data(spec.calib, FormatSpec("text"))
     if not is_quantized_dir(spec.model):
         raise EngineError(f"{spec.model}: not a quantized model directory (correct needs one)")
@@ -53,12 +55,12 @@ def correct(spec: CorrectSpec) -> dict[str, Any]:
     if not (spec.resume and is_quantized_dir(out)):
         initialise(spec, manifest, source, {**correction})
     student, tokenizer, _ = load_with_adapter(out, stream=streams_in_place(out, spec.offload))
-    teacher, teacher_streamer = stream_checkpoint(source, spec.offload.prefetch)
-    streamer = attach_offload(student, out, spec.offload, out / "blocks")
+    teacher, teacher_streamer = stream_checkpoint(source, spec.offload.prefetch, device)
+    streamer = attach_offload(student, out, spec.offload, out / "blocks", device)
     examples = build_examples(spec.calib, FormatSpec("text"), tokenizer, spec.seq_len, spec.limit)
     start = time.perf_counter()
     trainer = Trainer(student, examples, spec.train, out / "train", pad_id(tokenizer), host_optimizer=spec.offload.optimizer,
-                      loss_fn=distillation_loss(teacher, spec.ce_weight))
+                      loss_fn=distillation_loss(teacher, spec.ce_weight), device=device)
     try:
         metrics = trainer.train(resume=spec.resume)
     finally:

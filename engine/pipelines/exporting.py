@@ -16,11 +16,13 @@ from engine.model import (
 )
 from engine.pipelines.loading import ADAPTER_DIR, COMPUTE_DEVICE
 from engine.pipelines.specs import COMPUTE_DTYPES, ExportSpec
+from engine.placement import resolve_device
 from engine.storage import read_tensors
 
 
 def export(spec: ExportSpec) -> dict[str, Any]:
     """``OUT/adapter`` and, with ``merged``, ``OUT/merged``; returns what was written."""
+    device = resolve_device(spec.device)
     adapter = Path(spec.run) / ADAPTER_DIR
     config, _ = read_adapter(adapter)
     base = config["base_model_name_or_path"]
@@ -34,7 +36,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         if stream:
             blocks = BlockLifecycle(lambda i: load_block_weights(model, base, i), lambda i: release_block_weights(model, i))
             extra = lambda: _tables(model, Path(base))  # noqa: E731
-        save_merged(model, tokenizer, Path(spec.out) / "merged", COMPUTE_DTYPES[spec.dtype], blocks, extra)
+        save_merged(model, tokenizer, Path(spec.out) / "merged", COMPUTE_DTYPES[spec.dtype], blocks, extra, device)
     return {"rank": spec.rank or config["r"], "base": base, "merged": spec.merged}
 
 

@@ -20,6 +20,7 @@ from engine.eval import perplexity
 from engine.export import save_adapter
 from engine.model import add_lora, lora_layers, model_size
 from engine.options import as_plain
+from engine.placement import Placement
 from engine.pipelines.loading import (
     ADAPTER_DIR, COMPUTE_DEVICE, attach_offload, load_with_adapter, pad_id, streams_in_place,
 )
@@ -36,15 +37,18 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     On the disk tier a quantized directory is streamed from its own files.
     """
     out = Path(spec.out)
+    placement = Placement.of(spec.device, COMPUTE_DTYPES[spec.dtype])
     check_data(spec.data.file, spec.data.format_spec())
     model, tokenizer, _ = load_with_adapter(spec.model, stream=streams_in_place(spec.model, spec.offload))
     prepare_adapters(model, spec.lora, spec.train.seed, spec.dtype)
     examples = build_examples(spec.data.file, spec.data.format_spec(), tokenizer, spec.data.seq_len, spec.data.limit)
     eval_fn = _perplexity_eval(tokenizer, spec) if spec.eval_data else None
     size = model_size(model)  # before offloading: the same figures as a resident run
-    streamer = attach_offload(model, spec.model, spec.offload, out / "blocks")
+    streamer = attach_offload(model, spec.model, spec.offload, out / "blocks", placement.device)
     trainer = Trainer(model, examples, spec.train, out, pad_id(tokenizer), rank_max=spec.lora.rank_max,
-                      dynamic_frozen=spec.lora.frozen, host_optimizer=spec.offload.optimizer, eval_fn=eval_fn)
+                      dynamic_frozen=spec.lora.frozen, host_optimizer=spec.offload.optimizer, eval_fn=eval_fn,
+                      device=placement.device)
+    placement.reset_peak()
     start = time.perf_counter()
     try:
         metrics = trainer.train(resume=spec.resume)
@@ -54,7 +58,7 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     save_adapter(model, out / ADAPTER_DIR, str(spec.model))
     report = {"spec": as_plain(spec), "examples": len(examples), "final": metrics, "train_seconds": seconds,
-              "size": size}
+              "size": size, "placement": placement.describe()}
     if streamer is not None:
         report["offload"] = {"tier": spec.offload.tier, "prefetch": spec.offload.prefetch,
                              "bytes_fetched": streamer.store.bytes_fetched, "max_blocks_resident": streamer.max_resident}

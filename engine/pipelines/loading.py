@@ -6,15 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.export import attach_adapter, is_adapter_dir, read_adapter
-from engine.model import is_quantized_dir, load_model, read_manifest
+from engine.model import is_quantized_dir, load_model, place, read_manifest
 from engine.offload import BlockStreamer, make_store, offload_vocab_tables, stream_from_directory
 from engine.pipelines.specs import OffloadSpec
 
 ADAPTER_DIR = "adapter"
-COMPUTE_DEVICE = "cpu"  # where adapters are made for a model whose blocks are streamed in
+# Adapters are made (and read) on the host and then placed: the CPU generator gives the same adapter on any machine.
+COMPUTE_DEVICE = "cpu"
 
 
 def base_of(source: str | Path) -> str:
@@ -46,19 +48,22 @@ def load_with_adapter(
     return model, tokenizer, manifest
 
 
-def attach_offload(model: PreTrainedModel, source: str | Path, offload: OffloadSpec,
-                   blocks_dir: Path) -> BlockStreamer | None:
-    """Stream ``model``'s decoder blocks from the tier ``offload`` names (None: resident).  A model loaded with
-    ``stream`` reads them, and its vocabulary tables, from its directory in place; otherwise the blocks go to
-    the tier's store (on disk: ``offload.dir`` or ``blocks_dir``, the tables beside them)."""
-    if offload.tier is None:
-        return None
-    if streams_in_place(source, offload):
-        return stream_from_directory(model, base_of(source), offload.prefetch)
-    store = make_store(offload.tier, directory=offload.dir or blocks_dir)
-    streamer = BlockStreamer(model, store, offload.prefetch)
-    if offload.tier == "disk":
-        offload_vocab_tables(model, store.directory)
+def attach_offload(model: PreTrainedModel, source: str | Path, offload: OffloadSpec, blocks_dir: Path,
+                   device: torch.device) -> BlockStreamer | None:
+    """Stream ``model``'s decoder blocks from the tier ``offload`` names (None: resident) to ``device``, and place
+    everything else there.  A model loaded with ``stream`` reads its blocks and vocabulary tables from its
+    directory in place; otherwise the blocks go to the tier's store (on disk: ``offload.dir`` or ``blocks_dir``,
+    the tables beside them).  The blocks leave the model before it is placed, so they never all reach the
+    device at once."""
+    streamer = None
+    if offload.tier is not None and streams_in_place(source, offload):
+        streamer = stream_from_directory(model, base_of(source), offload.prefetch, device)
+    elif offload.tier is not None:
+        store = make_store(offload.tier, device, directory=offload.dir or blocks_dir)
+        streamer = BlockStreamer(model, store, offload.prefetch)
+        if offload.tier == "disk":
+            offload_vocab_tables(model, store.directory, device)
+    place(model, device)
     return streamer
 
 

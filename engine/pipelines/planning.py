@@ -3,9 +3,10 @@ alone."""
 
 from __future__ import annotations
 
-from engine.offload.planner import Plan, PlanInputs, StageInputs, StagePlan, make_plan, stage_plan
+from engine.offload.planner import Plan, PlanInputs, StageInputs, StagePlan, default_tflops, make_plan, stage_plan
 from engine.offload.shapes import ModelShapes, load_config, model_shapes
 from engine.pipelines.specs import SEQUENTIAL_ASYM_ALPHA, PlanSpec
+from engine.quant.kernels import declared_rate
 
 
 def plan(spec: PlanSpec) -> Plan | StagePlan:
@@ -18,12 +19,15 @@ def plan(spec: PlanSpec) -> Plan | StagePlan:
 def plan_inputs(spec: PlanSpec, shapes: ModelShapes) -> PlanInputs:
     """The planner's inputs for the finetune ``spec`` on a model of ``shapes``."""
     h = spec.hardware
+    tflops, tflops_source = (h.tflops, "given") if h.tflops is not None else default_tflops(h.device, spec.dtype)
+    dequant, dequant_source = ((h.dequant_gweights, "given") if h.dequant_gweights is not None
+                               else declared_rate(h.device))
     return PlanInputs(
         shapes, bits=spec.bits, rank=spec.rank, seq_len=spec.seq_len, batch=spec.batch,
         device_mem=h.device_mem if h.device_mem is not None else h.host_mem, host_mem=h.host_mem,
         group_size=spec.group_size, tier=spec.tier, prefetch=spec.prefetch, compute_dtype=spec.dtype,
         optimizer_offload=spec.optimizer_offload, device=h.device, disk_gbps=h.disk_gbps, h2d_gbps=h.h2d_gbps,
-        tflops=h.tflops, dequant_gweights=h.dequant_gweights,
+        tflops=tflops, dequant_gweights=dequant, tflops_source=tflops_source, dequant_source=dequant_source,
     )
 
 

@@ -11,10 +11,12 @@ are read at the end, to be written.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from engine.data import calibration_windows, read_text
@@ -30,15 +32,21 @@ from engine.model import (
     load_outside_blocks,
     meta_model,
     open_source,
+    place,
     quantize_calibrated,
     quantize_model,
     release_block,
     save_quantized,
     target_linear_names,
 )
+from engine.errors import EngineError
 from engine.options import as_plain
+from engine.placement import resolve_device
 from engine.pipelines.specs import GGUF_METHOD, QuantizeSpec
 from engine.storage import sha256_file
+
+
+log = logging.getLogger(__name__)
 
 
 def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) -> dict[str, Any]:
@@ -48,6 +56,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
         model, tokenizer, manifest = load_gguf_quantized(spec.model)
         return save_quantized(model, tokenizer, spec.out, {k: manifest[k] for k in ("source_model", "quantizer")})
     quantizer = spec.quantizer()
+    device = _quantize_device(spec)
     source = open_source(spec.model)
     model = meta_model(source.config)
     writer = QuantizedWriter(spec.out, source.config, source.tokenizer())
@@ -56,6 +65,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
 
     def load(index: int) -> None:
         load_block(model, index, source)
+        place(decoder_blocks(model)[index], device)
 
     def done(index: int) -> None:
         writer.write_block(model, index)
@@ -83,6 +93,19 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
         writer.abort()
         raise
     return writer.finish(model, info)
+
+
+def _quantize_device(spec: QuantizeSpec) -> torch.device:
+    """Where the blocks are quantized.  Calibration (OPTQ, QuIP#) keeps its statistics on the host, so those
+    methods quantize on the CPU: ``auto`` picks it, an explicit ``cuda`` is refused rather than ignored."""
+    device = resolve_device(spec.device)
+    if spec.calib is not None and device.type != "cpu":
+        if spec.device != "auto":
+            raise EngineError(f"device {spec.device!r}: calibrated quantization ({spec.method}) runs on the CPU in "
+                              "this version; use --device cpu (or auto)")
+        log.warning("calibrated quantization (%s) runs on the CPU", spec.method)
+        return torch.device("cpu")
+    return device
 
 
 def _source(model: str) -> str:

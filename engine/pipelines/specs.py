@@ -23,6 +23,7 @@ from engine.model import MODES, is_quantized_dir, is_quantized_gguf
 from engine.offload import TIERS
 from engine.offload.planner import SOURCE_DTYPE_BYTES, STAGES
 from engine.options import SettingError, Spec, default_of, setting
+from engine.placement import DEVICES
 from engine.quant import Quantizer, make_quantizer, quantizer_class
 from engine.quant.packing import SUPPORTED_BITS
 from engine.train import TrainSpec
@@ -31,6 +32,12 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GGUF_METHOD = "gguf"  # keep the quants of an already-quantized GGUF file as they are
 ALPHA_PER_RANK = 2.0  # LoRA alpha when none is given: 2 x rank (the adapter's scale alpha / rank is then 2)
 SEQUENTIAL_ASYM_ALPHA = 0.5  # GPTAQ pull towards the float model, best measured for OPTQ and QuIP# (docs/quality.md)
+
+
+def device_setting() -> str:
+    """The ``device`` setting every use case takes (recipes: ``hardware.device``)."""
+    return setting("auto", "str", "Compute device: auto (cuda when this process sees a GPU), cuda or cpu.",
+                   choices=DEVICES)
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class FinetuneSpec(Spec):
     eval_limit: int = setting(64, "int", "Windows of eval_data evaluated.", minimum=1)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint in the run directory.")
+    device: str = device_setting()
 
     def validate(self) -> None:
         if self.train.eval_every and self.eval_data is None:
@@ -145,6 +153,7 @@ class CorrectSpec(Spec):
     train: TrainSpec = field(default_factory=TrainSpec)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint.")
+    device: str = device_setting()
 
     def validate(self) -> None:
         if self.offload.optimizer and self.train.optimizer != "cpu_adam":
@@ -182,6 +191,7 @@ class EvalSpec(Spec):
     model: str = setting(kind="model", help="Model, quantized or corrected directory, or finetune run.")
     tasks: tuple[TaskSpec, ...] = ()
     offload: OffloadSpec = field(default_factory=OffloadSpec)
+    device: str = device_setting()
 
     def validate(self) -> None:
         if not self.tasks:
@@ -199,6 +209,7 @@ class ExportSpec(Spec):
     rank: int | None = setting(None, "int", "Cut a dynamic-rank adapter to this rank.", minimum=1, optional=True)
     merged: bool = setting(False, "bool", "Also write a merged float model (transformers format) to OUT/merged.")
     dtype: str = setting("float32", "str", "Float dtype of the merged model.", choices=tuple(COMPUTE_DTYPES))
+    device: str = device_setting()
 
 
 @dataclass(frozen=True)
@@ -240,6 +251,7 @@ class QuantizeSpec(Spec):
                           "GGUF file's own quants).")
     options: dict[str, Any] = field(default_factory=dict)
     calib: CalibSpec | None = None
+    device: str = device_setting()
 
     def validate(self) -> None:
         if is_quantized_dir(self.model):
@@ -273,8 +285,10 @@ class HardwareSpec(Spec):
                                      optional=True)
     disk_gbps: float = setting(1.0, "float", "Disk read rate, GB/s.", minimum=0.0, above=True)
     h2d_gbps: float = setting(25.0, "float", "Host-to-device copy rate, GB/s.", minimum=0.0, above=True)
-    tflops: float = setting(150.0, "float", "Matmul rate, TFLOP/s.", minimum=0.0, above=True)
-    dequant_gweights: float = setting(50.0, "float", "Dequantization rate, G weights/s.", minimum=0.0, above=True)
+    tflops: float | None = setting(None, "float", "Matmul rate, TFLOP/s [measured on this CPU; 150 assumed on cuda].",
+                                   minimum=0.0, above=True, optional=True)
+    dequant_gweights: float | None = setting(None, "float", "Dequantization rate, G weights/s [the device's kernel's "
+                                             "declared rate].", minimum=0.0, above=True, optional=True)
 
     def validate(self) -> None:
         if self.device == "cuda" and self.device_mem is None:

@@ -82,7 +82,7 @@ class QuantizedWeight(nn.Module, ABC):
     def matmul(self, x: torch.Tensor, tile_numel: int | None = None) -> torch.Tensor:
         """``x @ W^T``: with a tile budget, ``W`` in tiles (see the class docstring)."""
         if tile_numel is None or tile_numel >= self.out_features * self.in_features:
-            return x @ resident(self.dequantize(x.dtype)).T
+            return x @ resident(self.dequantize(x.dtype), x).T
         granule = self.column_granule
         if granule is None or granule >= self.in_features:
             return row_tiled_matmul(x, self.out_features, lambda r0, r1: self.dequantize(x.dtype, rows=(r0, r1)),
@@ -94,7 +94,7 @@ class QuantizedWeight(nn.Module, ABC):
     def matmul_t(self, g: torch.Tensor, tile_numel: int | None = None) -> torch.Tensor:
         """``g @ W`` (the input gradient): with a tile budget, ``W`` a block of rows at a time."""
         if tile_numel is None or tile_numel >= self.out_features * self.in_features:
-            return g @ resident(self.dequantize(g.dtype))
+            return g @ resident(self.dequantize(g.dtype), g)
         return row_tiled_matmul_t(g, self.in_features, lambda r0, r1: self.dequantize(g.dtype, rows=(r0, r1)),
                                   max(1, tile_numel // self.in_features))
 
@@ -111,9 +111,10 @@ class QuantizedWeight(nn.Module, ABC):
         return f"{self.format_name}, shape={tuple(self.shape)}, bits_per_weight={self.bits_per_weight:.3f}"
 
 
-def resident(weight: torch.Tensor) -> torch.Tensor:
-    """Refuse a shape-only placeholder: CPU matmuls against ``meta`` tensors return garbage silently."""
-    if weight.is_meta:
+def resident(weight: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    """Refuse a shape-only placeholder next to real data: CPU matmuls against ``meta`` tensors return garbage
+    silently.  (On the ``meta`` device everything is shapes, as the device-hygiene tests run it.)"""
+    if weight.is_meta and not operand.is_meta:
         raise RuntimeError("quantized weight is not resident: its decoder block was not streamed in")
     return weight
 
@@ -129,7 +130,7 @@ def column_tiled_matmul(x: torch.Tensor, n_out: int, n_in: int, tile: Callable[[
     x2 = x.reshape(-1, n_in)
     y = torch.zeros(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
     for c0, c1 in spans(n_in, step):
-        y.addmm_(x2[:, c0:c1], resident(tile(c0, c1)).T)
+        y.addmm_(x2[:, c0:c1], resident(tile(c0, c1), x).T)
     return y.view(*x.shape[:-1], n_out)
 
 
@@ -138,7 +139,7 @@ def row_tiled_matmul(x: torch.Tensor, n_out: int, tile: Callable[[int, int], tor
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
     for r0, r1 in spans(n_out, step):
-        torch.mm(x2, resident(tile(r0, r1)).T, out=y[:, r0:r1])
+        torch.mm(x2, resident(tile(r0, r1), x).T, out=y[:, r0:r1])
     return y.view(*x.shape[:-1], n_out)
 
 
@@ -148,7 +149,7 @@ def row_tiled_matmul_t(g: torch.Tensor, n_in: int, tile: Callable[[int, int], to
     g2 = g.reshape(-1, n_out)
     out = torch.zeros(g2.shape[0], n_in, dtype=g.dtype, device=g.device)
     for r0, r1 in spans(n_out, step):
-        out.addmm_(g2[:, r0:r1], resident(tile(r0, r1)))
+        out.addmm_(g2[:, r0:r1], resident(tile(r0, r1), g))
     return out.view(*g.shape[:-1], n_in)
 
 

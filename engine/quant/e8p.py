@@ -70,7 +70,7 @@ def e8p_decode(codes: torch.Tensor) -> torch.Tensor:
     """E8P points ``[..., 8]`` (float32) of 16-bit codes (any integer dtype; int16 bit patterns allowed)."""
     c = codes.to(torch.int32) & 0xFFFF
     a = c >> 8
-    neg = ((c[..., None] >> torch.arange(DIM, dtype=torch.int32)) & 1).bool()
+    neg = ((c[..., None] >> torch.arange(DIM, dtype=torch.int32, device=c.device)) & 1).bool()
     neg[..., 0] = (neg[..., 1:].sum(-1) % 2).bool() ^ _source_parity().to(c.device)[a]
     shift = torch.where((c & 1).bool(), 0.25, -0.25)
     return torch.where(neg, -1.0, 1.0) * source_set().to(c.device)[a] + shift[..., None]
@@ -184,11 +184,11 @@ def e8_ball_decode(codes: torch.Tensor) -> torch.Tensor:
 
 def e8_ball_encode(x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """8-bit codes (int32) of the nearest points of :func:`e8_ball` (brute force over 256)."""
-    grid = e8_ball()
+    grid = e8_ball().to(x.device)
     grid_norm = (grid**2).sum(-1)
     lead = x.shape[:-1]
     flat = x.reshape(-1, DIM).float()
-    out = torch.empty(flat.shape[0], dtype=torch.int32)
+    out = torch.empty(flat.shape[0], dtype=torch.int32, device=x.device)
     for start in range(0, flat.shape[0], chunk):
         part = flat[start : start + chunk]
         out[start : start + chunk] = (grid_norm[None, :] - 2.0 * part @ grid.T).argmin(-1).int()

@@ -154,7 +154,7 @@ def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """±1 vector -> bits (1 = negative), 8 per byte, little-endian."""
     neg = (signs < 0).to(torch.int32)
     neg = torch.nn.functional.pad(neg, (0, -len(neg) % 8))
-    return (neg.view(-1, 8) << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (neg.view(-1, 8) << torch.arange(8, dtype=torch.int32, device=neg.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:

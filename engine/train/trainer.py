@@ -52,7 +52,9 @@ def make_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=spec.lr, weight_decay=spec.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=False)
+    # One fused kernel per step on CUDA; on the CPU the per-tensor loop (what the resume tests pin bit for bit).
+    implementation = {"fused": True} if params[0].is_cuda else {"foreach": False}
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **implementation)
 
 
 class Trainer:
@@ -71,19 +73,24 @@ class Trainer:
         host_optimizer: bool = False,
         loss_fn: LossFn = chunked_causal_lm_loss,
         eval_fn: EvalFn | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         """``rank_max`` (QDyLoRA) samples the active rank from 1..rank_max every step; ``dynamic_frozen``
         then trains only the sampled rank's component.  ``host_optimizer`` keeps the optimizer state in
-        host memory."""
+        host memory.  Batches are built on the host and moved to ``device``, where the model computes."""
         if not examples:
             raise EngineError("no training examples")
         self.model, self.examples, self.config = model, examples, config
         self.out_dir = Path(out_dir)
         self.pad_id, self.loss_fn, self.eval_fn = pad_id, loss_fn, eval_fn
         self.rank_max, self.dynamic_frozen = rank_max, dynamic_frozen
+        self.device = torch.device(device)
         self.params = list(lora_parameters(model).values())
         if not self.params:
             raise EngineError("model has no LoRA adapters to train")
+        if config.optimizer == "cpu_adam" and not host_optimizer and self.device.type != "cpu":
+            raise EngineError(f"optimizer cpu_adam updates host tensors, but the adapters are on {self.device}: "
+                              "add --offload-optimizer (state on the host) or use --optimizer adamw")
         self.optimizer = make_optimizer(config.optimizer, self.params, config, host_optimizer)
         self.generators = {"rank": torch.Generator().manual_seed(config.seed + 1)}
         self.order: torch.Tensor | None = None
@@ -101,10 +108,13 @@ class Trainer:
             self.order, self.epoch = torch.randperm(len(self.examples), generator=gen), epoch
         return self.examples[int(self.order[offset])]
 
-    def _batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def _batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Micro-batch ``micro`` of ``step`` on the compute device, and its count of real (unpadded) tokens."""
         c = self.config
         first = (step * c.grad_accum + micro) * c.batch_size
-        return collate([self._example(first + i) for i in range(c.batch_size)], self.pad_id)
+        batch = collate([self._example(first + i) for i in range(c.batch_size)], self.pad_id)
+        tokens = int(batch["attention_mask"].sum())
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens
 
     def _resume(self) -> int:
         checkpoint = latest_good_checkpoint(self.checkpoint_root)
@@ -143,6 +153,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = self._step(step)
                 metrics["seconds"] = time.perf_counter() - t0
+                metrics["tokens_per_second"] = metrics["tokens"] / metrics["seconds"]
                 done = step + 1
                 if c.eval_every and self.eval_fn and (done % c.eval_every == 0 or done == c.steps):
                     metrics.update({f"eval_{k}": v for k, v in self._evaluate().items()})
@@ -165,18 +176,20 @@ class Trainer:
         if self.rank_max:
             rank = int(torch.randint(1, self.rank_max + 1, (1,), generator=self.generators["rank"]))
             set_active_rank(self.model, rank, self.dynamic_frozen)
-        total = 0.0
+        total, tokens = 0.0, 0
         for micro in range(c.grad_accum):
-            loss = self.loss_fn(self.model, self._batch(step, micro)) / c.grad_accum
+            batch, count = self._batch(step, micro)
+            loss = self.loss_fn(self.model, batch) / c.grad_accum
             loss.backward()
             total += loss.item()
+            tokens += count
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
         lr = c.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": total, "lr": lr, "grad_norm": float(grad_norm)}
+        out = {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
         if rank is not None:
             out["rank"] = rank
         return out

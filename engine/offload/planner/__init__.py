@@ -19,7 +19,7 @@ from engine.offload.planner.plan import Part, Plan
 from engine.offload.planner.search import make_plan
 from engine.offload.planner.sizes import GIB, MIB
 from engine.offload.planner.stages import SOURCE_DTYPE_BYTES, STAGES, StageInputs, StagePlan, stage_plan
-from engine.offload.planner.timing import StepTime
+from engine.offload.planner.timing import StepTime, default_tflops
 
 __all__ = ["GIB", "MIB", "SOURCE_DTYPE_BYTES", "STAGES", "Part", "Plan", "PlanInputs", "StageInputs", "StagePlan",
-           "StepTime", "make_plan", "stage_plan"]
+           "StepTime", "default_tflops", "make_plan", "stage_plan"]

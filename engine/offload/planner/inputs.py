@@ -35,6 +35,8 @@ class PlanInputs:
     h2d_gbps: float
     tflops: float
     dequant_gweights: float  # dequantization rate, G weights/s
+    tflops_source: str = "given"  # how each rate is known, for the plan's assumptions
+    dequant_source: str = "given"
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:

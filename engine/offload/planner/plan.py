@@ -85,7 +85,8 @@ class Plan:
             f"device {i.device}" + (" (device and host are one memory)" if i.unified else "")
             + f"; compute and float params in {i.compute_dtype}; LoRA, its gradients and Adam state in float32",
             f"gradient checkpointing on (each block recomputed in backward); prefetch {i.prefetch} block(s)",
-            f"matmuls at {i.tflops:g} TFLOP/s; dequantization at {i.dequant_gweights:g} G weights/s; "
+            f"matmuls at {i.tflops:g} TFLOP/s ({i.tflops_source})",
+            f"dequantization at {i.dequant_gweights:g} G weights/s ({i.dequant_source})",
             f"disk {i.disk_gbps:g} GB/s; host-to-device " + ("free" if i.device == "cpu" else f"{i.h2d_gbps:g} GB/s"),
             f"Adam at {HOST_ADAM_GPARAMS:g} G params/s on the host (measured, 2 CPU threads), "
             f"{DEVICE_ADAM_GPARAMS:g} G params/s on a GPU (assumed)",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.lora.linear import DEFAULT_TILE_NUMEL
+from engine.lora.linear import tile_numel_for
 from engine.offload.planner.inputs import PlanInputs
 from engine.offload.shapes import ModelShapes
 from engine.quant.packing import packed_length
@@ -72,8 +72,9 @@ def lora_params(shapes: ModelShapes, rank: int) -> int:
     return shapes.n_blocks * sum(rank * (out + inp) for _, out, inp in shapes.block_linears)
 
 
-def dequant_tile_numel(shapes: ModelShapes) -> int:
-    return min(DEFAULT_TILE_NUMEL, max(out * inp for _, out, inp in shapes.block_linears))
+def dequant_tile_numel(shapes: ModelShapes, device: str = "cpu") -> int:
+    """The largest dequantized tile a layer makes on ``device`` (``engine.lora.linear.TILE_NUMEL``)."""
+    return min(tile_numel_for(device), max(out * inp for _, out, inp in shapes.block_linears))
 
 
 def activation_phases(i: PlanInputs, tier: str) -> dict[str, int]:
@@ -83,7 +84,7 @@ def activation_phases(i: PlanInputs, tier: str) -> dict[str, int]:
     residue = LOSS_RESIDUE_FLOAT32_COPIES["disk" if tier == "disk" else "resident"] * FLOAT32 * t * s.vocab_size
     h, f = s.hidden_size, s.intermediate_size
     norms = NORM_FLOAT32_COPIES[i.compute_dtype] * t * h * FLOAT32
-    tile = dequant_tile_numel(s) * (a + DEQUANT_TILE_EXTRA_BYTES)
+    tile = dequant_tile_numel(s, i.device) * (a + DEQUANT_TILE_EXTRA_BYTES)
     return {
         "checkpoints": s.n_blocks * t * h * a,
         "loss": LOSS_FLOAT32_COPIES * FLOAT32 * t * s.vocab_size,

@@ -1,11 +1,10 @@
-"""The group-wise dequantization kernel: ``scale * (code - zero)`` for whole groups of packed codes.
+"""The eager (reference) group-wise dequantization: ``scale * (code - zero)`` for whole groups of packed codes.
 
-One function with tensor-and-int arguments, so a faster implementation
-(``torch.compile``, a fused C++ or Triton kernel) can replace it in one place.
-``torch.compile`` of it was measured here: on one large tile it is several
-times faster, but compiling takes 8-40 s per variant on this CPU and its
-dynamic-shape code was slower per layer than eager in a real forward pass,
-so the eager version stays until a kernel wins end to end (see docs/offload.md).
+Whole-tensor torch operations, so it runs on any device; it is the CPU path and
+the reference the Triton kernel is tested against.  ``torch.compile`` of it was
+measured here: on one large tile it is several times faster, but compiling
+takes 8-40 s per variant on this CPU and its dynamic-shape code was slower per
+layer than eager in a real forward pass (see docs/offload.md).
 """
 
 from __future__ import annotations
