@@ -76,7 +76,7 @@ def evaluate(model: str, as_json: bool, **given: Any) -> None:
     """
     from engine.pipelines import evaluate as run_evaluate
 
-    placement = {key: given.pop(key) for key in list(given) if key.startswith("offload__")}
+    placement = {key: given.pop(key) for key in list(given) if key.startswith("offload__") or key == "device"}
     task = spec_from(TaskSpec, given)
     report = run_evaluate(spec_from(EvalSpec, placement, model=model, tasks=(task,)), progress=not as_json)
     results = report.pop("tasks")[task.label]

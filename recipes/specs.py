@@ -100,7 +100,7 @@ def hardware_spec(recipe: Recipe) -> HardwareSpec:
 def plan_spec(recipe: Recipe, shape: str) -> PlanSpec:
     """The planner's view of the recipe's finetune on its declared hardware (at the widest bit width of a
     sweep): the placement the finetune will use, the quantizer's bits and group size."""
-    f, o = recipe.get("finetune"), recipe.get("offload") or {}
+    f = finetune_spec(recipe, recipe.get("model")["path"], recipe.output / "finetune", resume=False)  # defaults in
     quantizer = quantize_spec(recipe, recipe.output / "quantized").quantizer().settings
     grid_bits = recipe.sweep["grid"]["bits"] if recipe.sweep else None
     settings: dict[str, Any] = {
@@ -108,13 +108,13 @@ def plan_spec(recipe: Recipe, shape: str) -> PlanSpec:
         "hardware": hardware_spec(recipe),
         "bits": max(grid_bits) if grid_bits else quantizer["bits"],
         "group_size": quantizer.get("group_size", -1),
-        "rank": f["lora"]["rank_max"] if f["lora"]["dynamic"] else f["lora"]["rank"],
-        "seq_len": f["data"]["seq_len"],
-        "batch": f["train"]["batch_size"],
-        "tier": o.get("tier") or "device",
-        "prefetch": o.get("prefetch", 1),
-        "compute_dtype": f["dtype"],
-        "optimizer_offload": "yes" if o.get("optimizer") else "no",
+        "rank": f.lora.adapter_rank,
+        "seq_len": f.data.seq_len,
+        "batch": f.train.batch_size,
+        "tier": f.offload.tier or "device",
+        "prefetch": f.offload.prefetch,
+        "compute_dtype": f.dtype,
+        "optimizer_offload": "yes" if f.offload.optimizer else "no",
     }
     return made("plan", lambda: build(PlanSpec, settings))
 

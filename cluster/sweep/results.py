@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 RESULT_COLUMNS = {  # of results.parquet; "metric" is the sweep's metric, named in the file's metadata
     "method": "string", "bits": "int64", "group_size": "int64", "rank": "int64", "lr": "float64",
     "metric": "float64", "bits_per_weight": "float64", "bits_per_weight_with_adapter": "float64",
-    "peak_rss_mib": "float64", "wall_s": "float64", "attempt": "int64", "status": "string",
-}
+    "peak_rss_mib": "float64", "peak_gpu_mib": "float64", "wall_s": "float64", "attempt": "int64", "status": "string",
+}  # peak_gpu_mib: torch.cuda.max_memory_allocated of a trial Ray gave a GPU (NaN on CPU trials)
 
 
 def result_rows(grid: ResultGrid, metric: str) -> list[dict[str, Any]]:
@@ -33,6 +33,7 @@ def result_rows(grid: ResultGrid, metric: str) -> list[dict[str, Any]]:
             "bits_per_weight": float(reported.get("bits_per_weight", math.nan)),
             "bits_per_weight_with_adapter": float(reported.get("bits_per_weight_with_adapter", math.nan)),
             "peak_rss_mib": float(reported.get("peak_rss_mib", math.nan)),
+            "peak_gpu_mib": float(reported.get("peak_gpu_mib", math.nan)),
             "wall_s": float(reported.get("wall_s", math.nan)),
             "attempt": int(reported.get("attempt", 0)),
             "status": "ok" if result.error is None else "error",

@@ -85,6 +85,9 @@ def run_point(sweep: SweepSpec, point: Point) -> dict[str, Any]:
     memory = PeakRss()
     ensure_quantized(trial.quantize)
     memory.reset()
+    on_gpu = torch.cuda.is_available()  # Ray gave this trial a GPU (CUDA_VISIBLE_DEVICES): its peak is read there
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     train_peak = 0
     if trial.finetune.lora.dynamic:
         train_peak = ensure_dynamic_run(trial, memory.peak)
@@ -101,6 +104,7 @@ def run_point(sweep: SweepSpec, point: Point) -> dict[str, Any]:
         "bits_per_weight": report["bits_per_weight"],
         "bits_per_weight_with_adapter": report["bits_per_weight_with_adapter"],
         "peak_rss_mib": max(memory.peak(), train_peak) / 2**20,
+        **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}),
         "wall_s": time.perf_counter() - start,
         "attempt": attempt,
     }

@@ -89,6 +89,17 @@ def _claim(sweep: SweepSpec, resume: bool) -> None:
         atomic_write_json(record, wanted)
 
 
+def trial_resources(sweep: SweepSpec) -> dict[str, float]:
+    """What a trial asks Ray for: its CPU threads, and a whole GPU when the cluster has GPUs and the finetune
+    may use one (its device is not cpu)."""
+    import ray
+
+    resources: dict[str, float] = {"cpu": sweep.cpus_per_trial}
+    if sweep.finetune.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1:
+        resources["gpu"] = 1
+    return resources
+
+
 def run_sweep(sweep: SweepSpec, address: str | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or continue) ``sweep``; returns one row per trial.  An existing experiment in the sweep directory
     is always continued: finished trials keep their results, interrupted and failed ones run again."""
@@ -101,7 +112,7 @@ def run_sweep(sweep: SweepSpec, address: str | None = None, resume: bool = False
     with ray_session(address):
         from ray import tune
 
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"cpu": sweep.cpus_per_trial})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), trial_resources(sweep))
         if tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
         else:

@@ -1,0 +1,63 @@
+"""The device setting: resolved once per use case, honoured from the command line and from a recipe's hardware."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT, modulora
+from engine.errors import EngineError
+from engine.placement import Placement, resolve_device
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def test_auto_is_the_cpu_without_a_gpu_and_names_are_checked():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(EngineError, match="not one of auto, cuda, cpu"):
+        resolve_device("tpu")
+    placement = Placement.of("cpu", torch.bfloat16)
+    assert placement.describe() == {"device": "cpu", "compute_dtype": "bfloat16"} and placement.peak_bytes() is None
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="a machine without CUDA")
+@pytest.mark.parametrize("command", [
+    ["finetune", GGUF_MODEL, "--data", TRAIN_TXT, "--steps", 1, "--out", "{tmp}/run"],
+    ["eval", GGUF_MODEL, "--data", VALID_TXT, "--limit", 1],
+    ["quantize", GGUF_MODEL, "--method", "rtn", "--out", "{tmp}/q"],
+    ["export", "{tmp}/run", "--out", "{tmp}/e"],
+])
+def test_cuda_without_a_gpu_is_one_line_and_exit_code_2(tmp_path, capsys, command):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in command]
+    assert modulora(*args, "--device", "cuda") == 2  # refused before anything is read or written
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA device is visible" in err and "--device cpu" in err
+
+
+def test_a_recipes_hardware_device_reaches_every_stage(tmp_path):
+    from recipes.load import load_recipe
+    from recipes.specs import eval_spec, export_spec, finetune_spec, quantize_spec, task_specs
+
+    recipe = {
+        "model": {"path": str(GGUF_MODEL), "shape": "llama-7b"},  # the shape the hardware section is planned at
+        "quantize": {"method": "rtn", "bits": 3},
+        "finetune": {"data": {"file": str(TRAIN_TXT), "seq_len": 64}, "train": {"steps": 2, "batch_size": 2}},
+        "evaluate": {"tasks": [{"file": str(VALID_TXT), "format": "text"}]},
+        "export": {},
+        "hardware": {"host_mem": "64GiB", "device": "cpu"},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(path)
+    specs = [quantize_spec(loaded, tmp_path / "q"), finetune_spec(loaded, "m", tmp_path / "f", False),
+             eval_spec(loaded, "m", task_specs(loaded)), export_spec(loaded, "run", tmp_path / "e")]
+    assert [s.device for s in specs] == ["cpu"] * 4
+    del recipe["hardware"]
+    path.write_text(yaml.safe_dump(recipe))
+    assert finetune_spec(load_recipe(path), "m", tmp_path / "f", False).device == "auto"
+    recipe["finetune"]["device"] = "cpu"  # one place for the device: a stage's own key is refused
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(EngineError, match="device"):
+        load_recipe(path)
