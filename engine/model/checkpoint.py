@@ -44,6 +44,7 @@ from engine.storage import (
     block_path,
     commit_dir,
     file_manifest,
+    SAFETENSORS_DTYPES,
     read_safetensors,
     read_tensors,
     safetensors_header,
@@ -199,22 +200,38 @@ def load_quantized(
     prefix = blocks_prefix(model)
     for index, block in enumerate(decoder_blocks(model)):
         block_prefix = f"{prefix}.{index}."
-        tensors = read_safetensors(block_path(path / BLOCKS, index))
+        file = block_path(path / BLOCKS, index)
+        tensors = _stream_load_read(file) if stream else read_safetensors(file)
         for name in [n for n in layers if n.startswith(block_prefix)]:
             local = name[len(block_prefix):]
             parts = {k[len(local) + 6:]: tensors.pop(k) for k in list(tensors) if k.startswith(f"{local}.base.")}
             qweight = weight_from_state(parts, layers[name])
             bias = tensors.pop(f"{local}.bias", None)
-            replace_module(block, local, ModuLoRALinear(qweight, _own(bias) if stream else bias))
+            replace_module(block, local, ModuLoRALinear(qweight, bias))
             if stream:
                 _to_placeholders(qweight)
-        if stream:  # kept alone, the norms would keep the whole block's read buffer alive through their views
-            tensors = {k: _own(v) for k, v in tensors.items()}
-        _assign(block, tensors, block_path(path / BLOCKS, index))
+        _assign(block, tensors, file)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _check_loaded(model, path, leave)
     return model, AutoTokenizer.from_pretrained(str(path)), manifest
+
+
+STREAM_READ_BYTES = 1 << 20  # with ``stream``, a packed weight's buffers up to this size are read at load
+
+
+def _stream_load_read(file: Path) -> dict[str, torch.Tensor]:
+    """What loading a streamed model reads of a block file: everything but the packed weights' large buffers
+    (codes, which the streamer reads when the block computes), those as ``meta`` tensors of their shape.  Loading
+    a streamed 65B directory then reads a few MB a block instead of the whole model once more."""
+    header, data_start = safetensors_header(file)
+    read = [name for name, entry in header.items()
+            if ".base." not in name or entry["data_offsets"][1] - entry["data_offsets"][0] <= STREAM_READ_BYTES]
+    tensors = read_tensors(file, read, (header, data_start))  # each in its own buffer
+    for name, entry in header.items():
+        if name not in tensors:
+            tensors[name] = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
+    return tensors
 
 
 def load_block_weights(model: nn.Module, directory: str | Path, index: int) -> None:
@@ -252,11 +269,6 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> 
 def _stored(qweight: QuantizedWeight) -> list[str]:
     """The buffers a packed weight is saved with (derived ones, such as an inverse permutation, stay)."""
     return [k for k, v in qweight._buffers.items() if v is not None and k not in qweight._non_persistent_buffers_set]
-
-
-def _own(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """A copy in its own memory of a view into a block file's read buffer."""
-    return None if tensor is None else tensor.clone()
 
 
 def _to_placeholders(qweight: QuantizedWeight) -> None:
