@@ -318,7 +318,9 @@ def main() -> None:
     parser.add_argument("--peft", choices=("nf4", "bf16"), help=argparse.SUPPRESS)  # one PEFT baseline, then exit
     args = parser.parse_args()
     if args.render:
-        args.md.write_text(render(json.loads(args.render.read_text())))
+        rendered = json.loads(args.render.read_text())
+        args.md.write_text(render(rendered))
+        plot(rendered, args.md.with_suffix(".png"))
         print(args.md.read_text())
         return
     args.work.mkdir(parents=True, exist_ok=True)
@@ -341,6 +343,7 @@ def main() -> None:
         json_path.write_text(json.dumps(merged, indent=1))
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(render(merged))
+        plot(merged, args.md.with_suffix(".png"))
 
     log(json.dumps(results["environment"]))
     if args.device == "cuda" and not args.no_tests:
@@ -385,6 +388,29 @@ def main() -> None:
     print(args.md.read_text())
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Peak GPU memory and tokens/s of every row, side by side (``path``: a PNG beside the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {name: r for name, r in results["rows"].items() if "error" not in r and r.get("peak_bytes")}
+    if not rows:
+        return
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 1.5), sharey=True)
+    names = list(rows)
+    mem.barh(names, [rows[n]["peak_bytes"] / 2**30 for n in names], color="tab:blue")
+    mem.set_xlabel("peak GPU memory (GiB, max_memory_allocated)")
+    speed.barh(names, [rows[n]["tokens_per_s"] for n in names], color="tab:orange")
+    speed.set_xlabel("tokens/s (median step)")
+    mem.invert_yaxis()
+    fig.suptitle(f"7B-shaped finetune step on {results['environment'].get('gpu', 'no GPU')} (bench/gpu_check.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -417,7 +443,7 @@ def render(results: dict[str, Any]) -> str:
             "same shape in bf16 with random weights (QLoRA: bitsandbytes NF4, double quantization). Planned is "
             "`modulora plan --device cuda` for the same settings less its runtime allowance (CUDA context, library "
             "workspaces), which `max_memory_allocated` does not see.", "",
-            table(results), ""]
+            table(results), "", "![peak memory and tokens/s](gpu.png)", ""]
     kernels = [k for k in results.get("kernels") or [] if "error" not in k]
     if kernels:
         out += ["Dequantization of one 11008 x 4096 weight (group 64) to bf16: median of 20 timed calls (CUDA "
