@@ -39,11 +39,10 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Placement:
-    """The compute device, the dtype of the base matmuls and the dtype of the trainable adapters."""
+    """The compute device and the dtype of the base matmuls."""
 
     device: torch.device
     compute_dtype: torch.dtype = torch.float32
-    adapter_dtype: torch.dtype = torch.float32
 
     @classmethod
     def of(cls, device: str, compute_dtype: torch.dtype = torch.float32) -> Placement:

@@ -34,8 +34,8 @@ def _gguf_tokenizer(architecture: str, tokenizer_fields: dict) -> PreTrainedToke
         for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         if f"{name}_id" in tokenizer_fields
     }
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**special, **extra})  # older transformers: extra
-    # repeats some special tokens
+    # merged, not both spread: older transformers (5.17) repeat some special tokens in ``extra``
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**special, **extra})
 
 
 def gguf_config_and_tokenizer(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:

@@ -71,8 +71,8 @@ class BlockStore(ABC):
     @property
     def fetch_is_enqueue(self) -> bool:
         """Whether a fetch only enqueues copies on the copy stream (nothing to wait for on the host): the
-        streamer then fetches ahead on its own thread, with no prefetch thread competing for the GIL while it
-        launches kernels (that delay left most copies exposed)."""
+        streamer then calls it inline, from the thread that launches the kernels, instead of on its prefetch
+        thread, which competed for the GIL and left most copies exposed."""
         return False
 
     def fetch(self, index: int) -> Tensors:

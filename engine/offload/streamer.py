@@ -134,7 +134,8 @@ class BlockStreamer:
         if index in self._resident:
             return
         future = self._pending.pop(index, None)
-        self._assign(index, self.store.ready(index, future.result() if future is not None else self.store.fetch(index)))
+        tensors = future.result() if future is not None else self.store.fetch(index)
+        self._assign(index, self.store.ready(index, tensors))
         self._resident.add(index)
         self.max_resident = max(self.max_resident, len(self._resident) + len(self._pending))
 

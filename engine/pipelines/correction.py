@@ -26,7 +26,7 @@ from engine.model import (
 )
 from engine.offload import stream_checkpoint
 from engine.options import as_plain
-from engine.pipelines.loading import ADAPTER_DIR, COMPUTE_DEVICE, attach_offload, load_with_adapter, pad_id
+from engine.pipelines.loading import ADAPTER_DIR, ADAPTER_INIT_DEVICE, attach_offload, load_with_adapter, pad_id
 from engine.pipelines.loading import streams_in_place
 from engine.pipelines.specs import CorrectSpec
 from engine.placement import resolve_device
@@ -81,7 +81,7 @@ def initialise(spec: CorrectSpec, manifest: dict[str, Any], source: CheckpointSo
     out, lora = Path(spec.out), spec.lora
     stream = manifest["format_version"] == 2
     student, tokenizer, _ = load_quantized(spec.model, stream=stream)
-    add_lora(student, lora.adapter_rank, lora.scale_alpha, seed=spec.train.seed, device=COMPUTE_DEVICE)
+    add_lora(student, lora.adapter_rank, lora.scale_alpha, seed=spec.train.seed, device=ADAPTER_INIT_DEVICE)
     loftq = spec.init == "loftq"
     quantizer = _requantizer(manifest) if loftq else None
     teacher = meta_model(source.config)

@@ -14,7 +14,7 @@ from engine.model import (
     OUTSIDE, BlockLifecycle, is_quantized_dir, load_block_weights, load_model, read_manifest, release_block_weights,
     set_active_rank, vocab_table_names,
 )
-from engine.pipelines.loading import ADAPTER_DIR, COMPUTE_DEVICE
+from engine.pipelines.loading import ADAPTER_DIR, ADAPTER_INIT_DEVICE
 from engine.pipelines.specs import COMPUTE_DTYPES, ExportSpec
 from engine.placement import resolve_device
 from engine.storage import read_tensors
@@ -28,7 +28,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     base = config["base_model_name_or_path"]
     stream = spec.merged and is_quantized_dir(base) and read_manifest(base)["format_version"] == 2
     model, tokenizer, _ = load_model(base, stream=stream)
-    attach_adapter(model, adapter, device=COMPUTE_DEVICE)
+    attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE)
     save_adapter(model, Path(spec.out) / "adapter", base, spec.rank)
     if spec.merged:
         set_active_rank(model, spec.rank)

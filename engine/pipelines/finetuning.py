@@ -22,7 +22,7 @@ from engine.model import add_lora, lora_layers, model_size
 from engine.options import as_plain
 from engine.placement import Placement
 from engine.pipelines.loading import (
-    ADAPTER_DIR, COMPUTE_DEVICE, attach_offload, load_with_adapter, pad_id, streams_in_place,
+    ADAPTER_DIR, ADAPTER_INIT_DEVICE, attach_offload, load_with_adapter, pad_id, streams_in_place,
 )
 from engine.pipelines.specs import COMPUTE_DTYPES, FinetuneSpec, LoraSpec
 from engine.storage import atomic_write_json
@@ -69,7 +69,7 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
 def prepare_adapters(model: PreTrainedModel, lora: LoraSpec, seed: int, dtype: str) -> None:
     """Fresh adapters, unless the model (a corrected one) already carries one: then training goes on from it."""
     if not lora_layers(model):
-        add_lora(model, lora.adapter_rank, lora.scale_alpha, seed=seed, device=COMPUTE_DEVICE)
+        add_lora(model, lora.adapter_rank, lora.scale_alpha, seed=seed, device=ADAPTER_INIT_DEVICE)
     for layer in lora_layers(model).values():
         layer.compute_dtype = COMPUTE_DTYPES[dtype]
 

@@ -16,7 +16,7 @@ from engine.pipelines.specs import OffloadSpec
 
 ADAPTER_DIR = "adapter"
 # Adapters are made (and read) on the host and then placed: the CPU generator gives the same adapter on any machine.
-COMPUTE_DEVICE = "cpu"
+ADAPTER_INIT_DEVICE = "cpu"
 
 
 def base_of(source: str | Path) -> str:
@@ -44,7 +44,7 @@ def load_with_adapter(
     adapter = Path(source) / ADAPTER_DIR
     model, tokenizer, manifest = load_model(base_of(source), stream)
     if is_adapter_dir(adapter):
-        attach_adapter(model, adapter, device=COMPUTE_DEVICE)
+        attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE)
     return model, tokenizer, manifest
 
 

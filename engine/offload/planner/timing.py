@@ -9,6 +9,8 @@ from engine.offload.planner.sizes import FLOAT32, lora_params, packed_block_byte
 
 # ---- Time model -----------------------------------------------------------------------------------------------
 HOST_ADAM_GPARAMS = 0.6  # torch AdamW (foreach=False) on 147M float32 params, 2 threads of this CPU: 0.6 G params/s
+# Not measured (no GPU here): Adam reads and writes ~28 bytes per parameter; at ~1.5 TB/s that is ~50 G params/s.
+DEVICE_ADAM_GPARAMS = 50.0
 # Matmul rates when none is given, TFLOP/s: this 2-core CPU's, measured (float32 ~170 GFLOP/s, bf16 ~350);
 # on CUDA an assumption for a 24 GB-class card (an H200 runs bf16 at ~790).
 CPU_TFLOPS = {"float32": 0.17, "bfloat16": 0.35}
@@ -20,8 +22,6 @@ def default_tflops(device: str, compute_dtype: str) -> tuple[float, str]:
     if device == "cpu":
         return CPU_TFLOPS[compute_dtype], "this 2-core CPU's, measured"
     return CUDA_TFLOPS, "assumed for a 24 GB-class GPU, not measured"
-# Not measured (no GPU here): Adam reads and writes ~28 bytes per parameter; at ~1.5 TB/s that is ~50 G params/s.
-DEVICE_ADAM_GPARAMS = 50.0
 
 
 @dataclass(frozen=True)
