@@ -14,7 +14,7 @@ from engine.model import load_quantized, quantize_calibrated, save_quantized
 from engine.quant import LayerStats, QuipQuantizer, QuipWeight, make_quantizer, weight_from_state
 from engine.quant.e8p import e8_ball, e8_ball_encode, e8p_decode, e8p_encode, source_set
 from engine.quant.hadamard import RandomHadamard, fast_hadamard, hadamard_matrix, padded_size, random_signs
-from engine.quant.quip import STAGES, block_ldl, ldlq, rvq_encode
+from engine.quant.quip import STAGES, block_ldl, ldlq, rotated_hessian, rvq_encode
 
 from conftest import TRAIN_TXT
 
@@ -129,6 +129,23 @@ def test_block_ldl_factorizes_the_hessian() -> None:
     d = inv @ h @ inv.T  # must be block diagonal
     mask = torch.block_diag(*[torch.ones(8, 8, dtype=torch.bool)] * 4)
     assert d[~mask].abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("n", [64, 172, 2100])
+def test_rotated_hessian_is_the_dense_two_sided_transform(n: int, monkeypatch) -> None:
+    """``T H Tᵀ`` made in place, a slice at a time (slices of 512 here, so widths above it take several), against
+    the dense float64 product with the Hadamard matrix, padding included."""
+    monkeypatch.setattr("engine.quant.quip.ROTATE_ROWS", 512)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n, n, dtype=torch.float64, generator=gen)
+    stats = LayerStats(x.T @ x, 3 * n)
+    n_pad = padded_size(n, 8)
+    signs = random_signs(n_pad, gen).double()
+    t = hadamard_matrix(n_pad).double() * signs / n_pad**0.5  # T = H diag(signs) / sqrt(n_pad)
+    h_pad = torch.zeros(n_pad, n_pad, dtype=torch.float64)
+    h_pad[:n, :n] = 2 * stats.xtx / stats.count
+    got = rotated_hessian(stats, RandomHadamard(n, signs))
+    torch.testing.assert_close(got, t @ h_pad @ t.T, rtol=0, atol=1e-9 * h_pad.abs().max().item())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -38,10 +38,11 @@ RTN_WEIGHT_COPIES = 5
 # statistics, at most two Hessian-sized matrices while the inverse's Cholesky factor is made (inverse_hessian_factor).
 OPTQ_WEIGHT_COPIES = 2
 OPTQ_HESSIAN_COPIES = 2
-# QuIP#: the weight rotated, divided by its scales and rounded, in the statistics' dtype; the Hessian, its rotation
-# (made from one intermediate) and the LDL factor (from the Cholesky factor), beside the statistics.
-QUIP_WEIGHT_COPIES = 4
-QUIP_HESSIAN_COPIES = 3
+# QuIP#: the rotated weight divided by its scales, its rounding and the rounding error, in the statistics' dtype;
+# the rotated Hessian (made in place, engine.quant.quip.rotated_hessian) and the LDL factor (solved into the Cholesky
+# factor), beside the statistics.
+QUIP_WEIGHT_COPIES = 3
+QUIP_HESSIAN_COPIES = 2
 # GPTAQ's alignment (engine.model.sequential.aligned_weight): the ridged copy and its LU factor beside the
 # statistics, the weight and its shift in the statistics' dtype.
 ALIGN_HESSIAN_COPIES = 2
