@@ -160,23 +160,13 @@ def test_local_ray_listens_on_loopback_only():
     assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
-def _terminated_points(experiment: Path) -> set[str]:
-    """Points whose trials Tune's saved experiment state records as finished."""
-    done = set()
-    for state in experiment.glob("experiment_state-*.json"):
-        try:
-            trials = json.loads(state.read_text())["trial_data"]
-        except (json.JSONDecodeError, KeyError):
-            continue  # being written
-        for trial_json, _ in trials:
-            trial = json.loads(trial_json)
-            if trial["status"] == "TERMINATED":
-                done.add(Path(trial["relative_logdir"]).name.rsplit("-", 1)[0])
-    return done
+def _recorded_points(out: Path) -> set[str]:
+    """Points with a finished-trial record (cluster.sweep.records)."""
+    return {path.stem for path in (out / "trial-results").glob("*.json")}
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_sweep):
-    """The driver is SIGKILLed once Tune has saved a finished trial; ``--resume`` runs only the others."""
+    """The driver is SIGKILLed once a trial has recorded its result; ``--resume`` runs only the others."""
     # One trial at a time, so when the driver dies one trial is finished and the other is not.
     config = write_config(tmp_path / "resume.yaml", sweep__grid={**GRID, "rank": [2]},
                           sweep__cpus_per_trial=os.cpu_count())
@@ -187,7 +177,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while not (finished := _terminated_points(out / "trials")):
+        while not (finished := _recorded_points(out)):
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(0.2)
@@ -206,6 +196,48 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     assert set(after) == {f"rtn-{b}bit-g32-r2-lr0.003" for b in (3, 4)}
     for point in finished:
         assert before[point] == after[point] == 1
+
+
+class _Planted:
+    """Unpickling this makes the directory ``path``: proof that a planted pickle ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.path),)
+
+
+def test_continued_sweep_never_unpickles_and_reruns_a_tampered_record(tmp_path, tiny_sweep, capsys):
+    """Pickles planted where Ray Tune keeps its experiment (``tuner.pkl``, ``params.pkl``) are never loaded when
+    the sweep is continued; a record whose metric was edited fails its checksum, and that point runs again
+    (to the same metric: everything is seeded)."""
+    import pickle
+
+    config = write_config(tmp_path / "planted.yaml", sweep__grid={**GRID, "rank": [2], "bits": [3]})
+    out = tmp_path / "out"
+    reuse_quantized(tiny_sweep, out)
+    assert modulora("sweep", config, "--out", out) == 0
+    (original,) = rows(out)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Planted(marker))
+    for place in [out / "trials" / "tuner.pkl", *(out / "trials").rglob("*.pkl"),
+                  *[d / "params.pkl" for d in (out / "trials").rglob("*") if d.is_dir()]]:
+        place.write_bytes(payload)
+    (record,) = (out / "trial-results").glob("*.json")
+    edited = json.loads(record.read_text())
+    edited["metrics"]["eval_ppl"] = 1.0
+    record.write_text(json.dumps(edited))
+    shutil.rmtree(out / "runs")  # the point trains again from the start
+    capsys.readouterr()
+
+    assert modulora("sweep", config, "--out", out, "--resume") == 0
+    assert "not a valid trial record" in capsys.readouterr().err
+    assert not marker.exists()
+    (again,) = rows(out)
+    assert again["status"] == "ok" and again["attempt"] == 2 and again["metric"] == original["metric"]
+    assert attempts(out) == {"rtn-3bit-g32-r2-lr0.003": 2}
+    assert sorted(p.name for p in (out / "trials").iterdir() if p.is_dir()) == ["run-1", "run-2"]
 
 
 def test_racing_trials_quantize_a_shared_model_once(tmp_path, monkeypatch):

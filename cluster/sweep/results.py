@@ -6,14 +6,11 @@ import io
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.storage import atomic_write_bytes
 
 from cluster.sweep.spec import Point
-
-if TYPE_CHECKING:
-    from ray.tune import ResultGrid
 
 RESULT_COLUMNS = {  # of results.parquet; "metric" is the sweep's metric, named in the file's metadata
     "method": "string", "bits": "int64", "group_size": "int64", "rank": "int64", "lr": "float64",
@@ -22,13 +19,14 @@ RESULT_COLUMNS = {  # of results.parquet; "metric" is the sweep's metric, named 
 }  # peak_gpu_mib: torch.cuda.max_memory_allocated of a trial Ray gave a GPU (NaN on CPU trials)
 
 
-def result_rows(grid: ResultGrid, metric: str) -> list[dict[str, Any]]:
-    """One row per trial, in grid order (method, bits, group size, rank, lr); failed trials get NaNs."""
+def result_rows(points: list[Point], finished: dict[Point, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per point, in grid order (method, bits, group size, rank, lr); points without a finished trial
+    get NaNs and status ``error``."""
     rows = []
-    for result in grid:
-        reported = result.metrics or {}
+    for point in points:
+        reported = finished.get(point, {})
         rows.append({
-            **asdict(Point(**result.config["point"])),
+            **asdict(point),
             "metric": float(reported.get(metric, math.nan)),
             "bits_per_weight": float(reported.get("bits_per_weight", math.nan)),
             "bits_per_weight_with_adapter": float(reported.get("bits_per_weight_with_adapter", math.nan)),
@@ -36,7 +34,7 @@ def result_rows(grid: ResultGrid, metric: str) -> list[dict[str, Any]]:
             "peak_gpu_mib": float(reported.get("peak_gpu_mib", math.nan)),
             "wall_s": float(reported.get("wall_s", math.nan)),
             "attempt": int(reported.get("attempt", 0)),
-            "status": "ok" if result.error is None else "error",
+            "status": "ok" if point in finished else "error",
         })
     return sorted(rows, key=lambda r: (r["method"], r["bits"], r["group_size"] or 0, r["rank"], r["lr"]))
 

@@ -18,6 +18,7 @@ from engine.pipelines import QuantizeSpec, evaluate, finetune, quantize
 from engine.procstat import PeakRss, release_free_heap
 from engine.storage import atomic_write_json
 
+from cluster.sweep.records import write_record
 from cluster.sweep.spec import Point, SweepSpec, Trial
 
 ATTEMPTS = "attempts.jsonl"
@@ -75,7 +76,7 @@ def ensure_dynamic_run(trial: Trial, peak: Callable[[], int]) -> int:
 
 
 def run_point(sweep: SweepSpec, point: Point) -> dict[str, Any]:
-    """The metrics of one attempt at ``point``."""
+    """The metrics of one attempt at ``point``, also recorded as the point's finished-trial record."""
     import torch
 
     start = time.perf_counter()
@@ -98,7 +99,7 @@ def run_point(sweep: SweepSpec, point: Point) -> dict[str, Any]:
     report = evaluate(trial.evaluate, progress=False)
     (task,) = report["tasks"].values()
     metrics = task["ranks"][str(point.rank)] if "ranks" in task else task
-    return {
+    result = {
         "eval_ppl": metrics["ppl"],
         "eval_nll": metrics["nll"],
         "bits_per_weight": report["bits_per_weight"],
@@ -108,3 +109,5 @@ def run_point(sweep: SweepSpec, point: Point) -> dict[str, Any]:
         "wall_s": time.perf_counter() - start,
         "attempt": attempt,
     }
+    write_record(sweep.out, point, result)
+    return result

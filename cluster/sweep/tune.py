@@ -7,7 +7,9 @@ The sweep directory::
     runs/             one finetune run per grid point (a retried trial continues from its checkpoints)
     dynamic/          instead, for dynamic-rank sweeps: one QDyLoRA run per method / bits / group size / lr
     attempts.jsonl    one line per trial attempt, so retries and resumes show
-    trials/           the Ray Tune experiment: one directory per trial
+    trial-results/    one checksummed JSON per finished trial: what a continued sweep reads back
+    trials/           Ray Tune's experiments, one per invocation (run-1, run-2, ...): one directory per trial;
+                      never read back (Tune restores from pickles, which could be planted)
     results.parquet   one row per trial
     pareto.png        the metric against bits per weight and against peak memory
 
@@ -17,7 +19,6 @@ On a multi-node cluster the sweep directory must be on storage every node sees.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from engine.options import as_plain
 from engine.storage import atomic_write_json
 
 from cluster.runtime import ray_session
+from cluster.sweep.records import read_records
 from cluster.sweep.results import result_rows, write_results
 from cluster.sweep.spec import Point, SweepSpec
 from cluster.sweep.trial import run_point
@@ -100,34 +102,39 @@ def trial_resources(sweep: SweepSpec) -> dict[str, float]:
     return resources
 
 
+def _fresh_experiment(out: Path) -> str:
+    """A new experiment name under ``trials/``: Tune writes its state there and nothing reads it back."""
+    index = 1
+    while (out / EXPERIMENT / f"run-{index}").exists():
+        index += 1
+    return f"run-{index}"
+
+
 def run_sweep(sweep: SweepSpec, address: str | None = None, resume: bool = False) -> list[dict[str, Any]]:
-    """Run (or continue) ``sweep``; returns one row per trial.  An existing experiment in the sweep directory
-    is always continued: finished trials keep their results, interrupted and failed ones run again."""
+    """Run (or continue) ``sweep``; returns one row per trial.  A sweep directory with finished trials is always
+    continued: the points with a valid record (:mod:`cluster.sweep.records`) keep their results, the others run
+    (again) as trials of a new Tune experiment."""
     out = Path(sweep.out)
     _claim(sweep, resume)
-    # Save Tune's experiment state every second (default: 10 s or more), so that an interrupted
-    # sweep does not re-run trials that finished just before the interruption.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    experiment = out / EXPERIMENT
-    with ray_session(address):
-        from ray import tune
+    points = sweep.points()
+    todo = [point for point in points if point not in read_records(out, points)]
+    if todo:
+        with ray_session(address):
+            from ray import tune
 
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), trial_resources(sweep))
-        if tune.Tuner.can_restore(experiment):
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
+            trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), trial_resources(sweep))
+            tune.Tuner(
                 trainable,
-                param_space={"point": tune.grid_search([asdict(p) for p in sweep.points()])},
+                param_space={"point": tune.grid_search([asdict(p) for p in todo])},
                 tune_config=tune.TuneConfig(reuse_actors=False, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
-                    storage_path=str(out),
-                    name=EXPERIMENT,
+                    storage_path=str(out / EXPERIMENT),
+                    name=_fresh_experiment(out),
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                     verbose=0,
                     callbacks=[_progress(sweep.metric)],
                 ),
-            )
-        rows = result_rows(tuner.fit(), sweep.metric)
+            ).fit()
+    rows = result_rows(points, read_records(out, points), sweep.metric)
     write_results(rows, sweep.metric, out)
     return rows
