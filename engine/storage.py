@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,46 @@ def commit_dir(staging: Path, out_dir: str | Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
+
+
+# ---- output locks: one writer per output folder ---------------------------------------------------------------------
+
+def lock_path(directory: str | Path) -> Path:
+    """The lock of an output folder: a hidden sibling, so it survives the folder being swapped by :func:`commit_dir`."""
+    directory = Path(directory).resolve()
+    return directory.parent / f".{directory.name}.lock"
+
+
+@contextmanager
+def output_lock(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder while the block runs (the kernel drops it if the process dies,
+    so a crash leaves no stale lock).  A second writer gets one line naming the holder's pid."""
+    path = lock_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise EngineError(f"{Path(directory)}: in use by another modulora process (pid {holder}); wait for it to "
+                          "finish or choose another output") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextmanager
+def output_locks(*directories: str | Path | None) -> Iterator[None]:
+    """:func:`output_lock` on each distinct folder given (``None`` skipped), all held together."""
+    with ExitStack() as stack:
+        for directory in dict.fromkeys(Path(d).resolve() for d in directories if d is not None):
+            stack.enter_context(output_lock(directory))
+        yield
 
 
 # ---- block files: one safetensors file per decoder block, with an index of sizes and checksums ----------------------

@@ -35,7 +35,7 @@ import click
 from engine.errors import EngineError
 from engine.pipelines import correct, evaluate, export, finetune, plan, quantize
 from engine.procstat import PeakRss, status_bytes
-from engine.storage import atomic_write_bytes, atomic_write_json
+from engine.storage import atomic_write_bytes, atomic_write_json, output_lock
 
 from recipes.checks import plan_shape
 from recipes.report import render_markdown
@@ -220,7 +220,13 @@ def check_hardware(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
-    """Run every stage not already finished with the same inputs; returns the report."""
+    """Run every stage not already finished with the same inputs; returns the report.  The output folder is
+    locked while the recipe runs (a second run into it is refused)."""
+    with output_lock(recipe.output):
+        return _run_stages(recipe, echo)
+
+
+def _run_stages(recipe: Recipe, echo: Callable[[str], None]) -> dict[str, Any]:
     out = recipe.output
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ import click
 
 from engine.errors import EngineError
 from engine.options import as_plain
-from engine.storage import atomic_write_json
+from engine.storage import atomic_write_json, output_lock
 
 from cluster.runtime import ray_session
 from cluster.sweep.records import read_records
@@ -115,6 +115,11 @@ def run_sweep(sweep: SweepSpec, address: str | None = None, resume: bool = False
     continued: the points with a valid record (:mod:`cluster.sweep.records`) keep their results, the others run
     (again) as trials of a new Tune experiment."""
     out = Path(sweep.out)
+    with output_lock(out):
+        return _run(sweep, out, address, resume)
+
+
+def _run(sweep: SweepSpec, out: Path, address: str | None, resume: bool) -> list[dict[str, Any]]:
     _claim(sweep, resume)
     points = sweep.points()
     todo = [point for point in points if point not in read_records(out, points)]

@@ -31,6 +31,7 @@ from engine.pipelines.loading import streams_in_place
 from engine.pipelines.specs import CorrectSpec
 from engine.placement import resolve_device
 from engine.quant import Quantizer, make_quantizer
+from engine.pipelines.locking import holding_outputs
 from engine.storage import atomic_write_json
 from engine.train import Trainer, distillation_loss, loftq_init
 
@@ -38,6 +39,7 @@ MANIFEST_ONLY = ("layers", "aliases", "size", "files", "format_version")  # what
 STATS_BATCH = 8  # calibration windows per forward pass when LoftQ needs the teacher's input statistics
 
 
+@holding_outputs(lambda spec: (spec.out, spec.offload.dir))
 def correct(spec: CorrectSpec) -> dict[str, Any]:
     """Write the corrected model to ``spec.out``; returns the training report."""
     out = Path(spec.out)

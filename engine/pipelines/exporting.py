@@ -17,9 +17,11 @@ from engine.model import (
 from engine.pipelines.loading import ADAPTER_DIR, ADAPTER_INIT_DEVICE
 from engine.pipelines.specs import COMPUTE_DTYPES, ExportSpec
 from engine.placement import resolve_device
+from engine.pipelines.locking import holding_outputs
 from engine.storage import read_tensors
 
 
+@holding_outputs(lambda spec: (spec.out,))
 def export(spec: ExportSpec) -> dict[str, Any]:
     """``OUT/adapter`` and, with ``merged``, ``OUT/merged``; returns what was written."""
     device = resolve_device(spec.device)

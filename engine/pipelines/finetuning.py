@@ -25,10 +25,12 @@ from engine.pipelines.loading import (
     ADAPTER_DIR, ADAPTER_INIT_DEVICE, attach_offload, load_with_adapter, pad_id, streams_in_place,
 )
 from engine.pipelines.specs import COMPUTE_DTYPES, FinetuneSpec, LoraSpec
+from engine.pipelines.locking import holding_outputs
 from engine.storage import atomic_write_json
 from engine.train import EvalFn, Trainer
 
 
+@holding_outputs(lambda spec: (spec.out, spec.offload.dir))
 def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     """Train, save the adapter and ``report.json`` in ``spec.out``; returns the report.
 

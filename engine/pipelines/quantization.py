@@ -43,12 +43,14 @@ from engine.errors import EngineError
 from engine.options import as_plain
 from engine.placement import resolve_device
 from engine.pipelines.specs import GGUF_METHOD, QuantizeSpec
+from engine.pipelines.locking import holding_outputs
 from engine.storage import sha256_file
 
 
 log = logging.getLogger(__name__)
 
 
+@holding_outputs(lambda spec: (spec.out,))
 def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) -> dict[str, Any]:
     """Write ``spec.out``; returns its manifest.  ``runner_factory`` runs the calibration shards elsewhere
     (``modulora calibrate`` passes Ray's; the weights are the same bit for bit)."""
