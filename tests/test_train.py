@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import signal
@@ -71,6 +72,43 @@ def test_corrupt_latest_checkpoint_falls_back(q3, train_windows, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-8])
     checkpoint = latest_good_checkpoint(tmp_path / "checkpoints")
     assert checkpoint is not None and checkpoint.state["step"] == 3
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(q3, train_windows, tmp_path):
+    """Two good steps, then a loss that turns NaN: training stops at step 3 with one clear error, the adapter is
+    the step-2 one (no update from the NaN gradients), the checkpoints and the metrics log end at step 2."""
+    from engine.errors import EngineError
+    from engine.train.losses import chunked_causal_lm_loss
+
+    model = copy.deepcopy(q3)
+    add_lora(model, 4, 8, seed=0)
+    config = TrainSpec(steps=2, batch_size=2, save_every=1, warmup_steps=0)
+    Trainer(model, train_windows, config, tmp_path, 0).train()
+    good = {k: v.clone() for k, v in adapter_state(model).items()}
+
+    def poisoned(model_: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return chunked_causal_lm_loss(model_, batch) * float("nan")
+
+    trainer = Trainer(model, train_windows, TrainSpec(steps=4, batch_size=2, save_every=1, warmup_steps=0), tmp_path, 0,
+                      loss_fn=poisoned)
+    with pytest.raises(EngineError, match=r"step 3: non-finite loss \(nan\)"):
+        trainer.train(resume=True)
+    assert all(torch.equal(v, good[k]) for k, v in adapter_state(model).items())
+    assert [d.name for d in checkpoint_dirs(tmp_path / "checkpoints")][-1].endswith("2")
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(q3, train_windows, tmp_path):
+    """A kill mid-write leaves half a line at the end of metrics.jsonl; resuming drops it and logs on."""
+    model = copy.deepcopy(q3)
+    add_lora(model, 4, 8, seed=0)
+    Trainer(model, train_windows, TrainSpec(steps=2, batch_size=2, save_every=1, warmup_steps=0), tmp_path, 0).train()
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')
+    Trainer(model, train_windows, TrainSpec(steps=3, batch_size=2, save_every=1, warmup_steps=0), tmp_path, 0).train(
+        resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 def test_dynamic_rank_trains_every_prefix(q3, train_windows, valid_windows, tmp_path):

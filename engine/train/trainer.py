@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -133,7 +134,7 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         kept = []
         if start_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start_step]
         path.write_text("".join(line + "\n" for line in kept))
         return path.open("a")
 
@@ -184,6 +185,10 @@ class Trainer:
             total += loss.item()
             tokens += count
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+        if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
+            raise EngineError(f"step {step + 1}: non-finite loss ({total}) or gradient norm ({float(grad_norm)}); "
+                              f"training stopped before updating the adapter (its checkpoints are kept); lower the "
+                              f"learning rate or check the data")
         lr = c.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -205,6 +210,14 @@ class Trainer:
         save_checkpoint(
             self.checkpoint_root, step, adapter_state(self.model), self.optimizer, self.generators, state, self.config.keep_last
         )
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; infinity for a line a kill left half-written (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _replay_cpu_adam_bias_correction(optimizer: torch.optim.Optimizer | HostOffloadedAdam, steps: int) -> None:
