@@ -37,7 +37,7 @@ ROWS: dict[str, dict[str, Any]] = {}  # filled by ``row``
 
 def row(name: str, limit_gib: float, inputs: str = "ckpt7b", env: dict[str, str] | None = None) -> Any:
     """A row: its command, planner arguments and outputs (``build``), its memory limit, the input it needs
-    (``ckpt7b``, ``ckpt7b-2`` or ``q65b``), and environment variables of its command."""
+    (``ckpt7b``, ``ckpt7b-2``, ``q7b2-rtn`` or ``q65b``), and environment variables of its command."""
     def register(build: Any) -> Any:
         ROWS[name] = {"build": build, "limit_gib": limit_gib, "inputs": inputs, "env": env or {}}
         return build
@@ -271,6 +271,17 @@ def correct(w: Path) -> tuple[list, list, list]:
              "--tier", "disk"], [w / "q7b-corrected"])
 
 
+@row("correct-2-blocks", 4.0, inputs="q7b2-rtn")
+def correct_2(w: Path) -> tuple[list, list, list]:
+    # The 2-block shapes (teacher ckpt7b-2, student its RTN 3-bit directory): the initialisation (LoftQ, one SVD
+    # per layer) takes about 4 min per 7B-shaped block here, so 32 blocks would take over 2 h for the same peak.
+    return (["correct", w / "q7b2-rtn", "--teacher", w / "ckpt7b-2", "--calib", TRAIN_TXT, "--seq-len", 512,
+             "--limit", 8, "--steps", 2, "--batch-size", 4, "--offload", "disk", "--grad-checkpointing",
+             "--out", w / "q7b2-corrected"],
+            [*PLAN_7B, "--stage", "correct", "--bits", 3, "--group-size", 32, "--seq-len", 512, "--batch", 4,
+             "--tier", "disk"], [w / "q7b2-corrected"])
+
+
 @row("finetune-disk", 2.5)
 def finetune_disk(w: Path) -> tuple[list, list, list]:
     return (["finetune", w / "q7b-rtn", "--data", TRAIN_TXT, "--seq-len", 512, "--limit", 4, "--batch-size", 1,
@@ -298,12 +309,21 @@ def finetune_65b(w: Path) -> tuple[list, list, list]:
              "--optimizer-offload", "yes", "--compute-dtype", "bfloat16"], [w / "run65b"])
 
 
+def quantize_rtn(work: Path, checkpoint: str, path: Path) -> None:
+    """``modulora quantize CHECKPOINT --method rtn --bits 3`` (as the quantize-rtn row), writing it first if needed."""
+    if not (work / checkpoint).is_dir():
+        write_checkpoint(work / checkpoint, "llama-7b", n_blocks=2)
+    subprocess.run([sys.executable, "-m", "engine.cli", "quantize", str(work / checkpoint), "--method", "rtn",
+                    "--bits", "3", "--out", str(path)], cwd=REPO, check=True)
+
+
 def make_inputs(work: Path, wanted: list[str]) -> None:
     """Write the inputs the wanted rows need and do not have yet."""
     makers = {
         "ckpt7b": lambda path: write_checkpoint(path, "llama-7b"),
         "ckpt7b-2": lambda path: write_checkpoint(path, "llama-7b", n_blocks=2),
         "q65b": lambda path: write_random_directory(path, "llama-65b", bits=3, group_size=64),
+        "q7b2-rtn": lambda path: quantize_rtn(work, "ckpt7b-2", path),
     }
     for name in dict.fromkeys(ROWS[r]["inputs"] for r in wanted):
         if not (work / name).is_dir():
@@ -379,7 +399,7 @@ def report(done: dict[str, Any], work: Path) -> None:
             same = "bit for bit the same" if r["bit_identical_to_one_process"] else "**not** the same"
             notes.append(f"- `{name}`: the packed weights of the 2 Ray workers and of the one process "
                          f"(`quantize-optq-2-blocks`, one thread like each worker) are {same}.")
-        if ROWS[name]["inputs"] == "ckpt7b-2":
+        if ROWS[name]["inputs"] in ("ckpt7b-2", "q7b2-rtn"):
             notes.append(f"- `{name}`: {r['wall_s'] / 2:.0f} s per 7B-shaped block (2 blocks); 32 blocks would "
                          f"take about {16 * r['wall_s'] / 3600:.1f} h.")
     headers = ["row", "input", "peak RSS GiB", "limit GiB", "within", "Ray workers' peaks GiB", "planned GiB",

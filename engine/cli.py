@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     except EngineError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"{exc.filename or ''}: {exc.strerror}".lstrip(": "))
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))  # ConnectionError: no strerror
 
 
 if __name__ == "__main__":

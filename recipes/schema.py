@@ -91,7 +91,9 @@ def keys_of(cls: type, base: Path, skip: tuple[str, ...] = ()) -> Keys:
         default = REQUIRED if default is dataclasses.MISSING else default
         inner = spec_type(cls, field)
         if inner is not None:
-            keys[field.name] = (mapping(keys_of(inner, base)), {} if dataclasses.is_dataclass(default) else default)
+            inner_keys = keys_of(inner, base)  # a section left out holds its spec's defaults, filled in as if given
+            keys[field.name] = (mapping(inner_keys),
+                                section({}, field.name, inner_keys) if dataclasses.is_dataclass(default) else default)
         elif (option := option_of(field)) is not None:
             keys[field.name] = (_converter(option, base), default)
     return keys

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GGUF_MODEL, VALID_TXT
+from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT
 from conftest import modulora as modulora_here
 
 
@@ -91,6 +91,49 @@ def test_quantize_eval_info(q3_dir, capsys):
 )
 def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    code, out, err = modulora_in_process(capsys, *args)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modulora: error:"), err
+    assert needle in lines[0]
+
+
+SST2_DEV = GGUF_MODEL.parents[1] / "data" / "sst2" / "dev.tsv"
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("gguf-garbage", "not a readable GGUF file"),
+        ("gguf-bad-version", "not a readable GGUF file"),
+        ("template-unknown-field", "--template '{nope}\\nAnswer:': cannot be filled (KeyError: 'nope'); it may use"),
+        ("template-unclosed", "--template '{text': cannot be filled (ValueError"),
+        ("template-positional", "--template '{text}{0}': cannot be filled (IndexError"),
+        ("template-conversion", "--template '{text!z}': cannot be filled (ValueError"),
+        ("lr-overflows-float32", "--lr: expected a number > 0 and <= 10, got 1e+38"),
+    ],
+)
+def test_bad_files_and_values_are_one_line_exit_2(case, needle, tmp_path, capsys):
+    """Inputs an audit found ending in tracebacks: damaged GGUF files, templates that cannot be filled, a
+    learning rate that overflows the optimizer's float32 arithmetic."""
+    import random
+
+    rng = random.Random(0)
+    garbage = tmp_path / "bad.gguf"
+    finetune = ["finetune", GGUF_MODEL, "--steps", "1", "--out", tmp_path / "run"]
+    classify = [*finetune, "--data", SST2_DEV, "--format", "classification", "--limit", "4", "--label-word", "0=negative",
+                "--label-word", "1=positive"]
+    args = {
+        "gguf-garbage": ["quantize", garbage, "--out", tmp_path / "q"],
+        "gguf-bad-version": ["quantize", garbage, "--out", tmp_path / "q"],
+        "template-unknown-field": [*classify, "--template", "{nope}\nAnswer:"],
+        "template-unclosed": [*classify, "--template", "{text"],
+        "template-positional": [*classify, "--template", "{text}{0}"],
+        "template-conversion": [*classify, "--template", "{text!z}"],
+        "lr-overflows-float32": [*finetune, "--data", TRAIN_TXT, "--lr", "1e38"],
+    }[case]
+    body = bytes(rng.randrange(256) for _ in range(100))
+    garbage.write_bytes(b"GGUF" + body if case == "gguf-bad-version" else body)
     code, out, err = modulora_in_process(capsys, *args)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()

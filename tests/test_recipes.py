@@ -242,6 +242,30 @@ def test_shipped_recipes_validate(path, capsys):
     assert capsys.readouterr().out.startswith(f"{path.stem}: ")
 
 
+@pytest.mark.parametrize("section", ["finetune.lora", "finetune.train", "correct.train"])
+def test_a_section_left_out_holds_its_defaults(section, tmp_path, capsys):
+    """quickstart.yaml without one nested section: it validates (no KeyError), and the built spec carries the
+    spec's own defaults for it (one set of defaults)."""
+    from engine.pipelines import LoraSpec
+    from engine.train import TrainSpec
+    from recipes.load import load_recipe
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text().replace("{shared}", str(SHARED)))
+    parent, child = section.split(".")
+    del recipe[parent][child]
+    if child == "lora":  # a fixed-rank adapter now: evaluation at several ranks does not apply
+        for task in recipe["evaluate"]["tasks"]:
+            task.pop("ranks", None)
+        recipe["export"].pop("rank", None)
+    path = tmp_path / "cut.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert modulora("run", path, "--dry-run", f"output={tmp_path / 'out'}") == 0, capsys.readouterr().err
+    loaded = load_recipe(path).get(parent)[child]
+    default = LoraSpec() if child == "lora" else TrainSpec()
+    assert all(loaded[key] == getattr(default, key) for key in ("rank", "dynamic") if child == "lora")
+    assert all(loaded[key] == getattr(default, key) for key in ("lr", "save_every", "steps") if child == "train")
+
+
 @pytest.mark.parametrize("name", REAL_SCALE)
 def test_real_scale_recipes_fit_their_hardware(name, capsys):
     """`modulora plan`, with the recipe's model shape, bits, rank, batch and placement, says it fits the

@@ -66,14 +66,23 @@ def label_word(spec: FormatSpec, label: Any) -> str:
     return spec.label_words.get(str(label), str(label))
 
 
+def render(template: str, fields: dict[str, Any]) -> str:
+    """``template`` filled from a row's ``fields``; a template that does not parse or names other fields is a
+    one-line error listing the fields it may use."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise EngineError(f"--template {template!r}: cannot be filled ({type(exc).__name__}: {exc}); it may use "
+                          f"{', '.join('{' + str(k) + '}' for k in fields)}") from None
+
+
 def classification_prompt(spec: FormatSpec, row: dict[str, Any]) -> str:
-    template = spec.template or DEFAULT_TEMPLATES["classification"]
-    return template.format(**{**row, "text": row[spec.column("text")]})
+    return render(spec.template or DEFAULT_TEMPLATES["classification"], {**row, "text": row[spec.column("text")]})
 
 
 def summarization_prompt(spec: FormatSpec, row: dict[str, Any]) -> str:
-    template = spec.template or DEFAULT_TEMPLATES["summarization"]
-    return template.format(**{**row, "document": row[spec.column("document")]})
+    return render(spec.template or DEFAULT_TEMPLATES["summarization"],
+                  {**row, "document": row[spec.column("document")]})
 
 
 def alpaca_segments(spec: FormatSpec, row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Segments:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,10 @@ def gguf_config_and_tokenizer(path: Path) -> tuple[PretrainedConfig, PreTrainedT
     """A GGUF file's config and tokenizer (metadata only), with invalid special-token ids treated as absent."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise EngineError(f"{path}: not a readable GGUF file ({exc})") from None
     fields = dict(parsed["config"])
     vocab_size = fields.get("vocab_size") or len(parsed["tokenizer"]["tokens"])
     _drop_invalid_token_ids(fields, vocab_size)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from engine.options import Spec, setting
 
 OPTIMIZERS = ("adamw", "cpu_adam")
+MAX_LR = 10.0  # a sanity bound: far above any useful rate, far below where float32 optimizer arithmetic overflows
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class TrainSpec(Spec):
     steps: int = setting(100, "int", "Optimizer steps.", minimum=1)
     batch_size: int = setting(8, "int", "Sequences per micro-batch.", minimum=1)
     grad_accum: int = setting(1, "int", "Micro-batches per optimizer step.", minimum=1)
-    lr: float = setting(3e-3, "float", "Peak learning rate.", minimum=0.0, above=True)
+    lr: float = setting(3e-3, "float", "Peak learning rate.", minimum=0.0, above=True, maximum=MAX_LR)
     warmup_steps: int = setting(10, "int", "Steps of linear warm-up.", minimum=0, flag="--warmup")
     min_lr_ratio: float = setting(0.1, "float", "The cosine decay ends at this fraction of lr.", minimum=0.0,
                                   maximum=1.0)
