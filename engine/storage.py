@@ -86,6 +86,23 @@ def file_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
     }
 
 
+SEAL = "manifest_sha256"  # a manifest's checksum of itself: an edited field is caught like an edited file
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with :data:`SEAL`, the sha256 of the rest of it."""
+    return {**manifest, SEAL: _json_digest({k: v for k, v in manifest.items() if k != SEAL})}
+
+
+def seal_matches(manifest: dict[str, Any]) -> bool:
+    """Does ``manifest`` carry a seal that matches its content?"""
+    return manifest.get(SEAL) == _json_digest({k: v for k, v in manifest.items() if k != SEAL})
+
+
 def verify_file_manifest(directory: str | Path, files: dict[str, dict[str, Any]], listed_in: str) -> None:
     """Raise :class:`EngineError` naming the first file that is missing, truncated or altered."""
     directory = Path(directory)

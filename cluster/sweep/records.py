@@ -7,7 +7,6 @@ fails its checksum or names another point is ignored with a warning, and its tri
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -15,15 +14,11 @@ from typing import Any
 
 import click
 
-from engine.storage import atomic_write_json
+from engine.storage import atomic_write_json, seal, seal_matches
 
 from cluster.sweep.spec import Point
 
 RECORDS = "trial-results"
-
-
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def record_path(sweep_dir: str | Path, point: Point) -> Path:
@@ -32,8 +27,7 @@ def record_path(sweep_dir: str | Path, point: Point) -> Path:
 
 def write_record(sweep_dir: str | Path, point: Point, metrics: dict[str, Any]) -> None:
     """Record ``point`` as finished with ``metrics`` (atomically: a record is whole or absent)."""
-    body = {"point": asdict(point), "metrics": metrics}
-    atomic_write_json(record_path(sweep_dir, point), {**body, "sha256": _digest(body)})
+    atomic_write_json(record_path(sweep_dir, point), seal({"point": asdict(point), "metrics": metrics}))
 
 
 def read_records(sweep_dir: str | Path, points: list[Point]) -> dict[Point, dict[str, Any]]:
@@ -45,8 +39,7 @@ def read_records(sweep_dir: str | Path, points: list[Point]) -> dict[Point, dict
             continue
         try:
             record = json.loads(path.read_text())
-            body = {"point": record["point"], "metrics": record["metrics"]}
-            valid = record["sha256"] == _digest(body) and Point(**record["point"]) == point
+            valid = seal_matches(record) and Point(**record["point"]) == point
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             valid = False
         if valid:

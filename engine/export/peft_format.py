@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from engine.errors import EngineError
-from engine.storage import atomic_save_safetensors, atomic_write_json
+from engine.storage import (
+    atomic_save_safetensors, atomic_write_json, commit_dir, file_manifest, seal, seal_matches, staging_dir,
+    verify_file_manifest,
+)
 from engine.model.adapters import add_lora, load_adapter_state, lora_layers
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+ADAPTER_MANIFEST = "modulora_adapter.json"  # sha256 of the two files, itself sealed (engine.storage.seal)
 PREFIX = "base_model.model."
 
 
@@ -48,6 +54,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()[:rank].contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()[:, :rank].contiguous().cpu()
+    if Path(base_model).exists():  # a local base is recorded absolute, so the adapter loads from any directory
+        base_model = str(Path(base_model).resolve())
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -62,9 +70,15 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         "modulora_layers": sorted(layers),
         "modulora_trained_rank": full_rank,
     }
-    out_dir = Path(out_dir)
-    atomic_save_safetensors(out_dir / WEIGHTS, tensors)
-    atomic_write_json(out_dir / CONFIG, config)
+    staging = staging_dir(out_dir)  # the folder is replaced whole: weights and config always belong together
+    try:
+        atomic_save_safetensors(staging / WEIGHTS, tensors)
+        atomic_write_json(staging / CONFIG, config)
+        atomic_write_json(staging / ADAPTER_MANIFEST, seal({"files": file_manifest(staging)}))
+        commit_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return config
 
 
@@ -73,9 +87,14 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if not is_adapter_dir(path):
         raise EngineError(f"{path}: not an adapter directory (no {CONFIG})")
     try:
+        if (path / ADAPTER_MANIFEST).is_file():  # written here; adapters from elsewhere (PEFT) have none
+            manifest = json.loads((path / ADAPTER_MANIFEST).read_text())
+            if not seal_matches(manifest):
+                raise EngineError(f"{path / ADAPTER_MANIFEST}: edited or corrupt (it does not match its own checksum)")
+            verify_file_manifest(path, manifest["files"], ADAPTER_MANIFEST)
         config = json.loads((path / CONFIG).read_text())
         tensors = load_file(str(path / WEIGHTS))
-    except (json.JSONDecodeError, OSError) as exc:
+    except (json.JSONDecodeError, OSError, SafetensorError, KeyError) as exc:
         raise EngineError(f"{path}: unreadable adapter ({exc})") from None
     return config, tensors
 

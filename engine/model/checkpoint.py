@@ -39,11 +39,14 @@ from engine.model.quantize import decoder_blocks, replace_module, vocab_table_na
 from engine.model.state import ADAPTER_SUFFIXES, unique_state
 from engine.quant.base import QuantizedWeight, weight_from_state
 from engine.storage import (
+    SEAL,
     atomic_save_safetensors,
     atomic_write_json,
     block_path,
     commit_dir,
     file_manifest,
+    seal,
+    seal_matches,
     SAFETENSORS_DTYPES,
     read_safetensors,
     read_tensors,
@@ -115,6 +118,7 @@ class QuantizedWriter:
                 self.sizes["model_bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
             manifest = {"format_version": FORMAT_VERSION, **info, "layers": self.layers, "aliases": aliases,
                         "size": self._size(), "files": file_manifest(self.staging)}
+            manifest = seal(manifest)
             atomic_write_json(self.staging / MANIFEST, manifest)
             commit_dir(self.staging, self.out_dir)
         except BaseException:
@@ -167,6 +171,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise EngineError(f"{manifest_path}: corrupt manifest ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if manifest.get("format_version") not in (1, FORMAT_VERSION) or not isinstance(manifest.get("files"), dict):
         raise EngineError(f"{manifest_path}: unsupported manifest (format_version {manifest.get('format_version')!r})")
+    if SEAL in manifest and not seal_matches(manifest):  # directories written before the seal have none
+        raise EngineError(f"{manifest_path}: edited or corrupt (it does not match its own checksum); restore it or "
+                          "quantize again")
     verify_file_manifest(path, manifest["files"], MANIFEST)
     return manifest
 

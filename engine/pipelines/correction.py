@@ -32,14 +32,14 @@ from engine.pipelines.specs import CorrectSpec
 from engine.placement import resolve_device
 from engine.quant import Quantizer, make_quantizer
 from engine.pipelines.locking import holding_outputs
-from engine.storage import atomic_write_json
+from engine.storage import SEAL, atomic_write_json
 from engine.train import Trainer, distillation_loss, loftq_init
 
-MANIFEST_ONLY = ("layers", "aliases", "size", "files", "format_version")  # what the writer writes anew
+MANIFEST_ONLY = ("layers", "aliases", "size", "files", "format_version", SEAL)  # what the writer writes anew
 STATS_BATCH = 8  # calibration windows per forward pass when LoftQ needs the teacher's input statistics
 
 
-@holding_outputs(lambda spec: (spec.out, spec.offload.dir))
+@holding_outputs(lambda spec: (spec.out, spec.offload.dir), lambda spec: (spec.model, spec.teacher, spec.calib))
 def correct(spec: CorrectSpec) -> dict[str, Any]:
     """Write the corrected model to ``spec.out``; returns the training report."""
     out = Path(spec.out)

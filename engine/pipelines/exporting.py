@@ -21,7 +21,7 @@ from engine.pipelines.locking import holding_outputs
 from engine.storage import read_tensors
 
 
-@holding_outputs(lambda spec: (spec.out,))
+@holding_outputs(lambda spec: (spec.out,), lambda spec: (spec.run,))
 def export(spec: ExportSpec) -> dict[str, Any]:
     """``OUT/adapter`` and, with ``merged``, ``OUT/merged``; returns what was written."""
     device = resolve_device(spec.device)

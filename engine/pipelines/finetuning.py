@@ -30,7 +30,7 @@ from engine.storage import atomic_write_json
 from engine.train import EvalFn, Trainer
 
 
-@holding_outputs(lambda spec: (spec.out, spec.offload.dir))
+@holding_outputs(lambda spec: (spec.out, spec.offload.dir), lambda spec: (spec.model, spec.data.file))
 def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     """Train, save the adapter and ``report.json`` in ``spec.out``; returns the report.
 

@@ -50,7 +50,7 @@ from engine.storage import sha256_file
 log = logging.getLogger(__name__)
 
 
-@holding_outputs(lambda spec: (spec.out,))
+@holding_outputs(lambda spec: (spec.out,), lambda spec: (spec.model, spec.calib and spec.calib.file))
 def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) -> dict[str, Any]:
     """Write ``spec.out``; returns its manifest.  ``runner_factory`` runs the calibration shards elsewhere
     (``modulora calibrate`` passes Ray's; the weights are the same bit for bit)."""
