@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -117,14 +118,17 @@ def verify_file_manifest(directory: str | Path, files: dict[str, dict[str, Any]]
 
 
 def staging_dir(out_dir: str | Path) -> Path:
-    """A fresh temporary sibling of ``out_dir`` to build a directory in before :func:`commit_dir`."""
+    """A fresh temporary sibling of ``out_dir`` (named with this process's pid) to build a directory in before
+    :func:`commit_dir`; what killed writers of ``out_dir`` left is tidied first (:func:`recover_dir`)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    recover_dir(out_dir)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
 
 
 def commit_dir(staging: Path, out_dir: str | Path) -> None:
-    """Put a finished ``staging`` directory at ``out_dir``, replacing an old one in two renames."""
+    """Put a finished ``staging`` directory at ``out_dir``, replacing an old one in two renames (a kill between
+    them leaves the old one retired beside it, and :func:`recover_dir` puts it back)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -133,6 +137,34 @@ def commit_dir(staging: Path, out_dir: str | Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(out_dir: str | Path) -> None:
+    """Tidy what writers of ``out_dir`` killed mid-write left beside it: a retired copy is put back when the kill
+    came between :func:`commit_dir`'s two renames (``out_dir`` missing), other leftovers are removed.  Leftovers of
+    live processes are theirs and stay."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(staging|old)-(\d+)(-.*)?")
+    if not out_dir.parent.is_dir():
+        return
+    for leftover in sorted(out_dir.parent.iterdir()):
+        match = pattern.fullmatch(leftover.name)
+        if match is None or not leftover.is_dir() or _alive(int(match[2])):
+            continue
+        if match[1] == "old" and not out_dir.exists():
+            os.replace(leftover, out_dir)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---- output locks: one writer per output folder ---------------------------------------------------------------------

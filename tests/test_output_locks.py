@@ -71,3 +71,34 @@ def test_the_same_folder_named_twice_is_locked_once(tmp_path):
 
     with output_locks(tmp_path / "out", tmp_path / "sub" / ".." / "out", None):
         assert lock_path(tmp_path / "out").read_text().strip() == str(os.getpid())
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_a_swap_cut_between_its_renames_is_put_back_and_dead_staging_removed(tmp_path, capsys):
+    """A quantize killed between commit_dir's two renames leaves no model at OUT, the previous one retired beside
+    it: the next reader puts it back.  Staging folders of dead writers go on the next write; a live writer's
+    stay."""
+    from conftest import VALID_TXT
+    from engine.storage import staging_dir
+
+    q = tmp_path / "q"
+    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 4, "--out", q) == 0
+    retired = tmp_path / f".q.old-{dead_pid()}"
+    os.replace(q, retired)
+    assert modulora("eval", q, "--data", VALID_TXT, "--limit", 2, "--seq-len", 64) == 0
+    assert q.is_dir() and not retired.exists()
+
+    dead = tmp_path / f".q.staging-{dead_pid()}-abc"
+    live = tmp_path / f".q.staging-{os.getpid()}-def"
+    for leftover in (dead, live):
+        leftover.mkdir()
+        (leftover / "half.safetensors").write_bytes(b"x" * 10)
+    fresh = staging_dir(q)
+    assert not dead.exists() and live.is_dir() and fresh.is_dir()
+    assert fresh.name.startswith(f".q.staging-{os.getpid()}-")

@@ -50,6 +50,7 @@ from engine.storage import (
     SAFETENSORS_DTYPES,
     read_safetensors,
     read_tensors,
+    recover_dir,
     safetensors_header,
     staging_dir,
     verify_file_manifest,
@@ -65,7 +66,12 @@ V1_WEIGHTS = "model.safetensors"  # format 1: every tensor in one file
 
 
 def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """Is ``path`` a quantized directory?  A writer killed between its two renames left the previous one retired
+    beside it: it is put back first (:func:`engine.storage.recover_dir`)."""
+    path = Path(path)
+    if not path.exists():
+        recover_dir(path)
+    return (path / MANIFEST).is_file()
 
 
 class QuantizedWriter:
@@ -161,10 +167,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a quantized directory, after checking every file against its checksum."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise EngineError(f"{path}: no such directory")
-    if not manifest_path.is_file():
-        raise EngineError(f"{path}: not a quantized model directory (no {MANIFEST})")
+    if not is_quantized_dir(path):
+        raise EngineError(f"{path}: no such directory" if not path.is_dir() else
+                          f"{path}: not a quantized model directory (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
