@@ -110,8 +110,8 @@ def _top_keys(base: Path) -> Keys:
             **keys_of(QuantizeSpec, base, skip=("model", "out", "options", "device")),
             **{name: (option.check, None) for name, option in all_options().items()},
         }), None),
-        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "resume", "device"))), None),
-        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", "resume", "device"))), None),
+        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "resume", "overwrite", "force", "device"))), None),
+        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", "resume", "overwrite", "force", "device"))), None),
         "evaluate": (mapping({
             "models": (listof(choice(tuple(PRODUCTS))), None),
             "tasks": (listof(mapping({**data, **keys_of(TaskSpec, base, skip=("data",))})), REQUIRED),

@@ -100,3 +100,23 @@ def test_output_over_an_input_is_refused(command, kept, tmp_path, capsys):
     assert modulora(*args) == 2
     assert "would overwrite the input" in one_error_line(capsys)
     assert {p: p.read_bytes() for p in sorted(q.rglob("*")) if p.is_file()} == before
+
+
+def test_a_run_folder_belongs_to_one_run(kept, tmp_path, capsys):
+    """A second finetune into a run folder is refused unless --overwrite; --resume with a changed setting is
+    refused (naming it) unless --force; --resume with more steps is fine."""
+    run = tmp_path / "run"
+    shutil.copytree(kept / "run", run)
+    base = ["finetune", kept / "q4", "--data", TRAIN_TXT, "--seq-len", 64, "--limit", 8, "--batch-size", 4,
+            "--save-every", 1, "--out", run]
+    capsys.readouterr()
+    assert modulora(*base, "--steps", 2) == 2
+    assert "holds a run already; --resume continues it, --overwrite deletes it" in one_error_line(capsys)
+    assert modulora(*base, "--steps", 2, "--overwrite") == 0  # starts again (and now saves checkpoints)
+    capsys.readouterr()
+    assert modulora(*base, "--steps", 3, "--resume", "--lr", "0.01") == 2
+    assert "--resume with settings that differ from the run's: train.lr (0.003 -> 0.01)" in one_error_line(capsys)
+    assert modulora(*base, "--steps", 3, "--resume") == 0
+    assert modulora(*base, "--steps", 4, "--resume", "--lr", "0.01", "--force") == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -32,6 +32,7 @@ from engine.pipelines.specs import CorrectSpec
 from engine.placement import resolve_device
 from engine.quant import Quantizer, make_quantizer
 from engine.pipelines.locking import holding_outputs
+from engine.pipelines.runs import RUN_SPEC, check_run_folder, record_run
 from engine.storage import SEAL, atomic_write_json
 from engine.train import Trainer, distillation_loss, loftq_init
 
@@ -54,8 +55,10 @@ def correct(spec: CorrectSpec) -> dict[str, Any]:
     source = open_source(teacher_path)
     correction = {"teacher": str(teacher_path), "calib": spec.calib, "rank": spec.rank, "init": spec.init,
                   "ce_weight": spec.ce_weight}
+    check_run_folder(spec, out, out / "train" / RUN_SPEC)
     if not (spec.resume and is_quantized_dir(out)):
         initialise(spec, manifest, source, {**correction})
+    record_run(spec, out / "train" / RUN_SPEC)
     student, tokenizer, _ = load_with_adapter(out, stream=streams_in_place(out, spec.offload))
     teacher, teacher_streamer = stream_checkpoint(source, spec.offload.prefetch, device)
     streamer = attach_offload(student, out, spec.offload, out / "blocks", device)

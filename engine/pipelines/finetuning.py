@@ -26,6 +26,7 @@ from engine.pipelines.loading import (
 )
 from engine.pipelines.specs import COMPUTE_DTYPES, FinetuneSpec, LoraSpec
 from engine.pipelines.locking import holding_outputs
+from engine.pipelines.runs import RUN_SPEC, check_run_folder, record_run
 from engine.storage import atomic_write_json
 from engine.train import EvalFn, Trainer
 
@@ -41,6 +42,8 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     out = Path(spec.out)
     placement = Placement.of(spec.device, COMPUTE_DTYPES[spec.dtype])
     check_data(spec.data.file, spec.data.format_spec())
+    check_run_folder(spec, out, out / RUN_SPEC)
+    record_run(spec, out / RUN_SPEC)
     model, tokenizer, _ = load_with_adapter(spec.model, stream=streams_in_place(spec.model, spec.offload))
     prepare_adapters(model, spec.lora, spec.train.seed, spec.dtype)
     examples = build_examples(spec.data.file, spec.data.format_spec(), tokenizer, spec.data.seq_len, spec.data.limit)

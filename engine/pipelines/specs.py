@@ -123,6 +123,8 @@ class FinetuneSpec(Spec):
     eval_limit: int = setting(64, "int", "Windows of eval_data evaluated.", minimum=1)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint in the run directory.")
+    overwrite: bool = setting(False, "bool", "Start again in a folder that holds a run, deleting it.")
+    force: bool = setting(False, "bool", "With --resume: continue although settings differ from the run's.")
     device: str = device_setting()
 
     def validate(self) -> None:
@@ -153,6 +155,8 @@ class CorrectSpec(Spec):
     train: TrainSpec = field(default_factory=TrainSpec)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint.")
+    overwrite: bool = setting(False, "bool", "Start again in a folder that holds a run, deleting it.")
+    force: bool = setting(False, "bool", "With --resume: continue although settings differ from the run's.")
     device: str = device_setting()
 
     def validate(self) -> None:
