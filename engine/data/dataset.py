@@ -10,6 +10,10 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.data.formats import IGNORE, SEGMENTERS, FormatSpec, check_format, encode_segments, pack_text
 from engine.data.records import load_records, require_columns
+from engine.data.text import text_for
+from engine.errors import EngineError
+
+TEXT_SUFFIX = ".txt"  # a plain text file: one document, the whole file (engine.data.records.LOADERS)
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,10 @@ class Example:
 def check_data(path: str | Path, spec: FormatSpec) -> None:
     """Fail fast (before any model is loaded) on an unknown format, a missing file or column."""
     check_format(spec.name)
+    if spec.name == "text" and Path(path).suffix == TEXT_SUFFIX:  # one text column by construction: not read here
+        if not Path(path).is_file():
+            raise EngineError(f"{path}: no such file")
+        return
     require_columns(load_records(path), spec.required_columns(), path)
 
 
@@ -33,10 +41,13 @@ def build_examples(
 ) -> list[Example]:
     """Tokenized examples of a data file in the given format (at most ``limit`` rows or windows)."""
     check_data(path, spec)
-    records = load_records(path)
     if spec.name == "text":
-        windows = pack_text(records[spec.column("text")], tokenizer, seq_len)[:limit]
-        return [Example(w, list(w)) for w in windows]
+        if Path(path).suffix == TEXT_SUFFIX:  # a plain text file: only the prefix ``limit`` windows use is read
+            texts = [text_for(tokenizer, path, limit and limit * seq_len)]
+        else:
+            texts = load_records(path)[spec.column("text")]
+        return [Example(w, list(w)) for w in pack_text(texts, tokenizer, seq_len)[:limit]]
+    records = load_records(path)
     rows = records if limit is None else records.select(range(min(limit, len(records))))
     segment = SEGMENTERS[spec.name]
     return [Example(*encode_segments(segment(spec, row, tokenizer), tokenizer, seq_len)) for row in rows]

@@ -21,6 +21,40 @@ def read_text(path: str | Path) -> str:
         raise EngineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+CHARS_PER_TOKEN = 16  # characters read per token needed, at first (doubled until enough; English text: ~4)
+PREFIX_MARGIN = 64  # tokens a prefix must hold beyond those used: its cut (at a line break) never reaches them
+
+
+def _prefix(path: Path, chars: int) -> tuple[str, bool]:
+    """The first ``chars`` characters of a text file cut after its last line break, and whether that is all of it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(chars)
+            whole = f.read(1) == ""
+    except UnicodeDecodeError as exc:
+        raise EngineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not whole and "\n" in text:
+        text = text[: text.rindex("\n") + 1]
+    return text, whole
+
+
+def text_for(tokenizer: PreTrainedTokenizerBase, path: str | Path, tokens: int | None) -> str:
+    """The text of a file, or, with ``tokens``, the shortest prefix (ending at a line break, its length doubled
+    until it is enough) whose tokens begin with the file's first ``tokens``: a ``--limit`` reads and tokenizes
+    what it uses, whatever the file's size."""
+    if tokens is None:
+        return read_text(path)
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: no such file")
+    chars = max(tokens, 1) * CHARS_PER_TOKEN
+    while True:
+        text, whole = _prefix(path, chars)
+        if whole or len(tokenizer(text, add_special_tokens=False)["input_ids"]) > tokens + PREFIX_MARGIN:
+            return text
+        chars *= 2
+
+
 def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int) -> torch.Tensor:
     """``[n_windows, seq_len]`` token ids of ``text`` (BOS first)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

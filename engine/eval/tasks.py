@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine.data.formats import FormatSpec, classification_prompt, label_word, summarization_prompt
 from engine.data.records import load_records, require_columns
 from engine.errors import EngineError
-from engine.data.text import read_text, token_windows
+from engine.data.text import text_for, token_windows
 from engine.eval.perplexity import perplexity
 from engine.model import compute_device
 
@@ -105,7 +105,7 @@ def task_metric(data_format: str, data: str, tokenizer: PreTrainedTokenizerBase,
     """A function model -> metrics for a data file of ``data_format``: perplexity for text (the whole
     file, BOS first, non-overlapping windows), accuracy for classification, ROUGE for summarization."""
     if data_format == "text":
-        windows = token_windows(tokenizer, read_text(data), seq_len)[:limit]
+        windows = token_windows(tokenizer, text_for(tokenizer, data, limit and limit * seq_len), seq_len)[:limit]
         return lambda m: dict(vars(perplexity(m, windows, batch_size, progress)))
     if data_format == "classification":
         return lambda m: classification_accuracy(m, tokenizer, data, spec, limit, seq_len)

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.data import build_examples, check_data, read_text, token_windows
+from engine.data import build_examples, check_data, text_for, token_windows
 from engine.eval import perplexity
 from engine.export import save_adapter
 from engine.model import add_lora, lora_layers, model_size
@@ -80,5 +80,6 @@ def prepare_adapters(model: PreTrainedModel, lora: LoraSpec, seed: int, dtype: s
 
 
 def _perplexity_eval(tokenizer: PreTrainedTokenizerBase, spec: FinetuneSpec) -> EvalFn:
-    windows = token_windows(tokenizer, read_text(spec.eval_data), spec.data.seq_len)[: spec.eval_limit]
+    text = text_for(tokenizer, spec.eval_data, spec.eval_limit * spec.data.seq_len)
+    windows = token_windows(tokenizer, text, spec.data.seq_len)[: spec.eval_limit]
     return lambda model: {"ppl": perplexity(model, windows, progress=False).ppl}
