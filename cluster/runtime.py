@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from engine.errors import EngineError
+
 LOCALHOST = "127.0.0.1"
+CONNECT_TIMEOUT_S = 10.0  # an unreachable head fails within this, not after Ray's own minutes of retries
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """One line, not a hang, when a ``host:port`` (or ``ray://host:port``) cluster address does not answer."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+    if match is None:
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+                          "with `ray start --head` or leave --address out to run here") from None
 
 
 @contextmanager
@@ -34,6 +51,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:  # "local": always a private Ray, never some other one that happens to run on this machine
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,

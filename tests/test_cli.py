@@ -111,6 +111,7 @@ SST2_DEV = GGUF_MODEL.parents[1] / "data" / "sst2" / "dev.tsv"
         ("template-positional", "--template '{text}{0}': cannot be filled (IndexError"),
         ("template-conversion", "--template '{text!z}': cannot be filled (ValueError"),
         ("lr-overflows-float32", "--lr: expected a number > 0 and <= 10, got 1e+38"),
+        ("ray-address-unreachable", "--address 127.0.0.1:1: no Ray cluster answers there"),
     ],
 )
 def test_bad_files_and_values_are_one_line_exit_2(case, needle, tmp_path, capsys):
@@ -131,6 +132,8 @@ def test_bad_files_and_values_are_one_line_exit_2(case, needle, tmp_path, capsys
         "template-positional": [*classify, "--template", "{text}{0}"],
         "template-conversion": [*classify, "--template", "{text!z}"],
         "lr-overflows-float32": [*finetune, "--data", TRAIN_TXT, "--lr", "1e38"],
+        "ray-address-unreachable": ["calibrate", GGUF_MODEL, "--address", "127.0.0.1:1", "--method", "optq", "--calib",
+                                    TRAIN_TXT, "--out", tmp_path / "q"],
     }[case]
     body = bytes(rng.randrange(256) for _ in range(100))
     garbage.write_bytes(b"GGUF" + body if case == "gguf-bad-version" else body)
