@@ -23,14 +23,15 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.storage import (
-    atomic_save_safetensors, atomic_write_json, commit_dir, file_manifest, seal, seal_matches, staging_dir,
+    SEAL, atomic_save_safetensors, atomic_write_json, commit_dir, file_manifest, seal, seal_matches, staging_dir,
     verify_file_manifest,
 )
 from engine.model.adapters import add_lora, load_adapter_state, lora_layers
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-ADAPTER_MANIFEST = "modulora_adapter.json"  # sha256 of the two files, itself sealed (engine.storage.seal)
+ADAPTER_MANIFEST = "modulora_adapter.json"
+BASE_SEAL = "modulora_base_manifest_sha256"  # the quantized base's manifest seal when the adapter was trained  # sha256 of the two files, itself sealed (engine.storage.seal)
 PREFIX = "base_model.model."
 
 
@@ -54,8 +55,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()[:rank].contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()[:, :rank].contiguous().cpu()
+    base_seal = None
     if Path(base_model).exists():  # a local base is recorded absolute, so the adapter loads from any directory
         base_model = str(Path(base_model).resolve())
+        base_seal = _manifest_seal(Path(base_model))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -69,6 +72,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "modulora_layers": sorted(layers),
         "modulora_trained_rank": full_rank,
+        **({BASE_SEAL: base_seal} if base_seal else {}),
     }
     staging = staging_dir(out_dir)  # the folder is replaced whole: weights and config always belong together
     try:
@@ -80,6 +84,23 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return config
+
+
+def _manifest_seal(base: Path) -> str | None:
+    """The seal of a quantized base's manifest (None for float bases and unsealed directories)."""
+    try:
+        return json.loads((base / "modulora.json").read_text()).get(SEAL)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def check_base(config: dict[str, Any], manifest: dict[str, Any] | None, adapter: str | Path) -> None:
+    """Refuse to put an adapter on a quantized base other than the one it was trained on (same path, but
+    re-quantized or replaced since): its weights would silently mean something else."""
+    trained_on = config.get(BASE_SEAL)
+    if trained_on and manifest is not None and manifest.get(SEAL) != trained_on:
+        raise EngineError(f"{adapter}: trained on another model than the one now at {config['base_model_name_or_path']} "
+                          "(its manifest changed since: re-quantized or replaced)")
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -99,10 +120,13 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return config, tensors
 
 
-def attach_adapter(model: nn.Module, path: str | Path, device: torch.device | str | None = None) -> dict[str, Any]:
+def attach_adapter(model: nn.Module, path: str | Path, device: torch.device | str | None = None,
+                   base_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Give ``model`` the adapter saved at ``path`` (its layers, rank and alpha), on ``device`` (default: the
-    device of each layer's packed weight; name one when those are streamed placeholders)."""
+    device of each layer's packed weight; name one when those are streamed placeholders).  ``base_manifest``:
+    the manifest ``model`` was loaded with, checked against the one the adapter was trained on."""
     config, tensors = read_adapter(path)
+    check_base(config, base_manifest, path)
     names = config.get("modulora_layers") or sorted(
         {k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(PREFIX)}
     )

@@ -29,8 +29,8 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     config, _ = read_adapter(adapter)
     base = config["base_model_name_or_path"]
     stream = spec.merged and is_quantized_dir(base) and read_manifest(base)["format_version"] == 2
-    model, tokenizer, _ = load_model(base, stream=stream)
-    attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE)
+    model, tokenizer, manifest = load_model(base, stream=stream)
+    attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE, base_manifest=manifest)
     save_adapter(model, Path(spec.out) / "adapter", base, spec.rank)
     if spec.merged:
         set_active_rank(model, spec.rank)

@@ -44,7 +44,7 @@ def load_with_adapter(
     adapter = Path(source) / ADAPTER_DIR
     model, tokenizer, manifest = load_model(base_of(source), stream)
     if is_adapter_dir(adapter):
-        attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE)
+        attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE, base_manifest=manifest)
     return model, tokenizer, manifest
 
 
