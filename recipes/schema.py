@@ -107,7 +107,7 @@ def _top_keys(base: Path) -> Keys:
         "output": (string, None),
         "model": (mapping({"path": (model(base), REQUIRED), "shape": (string, None)}), REQUIRED),
         "quantize": (mapping({
-            **keys_of(QuantizeSpec, base, skip=("model", "out", "options", "device")),
+            **keys_of(QuantizeSpec, base, skip=("model", "out", "overwrite", "options", "device")),
             **{name: (option.check, None) for name, option in all_options().items()},
         }), None),
         "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "resume", "overwrite", "force", "device"))), None),
@@ -116,7 +116,7 @@ def _top_keys(base: Path) -> Keys:
             "models": (listof(choice(tuple(PRODUCTS))), None),
             "tasks": (listof(mapping({**data, **keys_of(TaskSpec, base, skip=("data",))})), REQUIRED),
         }), None),
-        "export": (mapping(keys_of(ExportSpec, base, skip=("run", "out", "device"))), None),
+        "export": (mapping(keys_of(ExportSpec, base, skip=("run", "out", "overwrite", "device"))), None),
         "offload": (mapping(keys_of(OffloadSpec, base)), None),
         "hardware": (mapping(keys_of(HardwareSpec, base)), None),
         "cluster": (mapping({

@@ -123,14 +123,17 @@ def test_a_run_folder_belongs_to_one_run(kept, tmp_path, capsys):
 
 
 def test_an_adapter_on_a_replaced_base_is_refused(kept, tmp_path, capsys):
-    """The base directory an adapter was trained on, re-quantized in place (another bit width): the run refuses
-    to load rather than put the adapter on weights it was not trained for."""
+    """The base directory an adapter was trained on, re-quantized in place (another bit width; refused without
+    --overwrite): the run refuses to load rather than put the adapter on weights it was not trained for."""
     q, run = tmp_path / "q4", tmp_path / "run"
     shutil.copytree(kept / "q4", q)
     assert modulora("finetune", q, "--data", TRAIN_TXT, "--steps", 1, "--seq-len", 64, "--limit", 4,
                     "--batch-size", 4, "--save-every", 0, "--out", run) == 0
     assert evaluate(run) == 0
-    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 3, "--out", q) == 0
+    capsys.readouterr()
+    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 3, "--out", q) == 2
+    assert f"{q}: exists and is not empty; --overwrite replaces it" in one_error_line(capsys)
+    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 3, "--out", q, "--overwrite") == 0
     capsys.readouterr()
     assert evaluate(run) == 2
     assert "trained on another model than the one now at" in one_error_line(capsys)

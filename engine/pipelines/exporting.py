@@ -18,12 +18,14 @@ from engine.pipelines.loading import ADAPTER_DIR, ADAPTER_INIT_DEVICE
 from engine.pipelines.specs import COMPUTE_DTYPES, ExportSpec
 from engine.placement import resolve_device
 from engine.pipelines.locking import holding_outputs
+from engine.pipelines.runs import check_replaceable
 from engine.storage import read_tensors
 
 
 @holding_outputs(lambda spec: (spec.out,), lambda spec: (spec.run,))
 def export(spec: ExportSpec) -> dict[str, Any]:
     """``OUT/adapter`` and, with ``merged``, ``OUT/merged``; returns what was written."""
+    check_replaceable(spec.out, spec.overwrite)
     device = resolve_device(spec.device)
     adapter = Path(spec.run) / ADAPTER_DIR
     config, _ = read_adapter(adapter)

@@ -44,6 +44,7 @@ from engine.options import as_plain
 from engine.placement import resolve_device
 from engine.pipelines.specs import GGUF_METHOD, QuantizeSpec
 from engine.pipelines.locking import holding_outputs
+from engine.pipelines.runs import check_replaceable
 from engine.storage import sha256_file
 
 
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) -> dict[str, Any]:
     """Write ``spec.out``; returns its manifest.  ``runner_factory`` runs the calibration shards elsewhere
     (``modulora calibrate`` passes Ray's; the weights are the same bit for bit)."""
+    check_replaceable(spec.out, spec.overwrite)
     if spec.method == GGUF_METHOD:
         model, tokenizer, manifest = load_gguf_quantized(spec.model)
         return save_quantized(model, tokenizer, spec.out, {k: manifest[k] for k in ("source_model", "quantizer")})

@@ -1,4 +1,4 @@
-"""A run folder (finetune, correct) belongs to one run: a second run is not started over it by accident, and
+"""Outputs are not replaced by accident.  A run folder (finetune, correct) belongs to one run: a second run is not started over it by accident, and
 ``--resume`` continues only the run it was started as.
 
 The run's settings are recorded, sealed, in ``run.json`` when it starts.  Without ``--resume`` a folder that
@@ -53,11 +53,22 @@ def check_run_folder(spec: Spec, out: Path, record: Path) -> None:
             shown = ", ".join(f"{k} ({saved['spec'].get(k)!r} -> {now.get(k)!r})" for k in changed[:4])
             raise EngineError(f"{out}: --resume with settings that differ from the run's: {shown}; pass --force to "
                               "continue anyway, or start a new run elsewhere")
-    elif out.is_dir() and any(out.iterdir()):
+    elif holds_something(out):
         if not getattr(spec, "overwrite"):
             raise EngineError(f"{out}: holds a run already; --resume continues it, --overwrite deletes it and "
                               "starts again")
         shutil.rmtree(out)
+
+
+def holds_something(out: Path) -> bool:
+    return out.is_dir() and any(out.iterdir())
+
+
+def check_replaceable(out: str | Path, overwrite: bool) -> None:
+    """Refuse to replace a folder that holds something unless ``--overwrite`` (quantize, export: the old folder
+    stays whole until the new one is complete and swapped in)."""
+    if holds_something(Path(out)) and not overwrite:
+        raise EngineError(f"{out}: exists and is not empty; --overwrite replaces it once the new one is complete")
 
 
 def record_run(spec: Spec, record: Path) -> None:

@@ -212,6 +212,7 @@ class ExportSpec(Spec):
     out: str = setting(kind="path", help="Output directory.")
     rank: int | None = setting(None, "int", "Cut a dynamic-rank adapter to this rank.", minimum=1, optional=True)
     merged: bool = setting(False, "bool", "Also write a merged float model (transformers format) to OUT/merged.")
+    overwrite: bool = setting(False, "bool", "Replace an output folder that holds something.")
     dtype: str = setting("float32", "str", "Float dtype of the merged model.", choices=tuple(COMPUTE_DTYPES))
     device: str = device_setting()
 
@@ -251,6 +252,7 @@ class QuantizeSpec(Spec):
 
     model: str = setting(kind="model", help="Float model: GGUF file, Hugging Face directory or hub id.")
     out: str = setting(kind="path", help="Output directory.")
+    overwrite: bool = setting(False, "bool", "Replace an output folder that holds something.")
     method: str = setting("rtn", "str", "Quantizer: rtn, optq, quip, nf4, fp4, hqq, or gguf (keep a quantized "
                           "GGUF file's own quants).")
     options: dict[str, Any] = field(default_factory=dict)
