@@ -125,8 +125,8 @@ def test_every_recipe_setting_reaches_the_sweep_trials(tmp_path):
 
 
 @pytest.mark.parametrize(("make", "message"), [
-    (lambda: TrainSpec(lr=float("nan")), "lr: expected a number > 0, got nan"),
-    (lambda: TrainSpec(lr=float("inf")), "lr: expected a number > 0, got inf"),
+    (lambda: TrainSpec(lr=float("nan")), "lr: expected a number > 0 and <= 10, got nan"),
+    (lambda: TrainSpec(lr=float("inf")), "lr: expected a number > 0 and <= 10, got inf"),
     (lambda: TrainSpec(steps=0), "steps: expected an integer >= 1, got 0"),
     (lambda: TrainSpec(optimizer="sgd"), "optimizer: expected one of adamw, cpu_adam, got 'sgd'"),
     (lambda: LoraSpec(alpha=0.0), "alpha: expected a number > 0, got 0.0"),
