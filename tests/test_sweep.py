@@ -108,7 +108,7 @@ def test_tiny_sweep_writes_results_and_plot(tiny_sweep):
     cached = sorted(p.name for p in (out / "quantized").iterdir() if p.is_dir())
     assert cached == ["rtn-3bit-g32", "rtn-4bit-g32"]  # one per bit width, shared by both ranks
     assert set(attempts(out).values()) == {1}
-    assert len(list((out / "runs").iterdir())) == 4  # one finetune run per point
+    assert len([p for p in (out / "runs").iterdir() if p.is_dir()]) == 4  # one finetune run per point
     spec = sweep_spec(out.parent / "tiny.yaml", out)
     for point in spec.points():  # each trial trained with exactly the specs the driver made for it
         trial = spec.trial(point)
