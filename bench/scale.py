@@ -309,7 +309,7 @@ def finetune_65b(w: Path) -> tuple[list, list, list]:
              "--optimizer-offload", "yes", "--compute-dtype", "bfloat16"], [w / "run65b"])
 
 
-def quantize_rtn(work: Path, checkpoint: str, path: Path) -> None:
+def write_rtn_directory(work: Path, checkpoint: str, path: Path) -> None:
     """``modulora quantize CHECKPOINT --method rtn --bits 3`` (as the quantize-rtn row), writing it first if needed."""
     if not (work / checkpoint).is_dir():
         write_checkpoint(work / checkpoint, "llama-7b", n_blocks=2)
@@ -323,7 +323,7 @@ def make_inputs(work: Path, wanted: list[str]) -> None:
         "ckpt7b": lambda path: write_checkpoint(path, "llama-7b"),
         "ckpt7b-2": lambda path: write_checkpoint(path, "llama-7b", n_blocks=2),
         "q65b": lambda path: write_random_directory(path, "llama-65b", bits=3, group_size=64),
-        "q7b2-rtn": lambda path: quantize_rtn(work, "ckpt7b-2", path),
+        "q7b2-rtn": lambda path: write_rtn_directory(work, "ckpt7b-2", path),
     }
     for name in dict.fromkeys(ROWS[r]["inputs"] for r in wanted):
         if not (work / name).is_dir():
