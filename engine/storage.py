@@ -104,6 +104,13 @@ def seal_matches(manifest: dict[str, Any]) -> bool:
     return manifest.get(SEAL) == _json_digest({k: v for k, v in manifest.items() if k != SEAL})
 
 
+def verify_seal(manifest: dict[str, Any], path: str | Path, required: bool = True) -> None:
+    """Raise :class:`EngineError` naming ``path`` when ``manifest``'s seal does not match it (or, ``required``,
+    is missing: an unsealed manifest passes only where older writers made none)."""
+    if (required or SEAL in manifest) and not seal_matches(manifest):
+        raise EngineError(f"{path}: edited or corrupt (it does not match its own checksum)")
+
+
 def verify_file_manifest(directory: str | Path, files: dict[str, dict[str, Any]], listed_in: str) -> None:
     """Raise :class:`EngineError` naming the first file that is missing, truncated or altered."""
     directory = Path(directory)

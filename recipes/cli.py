@@ -79,4 +79,5 @@ def sweep_command(recipe_file: str, overrides: tuple[str, ...], address: str | N
     click.echo(f"{out}/results.parquet, {out}/pareto.png: {len(rows) - failed} of {len(rows)} trials ok, "
                f"{time.perf_counter() - start:.0f} s")
     if failed:
-        raise EngineError(f"{failed} trial(s) failed (see {out / EXPERIMENT}/run-*/*/error.txt); run again to retry them")
+        raise EngineError(f"{failed} trial(s) failed (see {out / EXPERIMENT}/run-*/*/error.txt); run again to "
+                          "retry them")

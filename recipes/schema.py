@@ -81,6 +81,9 @@ def _converter(option: Option, base: Path) -> Any:
     return option.check
 
 
+RUN_FLAGS = ("resume", "overwrite", "force")  # the runner decides resuming per stage; never recipe keys
+
+
 def keys_of(cls: type, base: Path, skip: tuple[str, ...] = ()) -> Keys:
     """The recipe keys of a spec's settings (nested specs as sections), with the spec's defaults."""
     keys: Keys = {}
@@ -110,8 +113,8 @@ def _top_keys(base: Path) -> Keys:
             **keys_of(QuantizeSpec, base, skip=("model", "out", "overwrite", "options", "device")),
             **{name: (option.check, None) for name, option in all_options().items()},
         }), None),
-        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "resume", "overwrite", "force", "device"))), None),
-        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", "resume", "overwrite", "force", "device"))), None),
+        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", *RUN_FLAGS, "device"))), None),
+        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", *RUN_FLAGS, "device"))), None),
         "evaluate": (mapping({
             "models": (listof(choice(tuple(PRODUCTS))), None),
             "tasks": (listof(mapping({**data, **keys_of(TaskSpec, base, skip=("data",))})), REQUIRED),

@@ -12,13 +12,7 @@ from engine.errors import EngineError
 
 
 def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"{path}: no such file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise EngineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return _prefix(Path(path), -1)[0]
 
 
 CHARS_PER_TOKEN = 16  # characters read per token needed, at first (doubled until enough; English text: ~4)
@@ -26,7 +20,10 @@ PREFIX_MARGIN = 64  # tokens a prefix must hold beyond those used: its cut (at a
 
 
 def _prefix(path: Path, chars: int) -> tuple[str, bool]:
-    """The first ``chars`` characters of a text file cut after its last line break, and whether that is all of it."""
+    """The first ``chars`` characters (-1: all) of a text file cut after its last line break, and whether that
+    is all of it."""
+    if not path.is_file():
+        raise EngineError(f"{path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(chars)
@@ -44,12 +41,9 @@ def text_for(tokenizer: PreTrainedTokenizerBase, path: str | Path, tokens: int |
     what it uses, whatever the file's size."""
     if tokens is None:
         return read_text(path)
-    path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"{path}: no such file")
     chars = max(tokens, 1) * CHARS_PER_TOKEN
     while True:
-        text, whole = _prefix(path, chars)
+        text, whole = _prefix(Path(path), chars)
         if whole or len(tokenizer(text, add_special_tokens=False)["input_ids"]) > tokens + PREFIX_MARGIN:
             return text
         chars *= 2

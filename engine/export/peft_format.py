@@ -23,15 +23,16 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.storage import (
-    SEAL, atomic_save_safetensors, atomic_write_json, commit_dir, file_manifest, seal, seal_matches, staging_dir,
-    verify_file_manifest,
+    SEAL, atomic_save_safetensors, atomic_write_json, commit_dir, file_manifest, seal, staging_dir,
+    verify_file_manifest, verify_seal,
 )
 from engine.model.adapters import add_lora, load_adapter_state, lora_layers
+from engine.model.checkpoint import MANIFEST
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-ADAPTER_MANIFEST = "modulora_adapter.json"
-BASE_SEAL = "modulora_base_manifest_sha256"  # the quantized base's manifest seal when the adapter was trained  # sha256 of the two files, itself sealed (engine.storage.seal)
+ADAPTER_MANIFEST = "modulora_adapter.json"  # sha256 of the two files, itself sealed (engine.storage.seal)
+BASE_SEAL = "modulora_base_manifest_sha256"  # the quantized base's manifest seal when the adapter was trained
 PREFIX = "base_model.model."
 
 
@@ -89,7 +90,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
 def _manifest_seal(base: Path) -> str | None:
     """The seal of a quantized base's manifest (None for float bases and unsealed directories)."""
     try:
-        return json.loads((base / "modulora.json").read_text()).get(SEAL)
+        return json.loads((base / MANIFEST).read_text()).get(SEAL)
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
 
@@ -99,8 +100,8 @@ def check_base(config: dict[str, Any], manifest: dict[str, Any] | None, adapter:
     re-quantized or replaced since): its weights would silently mean something else."""
     trained_on = config.get(BASE_SEAL)
     if trained_on and manifest is not None and manifest.get(SEAL) != trained_on:
-        raise EngineError(f"{adapter}: trained on another model than the one now at {config['base_model_name_or_path']} "
-                          "(its manifest changed since: re-quantized or replaced)")
+        raise EngineError(f"{adapter}: trained on another model than the one now at "
+                          f"{config['base_model_name_or_path']} (its manifest changed since: re-quantized or replaced)")
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -110,8 +111,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     try:
         if (path / ADAPTER_MANIFEST).is_file():  # written here; adapters from elsewhere (PEFT) have none
             manifest = json.loads((path / ADAPTER_MANIFEST).read_text())
-            if not seal_matches(manifest):
-                raise EngineError(f"{path / ADAPTER_MANIFEST}: edited or corrupt (it does not match its own checksum)")
+            verify_seal(manifest, path / ADAPTER_MANIFEST)
             verify_file_manifest(path, manifest["files"], ADAPTER_MANIFEST)
         config = json.loads((path / CONFIG).read_text())
         tensors = load_file(str(path / WEIGHTS))

@@ -39,14 +39,12 @@ from engine.model.quantize import decoder_blocks, replace_module, vocab_table_na
 from engine.model.state import ADAPTER_SUFFIXES, unique_state
 from engine.quant.base import QuantizedWeight, weight_from_state
 from engine.storage import (
-    SEAL,
     atomic_save_safetensors,
     atomic_write_json,
     block_path,
     commit_dir,
     file_manifest,
     seal,
-    seal_matches,
     SAFETENSORS_DTYPES,
     read_safetensors,
     read_tensors,
@@ -54,6 +52,7 @@ from engine.storage import (
     safetensors_header,
     staging_dir,
     verify_file_manifest,
+    verify_seal,
     write_block,
     write_block_index,
 )
@@ -176,9 +175,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise EngineError(f"{manifest_path}: corrupt manifest ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if manifest.get("format_version") not in (1, FORMAT_VERSION) or not isinstance(manifest.get("files"), dict):
         raise EngineError(f"{manifest_path}: unsupported manifest (format_version {manifest.get('format_version')!r})")
-    if SEAL in manifest and not seal_matches(manifest):  # directories written before the seal have none
-        raise EngineError(f"{manifest_path}: edited or corrupt (it does not match its own checksum); restore it or "
-                          "quantize again")
+    verify_seal(manifest, manifest_path, required=False)  # directories written before the seal have none
     verify_file_manifest(path, manifest["files"], MANIFEST)
     return manifest
 

@@ -171,7 +171,11 @@ class LayerStats:
     @property
     def hessian(self) -> torch.Tensor:
         """The OPTQ proxy Hessian ``H = 2 X^T X / N``."""
-        return self.xtx.mul(2.0).div_(max(self.count, 1))  # one new matrix, in the sums' dtype
+        return self.hessian_rows(0, self.xtx.shape[0])  # one new matrix, in the sums' dtype
+
+    def hessian_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :attr:`hessian`, with the same arithmetic, without the whole matrix."""
+        return self.xtx[start:stop].mul(2.0).div_(max(self.count, 1))
 
     def merge(self, other: LayerStats) -> LayerStats:
         return LayerStats(self.xtx + other.xtx, self.count + other.count)

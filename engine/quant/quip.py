@@ -295,18 +295,18 @@ ROTATE_ROWS = 1024  # rows transformed at once: the temporaries stay this many r
 
 
 def rotated_hessian(stats: LayerStats, transform: RandomHadamard) -> torch.Tensor:
-    """``T H Tᵀ`` for ``H = 2 XᵀX / N`` (:attr:`LayerStats.hessian`'s arithmetic) in one matrix of its size.
+    """``T H Tᵀ`` for ``H = 2 XᵀX / N`` (:meth:`LayerStats.hessian_rows`) in one matrix of its size.
 
     ``A = H Tᵀ`` is made a slice of rows at a time in a ``[n_pad, n_pad]`` buffer, then each slice of its
     columns is replaced by its own transform: the buffer ends as ``(T A)ᵀ`` and the transposed view returned
     holds exactly what ``transform.forward(transform.forward(H).T)`` computes, with no second matrix of
     ``H``'s size alive (a 7B ``down_proj``: 485 MB, not 2.4 GB of temporaries).
     """
-    n, n_pad, count = stats.xtx.shape[0], transform.n_pad, max(stats.count, 1)
+    n, n_pad = stats.xtx.shape[0], transform.n_pad
     buffer = torch.zeros(n_pad, n_pad, dtype=stats.xtx.dtype)
     for r0 in range(0, n, ROTATE_ROWS):
         r1 = min(r0 + ROTATE_ROWS, n)
-        buffer[r0:r1] = transform.forward(stats.xtx[r0:r1].mul(2.0).div_(count))
+        buffer[r0:r1] = transform.forward(stats.hessian_rows(r0, r1))
     for c0 in range(0, n_pad, ROTATE_ROWS):
         c1 = min(c0 + ROTATE_ROWS, n_pad)
         buffer[:, c0:c1] = transform.forward(buffer[:n, c0:c1].T).T

@@ -184,9 +184,9 @@ class Trainer:
             loss.backward()
             total += loss.item()
             tokens += count
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-        if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
-            raise EngineError(f"step {step + 1}: non-finite loss ({total}) or gradient norm ({float(grad_norm)}); "
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            raise EngineError(f"step {step + 1}: non-finite loss ({total}) or gradient norm ({grad_norm}); "
                               f"training stopped before updating the adapter (its checkpoints are kept); lower the "
                               f"learning rate or check the data")
         lr = c.lr_at(step)
@@ -194,7 +194,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+        out = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
         if rank is not None:
             out["rank"] = rank
         return out
