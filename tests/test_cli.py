@@ -89,8 +89,9 @@ def test_quantize_eval_info(q3_dir, capsys):
         (["frobnicate"], "No such command"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    args = [tmp_path / a if a in ("o", "b") else a for a in args]  # outputs (and their locks) outside the repo
     code, out, err = modulora_in_process(capsys, *args)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
