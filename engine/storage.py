@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from engine.errors import EngineError
@@ -52,9 +53,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise naming(exc, path) from None
         raise
+
+
+def naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` with the file it concerns (a write through a file descriptor, as on a full disk, names none)."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror, str(path))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -68,13 +76,23 @@ def atomic_save_safetensors(
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:
+            raise _os_error(exc, path) from exc
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _commit(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _os_error(exc: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write (a full disk, a read-only folder) as its own error with the OS's code in
+    the text; give it back as the ``OSError`` Python's own writes raise, naming the file."""
+    code = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) if code else exc
 
 
 def file_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
@@ -197,8 +215,11 @@ def output_lock(directory: str | Path) -> Iterator[None]:
         raise EngineError(f"{Path(directory)}: in use by another modulora process (pid {holder}); wait for it to "
                           "finish or choose another output") from None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk
+            raise naming(exc, path) from None
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -291,11 +291,12 @@ def quantize_blockwise(
             partials = runner.call("group_stats", index, group)
             stats = sum_in_order([p[0] for p in partials])
             cross = sum_in_order([p[1] for p in partials]) if asym_alpha else {}
+            del partials  # the sums can share the shards' matrices: drop them, so each is freed once it is used
             for name in list(cross):
                 linear = model.get_submodule(name)
                 linear.weight.data = aligned_weight(linear.weight, stats[name], cross.pop(name), asym_alpha)
             done += runner.quantize(model, quantizer, group, stats, wrap)
-            del stats, partials
+            del stats
         runner.call("end_block", index)
         lifecycle.done(index)
     outside = sorted(set(names) - set(done))
