@@ -167,12 +167,18 @@ def runner_factory(model_source: str, workers: int, threads: int) -> Any:
     return make
 
 
+def on_ray(model_source: str, workers: int, threads: int, address: str | None) -> dict[str, Any]:
+    """``quantize``'s arguments that put calibration on Ray workers: their runner, and the session they need (a
+    local Ray sized for them unless ``address`` names a cluster)."""
+    return {"runner_factory": runner_factory(model_source, workers, threads),
+            "session": lambda: ray_session(address, num_cpus=None if address else workers * threads)}
+
+
 def _calibrate(workers: int, address: str | None, threads: int, model: str, **given: Any) -> None:
     spec = quantize_spec(model, given)
     if spec.calib is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
-    with ray_session(address, num_cpus=None if address else workers * threads):
-        manifest = quantize(spec, runner_factory=runner_factory(model, workers, threads))
+    manifest = quantize(spec, **on_ray(model, workers, threads, address))
     click.echo(f"{spec.out}: {len(manifest['layers'])} layers, {manifest['size']['bits_per_weight']:.3f} bits/weight, "
                f"{manifest['quantize_seconds']:.1f} s on {workers} Ray worker(s)")
 

@@ -140,11 +140,9 @@ def run_quantize(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
     cluster = ctx.recipe.get("cluster") or {}
     workers = cluster.get("calibrate_workers")
     if workers:
-        from cluster.calibrate import runner_factory
-        from cluster.runtime import ray_session
+        from cluster.calibrate import on_ray
 
-        with ray_session(cluster.get("address"), num_cpus=None if cluster.get("address") else workers * cluster["threads"]):
-            manifest = quantize(spec, runner_factory(spec.model, workers, cluster["threads"]))
+        manifest = quantize(spec, **on_ray(spec.model, workers, cluster["threads"], cluster.get("address")))
     else:
         manifest = quantize(spec)
     return {"bits_per_weight": manifest["size"]["bits_per_weight"], "model_bytes": manifest["size"]["model_bytes"],

@@ -58,3 +58,26 @@ def test_bad_value_is_one_line_exit_2(command, option, value, tmp_path, capsys):
     assert code == 2, err[-2000:]
     assert len(lines) == 1 and lines[0].startswith("modulora: error: "), err[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+SIZES = [  # (command, option, value, what the line says): sizes the model or the data cannot take
+    ("eval", "--seq-len", 4096, "longer than the model's context of 2048 tokens"),
+    ("finetune", "--seq-len", 4096, "longer than the model's context of 2048 tokens"),
+    ("calibrate", "--calib-seq-len", 4096, "longer than the model's context of 2048 tokens"),
+    ("correct", "--seq-len", 4096, "longer than the model's context of 2048 tokens"),
+    ("calibrate", "--calib-windows", 1_000_000, "fewer than the 1000000 asked for"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value", "says"), SIZES, ids=[f"{c}{o}={v}" for c, o, v, _ in SIZES])
+def test_size_beyond_the_model_or_data_is_one_line_exit_2(command, option, value, says, tmp_path, capsys):
+    """Such sizes used to run for minutes (attention over 100000 tokens, a million calibration windows)."""
+    if command == "correct":
+        assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 4, "--out", tmp_path / "out-input") == 0
+        capsys.readouterr()
+    args = [str(a).replace("OUT", str(tmp_path / "out")) for a in BASE[command]]
+    code = modulora(command, *args, option, value)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("modulora: error: "), lines
+    assert says in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -69,5 +69,8 @@ def calibration_windows(
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if len(ids) < seq_len:
         raise EngineError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    if n_windows > len(ids) // seq_len:
+        raise EngineError(f"calibration text has {len(ids)} tokens: room for {len(ids) // seq_len} windows of "
+                          f"{seq_len}, fewer than the {n_windows} asked for (ask for fewer, or give a longer text)")
     starts = torch.randint(0, len(ids) - seq_len + 1, (n_windows,), generator=torch.Generator().manual_seed(seed))
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

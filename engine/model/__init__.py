@@ -10,7 +10,7 @@ from engine.model.adapters import (
     set_active_rank,
 )
 from engine.model.build import (
-    blocks_prefix, load_block, load_outside_blocks, load_resident, materialize, meta_model, release_block,
+    blocks_prefix, check_context, load_block, load_outside_blocks, load_resident, materialize, meta_model, release_block,
 )
 from engine.model.calibrate import MODES, RunnerFactory, quantize_calibrated
 from engine.model.checkpoint import (
@@ -38,6 +38,7 @@ __all__ = [
     "QuantizedWriter",
     "SafetensorsSource",
     "blocks_prefix",
+    "check_context",
     "compute_device",
     "place",
     "load_block",

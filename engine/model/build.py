@@ -27,6 +27,15 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     return model
 
 
+def check_context(config: PretrainedConfig, seq_len: int, flag: str) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``): positions past it were never
+    trained, and the attention's cost grows with the square of the length (``--seq-len 100000`` ran for minutes)."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise EngineError(f"{flag} {seq_len}: longer than the model's context of {context} tokens "
+                          "(max_position_embeddings in its config)")
+
+
 def blocks_prefix(model: nn.Module) -> str:
     """The qualified name of the decoder blocks' list (``model.layers`` for Llama)."""
     blocks = decoder_blocks(model)

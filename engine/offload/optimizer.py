@@ -31,14 +31,14 @@ class HostOffloadedAdam:
     """
 
     def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> None:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiles its C++ op on first use
+        from engine.offload.cpu_adam import cpu_adam  # compiles DeepSpeed's C++ op on first use
 
         self.params = list(params)
         self.pinned = self.params[0].is_cuda  # page-locked host memory lets the copies run as DMA
         self.masters = [torch.empty(p.shape, dtype=torch.float32, pin_memory=self.pinned) for p in self.params]
         self.grads = [torch.empty(p.shape, dtype=torch.float32, pin_memory=self.pinned) for p in self.params]
         self._pull()
-        self.inner = DeepSpeedCPUAdam(self.masters, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+        self.inner = cpu_adam(self.masters, lr=lr, weight_decay=weight_decay)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

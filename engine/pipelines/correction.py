@@ -20,7 +20,7 @@ from engine.data import FormatSpec, build_examples, calibration_windows, check_d
 from engine.errors import EngineError
 from engine.export import save_adapter
 from engine.model import (
-    SHARD_WINDOWS, CheckpointSource, ShardRunner, QuantizedWriter, add_lora, blocks_prefix, decoder_blocks, is_quantized_dir,
+    SHARD_WINDOWS, CheckpointSource, ShardRunner, QuantizedWriter, add_lora, blocks_prefix, check_context, decoder_blocks, is_quantized_dir,
     load_block, load_block_weights, load_outside_blocks, load_quantized, lora_layers, meta_model, model_size,
     open_source, read_manifest, release_block, release_block_weights, sum_in_order,
 )
@@ -53,6 +53,7 @@ def correct(spec: CorrectSpec) -> dict[str, Any]:
     if not teacher_path:
         raise EngineError(f"{spec.model}: no source_model in its manifest; pass the teacher model")
     source = open_source(teacher_path)
+    check_context(source.config, spec.seq_len, "--seq-len")
     correction = {"teacher": str(teacher_path), "calib": spec.calib, "rank": spec.rank, "init": spec.init,
                   "ce_weight": spec.ce_weight}
     check_run_folder(spec, out, out / "train" / RUN_SPEC)

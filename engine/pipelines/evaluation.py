@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.data import check_data
 from engine.eval import task_metric
-from engine.model import model_size, set_active_rank
+from engine.model import check_context, model_size, set_active_rank
 from engine.pipelines.loading import attach_offload, load_with_adapter, streams_in_place
 from engine.placement import resolve_device
 from engine.pipelines.specs import EvalSpec
@@ -21,6 +21,8 @@ def evaluate(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     for task in spec.tasks:
         check_data(task.data.file, task.data.format_spec())  # before the (possibly long) model load
     model, tokenizer, _ = load_with_adapter(spec.model, stream=streams_in_place(spec.model, spec.offload))
+    for task in spec.tasks:
+        check_context(model.config, task.data.seq_len, "--seq-len")
     report: dict[str, Any] = {"model": spec.model, **model_size(model), "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="modulora-eval-blocks-") as scratch:
         streamer = attach_offload(model, spec.model, spec.offload, Path(scratch), device)

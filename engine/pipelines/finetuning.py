@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine.data import build_examples, check_data, text_for, token_windows
 from engine.eval import perplexity
 from engine.export import save_adapter
-from engine.model import add_lora, lora_layers, model_size
+from engine.model import add_lora, check_context, lora_layers, model_size
 from engine.options import as_plain
 from engine.placement import Placement
 from engine.pipelines.loading import (
@@ -43,8 +43,9 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     placement = Placement.of(spec.device, COMPUTE_DTYPES[spec.dtype])
     check_data(spec.data.file, spec.data.format_spec())
     check_run_folder(spec, out, out / RUN_SPEC)
-    record_run(spec, out / RUN_SPEC)
     model, tokenizer, _ = load_with_adapter(spec.model, stream=streams_in_place(spec.model, spec.offload))
+    check_context(model.config, spec.data.seq_len, "--seq-len")
+    record_run(spec, out / RUN_SPEC)
     prepare_adapters(model, spec.lora, spec.train.seed, spec.dtype)
     examples = build_examples(spec.data.file, spec.data.format_spec(), tokenizer, spec.data.seq_len, spec.data.limit)
     eval_fn = _perplexity_eval(tokenizer, spec) if spec.eval_data else None

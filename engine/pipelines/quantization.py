@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from engine.model import (
     RunnerFactory,
     ShardRunner,
     blocks_prefix,
+    check_context,
     decoder_blocks,
     load_block,
     load_gguf_quantized,
@@ -52,9 +55,11 @@ log = logging.getLogger(__name__)
 
 
 @holding_outputs(lambda spec: (spec.out,), lambda spec: (spec.model, spec.calib and spec.calib.file))
-def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) -> dict[str, Any]:
+def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
+             session: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, Any]:
     """Write ``spec.out``; returns its manifest.  ``runner_factory`` runs the calibration shards elsewhere
-    (``modulora calibrate`` passes Ray's; the weights are the same bit for bit)."""
+    (``modulora calibrate`` passes Ray's; the weights are the same bit for bit), inside ``session`` (the cluster
+    it needs), which is entered only once the calibration windows are made: bad sizes are refused first."""
     check_replaceable(spec.out, spec.overwrite)
     if spec.method == GGUF_METHOD:
         model, tokenizer, manifest = load_gguf_quantized(spec.model)
@@ -62,6 +67,8 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
     quantizer = spec.quantizer()
     device = _quantize_device(spec)
     source = open_source(spec.model)
+    if spec.calib is not None:
+        check_context(source.config, spec.calib.seq_len, "--calib-seq-len")
     model = meta_model(source.config)
     writer = QuantizedWriter(spec.out, source.config, source.tokenizer())
     info: dict[str, Any] = {"source_model": _source(spec.model), "quantizer": quantizer.describe()}
@@ -87,8 +94,9 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner) ->
             c = spec.calib
             load_outside_blocks(model, source, head=False)  # the calibration windows start at the embeddings
             windows = calibration_windows(source.tokenizer(), read_text(c.file), c.windows, c.seq_len, c.seed)
-            quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
-                                runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
+            with session():
+                quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
+                                    runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
             info["calibration"] = {**as_plain(c), "file": str(Path(c.file).resolve()), "sha256": sha256_file(c.file),
                                    "asym_alpha": c.asym}
         info["quantize_seconds"] = time.perf_counter() - start

@@ -50,9 +50,9 @@ def make_optimizer(
 
         return HostOffloadedAdam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if name == "cpu_adam":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from engine.offload.cpu_adam import cpu_adam
 
-        return DeepSpeedCPUAdam(params, lr=spec.lr, weight_decay=spec.weight_decay, adamw_mode=True)
+        return cpu_adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     # One fused kernel per step on CUDA; on the CPU the per-tensor loop (what the resume tests pin bit for bit).
     implementation = {"fused": True} if params[0].is_cuda else {"foreach": False}
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **implementation)
