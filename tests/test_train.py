@@ -111,6 +111,17 @@ def test_a_torn_last_metrics_line_does_not_block_resume(q3, train_windows, tmp_p
     assert steps == [1, 2, 3]
 
 
+def test_resuming_a_finished_run_reports_its_last_step(q3, train_windows, tmp_path):
+    """Nothing is left to train: the result is the last logged step's metrics (it used to be ``{}``)."""
+    model = copy.deepcopy(q3)
+    add_lora(model, 4, 8, seed=0)
+    config = TrainSpec(steps=2, batch_size=2, save_every=1, warmup_steps=0)
+    final = Trainer(model, train_windows, config, tmp_path, 0).train()
+    again = Trainer(model, train_windows, config, tmp_path, 0).train(resume=True)
+    assert again == final and again["loss"] > 0
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_dynamic_rank_trains_every_prefix(q3, train_windows, valid_windows, tmp_path):
     model = copy.deepcopy(q3)
     add_lora(model, 8, 16, seed=1)

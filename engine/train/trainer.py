@@ -25,6 +25,7 @@ from engine.data import Example, collate
 from engine.errors import EngineError
 from engine.model.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
 from engine.options import as_plain
+from engine.storage import atomic_write_bytes
 from engine.train.checkpoint import latest_good_checkpoint, restore_optimizer, restore_rng, save_checkpoint
 from engine.train.losses import chunked_causal_lm_loss
 from engine.train.spec import TrainSpec
@@ -129,14 +130,16 @@ class Trainer:
         log.warning("resumed from %s", checkpoint.path)
         return int(checkpoint.state["step"])
 
-    def _metrics_log(self, start_step: int) -> Any:
-        """Open ``metrics.jsonl``, dropping lines past the resume point so the log matches the run."""
+    def _metrics_log(self, start_step: int) -> tuple[Any, dict[str, float]]:
+        """Open ``metrics.jsonl``, dropping lines past the resume point so the log matches the run; and the last
+        kept step's metrics (what a run resumed at its end reports)."""
         path = self.out_dir / "metrics.jsonl"
         kept = []
         if start_step and path.is_file():
             kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        return path.open("a")
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        last = {k: v for k, v in json.loads(kept[-1]).items() if k != "step"} if kept else {}
+        return path.open("a"), last
 
     def train(self, resume: bool = False) -> dict[str, float]:
         c = self.config
@@ -147,8 +150,8 @@ class Trainer:
         if c.grad_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         writer = _tensorboard(self.out_dir / "tensorboard")
-        metrics: dict[str, float] = {}
-        with self._metrics_log(start) as jsonl:
+        log, metrics = self._metrics_log(start)
+        with log as jsonl:
             bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step")
             for step in bar:
                 t0 = time.perf_counter()
