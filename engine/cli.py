@@ -72,7 +72,8 @@ def evaluate(model: str, as_json: bool, **given: Any) -> None:
 
     --format text reports perplexity (the whole file, BOS first, non-overlapping
     windows of --seq-len, float64 NLL); classification reports accuracy of the
-    most likely label word; summarization reports ROUGE-1/2/L of greedy summaries.
+    most likely label word; summarization reports ROUGE-1/2/L of greedy summaries;
+    alpaca and chat report the perplexity of the responses (assistant turns).
     """
     from engine.pipelines import evaluate as run_evaluate
 

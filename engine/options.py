@@ -24,7 +24,7 @@ from typing import Any
 
 from engine.errors import EngineError
 
-KINDS = ("int", "float", "bool", "str", "file", "path", "model", "map", "size")
+KINDS = ("int", "float", "bool", "str", "file", "data", "path", "model", "map", "size")
 
 
 class SettingError(EngineError):

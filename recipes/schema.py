@@ -76,7 +76,7 @@ class Recipe:
 def _converter(option: Option, base: Path) -> Any:
     if option.kind == "file":
         return file(base)
-    if option.kind == "model":
+    if option.kind in ("model", "data"):  # a local path, else a hub id
         return model(base)
     return option.check
 

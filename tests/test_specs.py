@@ -95,7 +95,7 @@ def test_every_recipe_setting_reaches_the_sweep_trials(tmp_path):
              "asym_alpha": 0.25}
     train = _varied(TrainSpec, skip=("optimizer",))  # cpu_adam compiles DeepSpeed; checked as a spec below
     lora = {"rank": 8, "alpha": 5.0}
-    data = {"file": str(TRAIN_TXT), **_varied(DataSpec, skip=("format", "template")), "template": "{text}",
+    data = {"file": str(TRAIN_TXT), **_varied(DataSpec, skip=("format", "template", "split")), "template": "{text}",
             "columns": {"text": "text"}}
     finetune = {"data": data, "lora": lora, "train": train, "dtype": "bfloat16", "eval_data": str(VALID_TXT),
                 "eval_limit": 7}

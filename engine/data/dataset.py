@@ -29,7 +29,7 @@ def check_data(path: str | Path, spec: FormatSpec) -> None:
         if not Path(path).is_file():
             raise EngineError(f"{path}: no such file")
         return
-    require_columns(load_records(path), spec.required_columns(), path)
+    require_columns(load_records(path, spec.split), spec.required_columns(), path)
 
 
 def build_examples(
@@ -45,9 +45,9 @@ def build_examples(
         if Path(path).suffix == TEXT_SUFFIX:  # a plain text file: only the prefix ``limit`` windows use is read
             texts = [text_for(tokenizer, path, limit and limit * seq_len)]
         else:
-            texts = load_records(path)[spec.column("text")]
+            texts = load_records(path, spec.split)[spec.column("text")]
         return [Example(w, list(w)) for w in pack_text(texts, tokenizer, seq_len)[:limit]]
-    records = load_records(path)
+    records = load_records(path, spec.split)
     rows = records if limit is None else records.select(range(min(limit, len(records))))
     segment = SEGMENTERS[spec.name]
     return [Example(*encode_segments(segment(spec, row, tokenizer), tokenizer, seq_len)) for row in rows]

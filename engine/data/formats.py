@@ -38,6 +38,7 @@ class FormatSpec:
     columns: dict[str, str] = field(default_factory=dict)
     template: str | None = None
     label_words: dict[str, str] = field(default_factory=dict)
+    split: str | None = None  # of a datasets folder or hub dataset with several (default: train)
 
     def column(self, role: str) -> str:
         return self.columns.get(role, DEFAULT_COLUMNS[self.name][role])

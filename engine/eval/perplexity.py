@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine.data import IGNORE, Example, collate
+from engine.errors import EngineError
 from engine.model import compute_device
 
 
@@ -45,3 +47,29 @@ def perplexity(
     model.train(was_training)
     mean = total_nll / count
     return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count, windows=len(windows))
+
+
+@torch.no_grad()
+def response_perplexity(
+    model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8, progress: bool = True
+) -> Perplexity:
+    """Perplexity over the tokens each example trains on (an instruction's response, a chat's assistant turns),
+    the same float64 protocol as :func:`perplexity`; ``windows`` counts the examples."""
+    was_training = model.training
+    model.eval()
+    total_nll, count = 0.0, 0
+    device = compute_device(model)
+    for start in tqdm(range(0, len(examples), batch_size), desc="perplexity", unit="batch", disable=not progress,
+                      leave=False):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                              ignore_index=IGNORE)
+        total_nll += nll.item()
+        count += int((targets != IGNORE).sum())
+    model.train(was_training)
+    if count == 0:
+        raise EngineError("no response tokens to score (every example was cut before its response: raise --seq-len)")
+    mean = total_nll / count
+    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count, windows=len(examples))

@@ -15,7 +15,8 @@ from engine.data.formats import FormatSpec, classification_prompt, label_word, s
 from engine.data.records import load_records, require_columns
 from engine.errors import EngineError
 from engine.data.text import text_for, token_windows
-from engine.eval.perplexity import perplexity
+from engine.data.dataset import build_examples
+from engine.eval.perplexity import perplexity, response_perplexity
 from engine.model import compute_device
 
 
@@ -35,7 +36,7 @@ def classification_accuracy(
     max_len: int = 256,
 ) -> dict[str, float]:
     """Accuracy of picking, per row, the label word with the highest total log-likelihood after the prompt."""
-    records = load_records(path)
+    records = load_records(path, spec.split)
     require_columns(records, spec.required_columns(), path)
     rows = records if limit is None else records.select(range(min(limit, len(records))))
     labels = sorted({str(v) for v in records[spec.column("label")]})
@@ -85,7 +86,7 @@ def summarization_rouge(
     """Mean ROUGE-1/2/L F1 (Google's ``rouge-score``, stemmed) of greedy summaries against references."""
     from rouge_score import rouge_scorer
 
-    records = load_records(path)
+    records = load_records(path, spec.split)
     require_columns(records, spec.required_columns(), path)
     rows = records if limit is None else records.select(range(min(limit, len(records))))
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -97,13 +98,13 @@ def summarization_rouge(
     return {**{k: v / len(rows) for k, v in totals.items()}, "rows": len(rows)}
 
 
-EVAL_FORMATS = ("text", "classification", "summarization")  # the data formats a metric is defined for
-
+RESPONSE_FORMATS = ("alpaca", "chat")  # scored by the perplexity of what they train on
 
 def task_metric(data_format: str, data: str, tokenizer: PreTrainedTokenizerBase, spec: FormatSpec, limit: int | None,
                 seq_len: int, batch_size: int, progress: bool) -> Callable[[PreTrainedModel], dict[str, Any]]:
     """A function model -> metrics for a data file of ``data_format``: perplexity for text (the whole
-    file, BOS first, non-overlapping windows), accuracy for classification, ROUGE for summarization."""
+    file, BOS first, non-overlapping windows), accuracy for classification, ROUGE for summarization, the
+    perplexity of the responses for instructions (alpaca) and of the assistant turns for chats."""
     if data_format == "text":
         windows = token_windows(tokenizer, text_for(tokenizer, data, limit and limit * seq_len), seq_len)[:limit]
         return lambda m: dict(vars(perplexity(m, windows, batch_size, progress)))
@@ -111,4 +112,8 @@ def task_metric(data_format: str, data: str, tokenizer: PreTrainedTokenizerBase,
         return lambda m: classification_accuracy(m, tokenizer, data, spec, limit, seq_len)
     if data_format == "summarization":
         return lambda m: summarization_rouge(m, tokenizer, data, spec, limit, max_len=seq_len)
-    raise EngineError(f"evaluation supports formats {', '.join(EVAL_FORMATS)}; got {data_format!r}")
+    if data_format in RESPONSE_FORMATS:
+        examples = build_examples(data, spec, tokenizer, seq_len, limit)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id will do
+        return lambda m: dict(vars(response_perplexity(m, examples, pad, batch_size, progress)))
+    raise EngineError(f"no metric for data format {data_format!r}")

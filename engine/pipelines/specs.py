@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from engine.data import FORMATS, FormatSpec
-from engine.eval import EVAL_FORMATS
 from engine.model import MODES, is_quantized_dir, is_quantized_gguf
 from engine.offload import TIERS
 from engine.offload.planner import SOURCE_DTYPE_BYTES, STAGES
@@ -73,7 +72,9 @@ class LoraSpec(Spec):
 class DataSpec(Spec):
     """A local data file and how to read it."""
 
-    file: str = setting(kind="file", help="Data file: txt, json, jsonl, csv, tsv or parquet.", flag="--data")
+    file: str = setting(kind="data", help="Data: a txt, json, jsonl, csv, tsv or parquet file (also .gz, .bz2, .xz, "
+                        ".zst), a datasets save_to_disk folder, or a hub dataset id.", flag="--data")
+    split: str | None = setting(None, "str", "Split of a datasets folder or hub dataset [train].", optional=True)
     format: str = setting("text", "str", "How rows become token sequences.", choices=FORMATS)
     columns: dict[str, str] = setting({}, "map", "Column for a role, e.g. text=sentence (ROLE=NAME).",
                                       flag="--column")
@@ -89,7 +90,7 @@ class DataSpec(Spec):
             raise SettingError("label_words", "a classification set needs its label words, e.g. {0: negative}")
 
     def format_spec(self) -> FormatSpec:
-        return FormatSpec(self.format, dict(self.columns), self.template, dict(self.label_words))
+        return FormatSpec(self.format, dict(self.columns), self.template, dict(self.label_words), self.split)
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,6 @@ class TaskSpec(Spec):
     ranks: tuple[int, ...] | None = setting(None, "int", "Ranks to evaluate a dynamic-rank adapter at.",
                                             minimum=1, optional=True, many=True)
     name: str | None = setting(None, "str", "Label in the results [the file's name].", optional=True)
-
-    def validate(self) -> None:
-        if self.data.format not in EVAL_FORMATS:
-            raise SettingError("data.format", f"evaluation takes {', '.join(EVAL_FORMATS)}, got {self.data.format!r}")
 
     @property
     def label(self) -> str:
