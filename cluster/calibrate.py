@@ -32,8 +32,8 @@ from torch import nn
 from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
-    CalibrationShard, ShardRunner, Wrap, load_block, load_outside_blocks, meta_model, open_source, release_block,
-    replace_module, shard_spans,
+    CalibrationShard, ShardRunner, Wrap, linear_weight, load_block, load_outside_blocks, meta_model, open_source,
+    release_block, shard_spans, swap_linear,
 )
 from engine.procstat import keep_heap_bounded
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
@@ -76,7 +76,7 @@ class ShardWorker:
 
     def install(self, layers: dict[str, LayerState]) -> None:
         for name, state in layers.items():
-            replace_module(self.model, name, packed_layer(state))
+            swap_linear(self.model, name, packed_layer(state))
 
     def pid(self) -> int:
         return os.getpid()
@@ -145,11 +145,11 @@ class RayShardRunner(ShardRunner):
 
         if wrap is not None:
             raise EngineError("Ray calibration installs plain ModuLoRA layers; a custom wrap runs in one process")
-        requests = [(k % len(self.workers), "quantize", (model.get_submodule(n).weight.data, stats[n], quantizer))
+        requests = [(k % len(self.workers), "quantize", (linear_weight(model.get_submodule(n)), stats[n], quantizer))
                     for k, n in enumerate(names)]
         layers = {n: (*packed, model.get_submodule(n).bias) for n, packed in zip(names, self._gather(requests))}
         for name, state in layers.items():
-            replace_module(model, name, packed_layer(state))
+            swap_linear(model, name, packed_layer(state))
         if not install:
             return names
         layers_ref = ray.put(layers)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
@@ -27,16 +28,24 @@ INDEX = "model.safetensors.index.json"
 
 @torch.no_grad()
 def merged_float_model(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A copy of ``model`` (resident) whose ModuLoRA layers are ``nn.Linear(W_q + s B A)``."""
+    """A copy of ``model`` (resident) whose ModuLoRA layers are ``nn.Linear(W_q + s B A)`` (or the Conv1D each
+    replaced)."""
     merged = copy.deepcopy(model)
     for name, layer in [(n, m) for n, m in merged.named_modules() if isinstance(m, ModuLoRALinear)]:
         replace_module(merged, name, _merged_linear(layer, dtype))
     return merged.requires_grad_(False)
 
 
-def _merged_linear(layer: ModuLoRALinear, dtype: torch.dtype) -> nn.Linear:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
-    linear.weight.copy_(layer.merged_weight(torch.float64))  # one rounding, at the end
+def _merged_linear(layer: ModuLoRALinear, dtype: torch.dtype) -> nn.Module:
+    """``nn.Linear``, or a ``Conv1D`` (weight ``[in, out]``) where the float model had one."""
+    if layer.fan_in_fan_out:
+        linear = Conv1D(layer.out_features, layer.in_features).to(dtype)
+        linear.weight.copy_(layer.merged_weight(torch.float64).T)  # one rounding, at the end
+        if layer.bias is None:
+            linear.bias = None
+    else:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+        linear.weight.copy_(layer.merged_weight(torch.float64))
     if layer.bias is not None:
         linear.bias.copy_(layer.bias)
     return linear

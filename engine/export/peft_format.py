@@ -68,7 +68,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         "lora_alpha": alphas.pop(),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # GPT-2's Conv1D layers
         "inference_mode": True,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "modulora_layers": sorted(layers),

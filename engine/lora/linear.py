@@ -52,6 +52,7 @@ class ModuLoRALinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.tile_numel = tile_numel
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.fan_in_fan_out = False  # the layer it replaced stored its weight as [in, out] (a Conv1D): exports do
         self.active_rank: int | None = None
         self.train_last_only = False
         self.rank, self.alpha = 0, 0.0

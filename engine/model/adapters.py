@@ -1,6 +1,6 @@
 """Attach LoRA adapters to every target layer of a model and move their weights in and out.
 
-A float model's ``nn.Linear`` layers are first wrapped as ModuLoRA layers over a
+A float model's linear layers are first wrapped as ModuLoRA layers over a
 :class:`~engine.quant.dense.DenseWeight`, so plain LoRA and ModuLoRA share one
 code path (trainer, checkpoints, export).
 """
@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
-from engine.model.quantize import replace_module, target_linear_names
+from engine.model.quantize import LINEAR_TYPES, linear_weight, swap_linear, target_linear_names
 from engine.quant.dense import DenseWeight
 
 
@@ -35,9 +35,10 @@ def add_lora(
     torch.manual_seed(seed)
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, nn.Linear):
-            layer = ModuLoRALinear(DenseWeight(layer.weight.data), layer.bias)
-            replace_module(model, name, layer)
+        if isinstance(layer, LINEAR_TYPES):
+            dense = ModuLoRALinear(DenseWeight(linear_weight(layer).contiguous()), layer.bias)
+            swap_linear(model, name, dense)
+            layer = dense
         layer.add_adapter(rank, alpha, device=device)
     model.requires_grad_(False)
     for param in lora_parameters(model).values():

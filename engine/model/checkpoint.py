@@ -35,7 +35,7 @@ from engine.lora.linear import ModuLoRALinear
 from engine.model.build import blocks_prefix, meta_model
 from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
-from engine.model.quantize import decoder_blocks, replace_module, vocab_table_names
+from engine.model.quantize import decoder_blocks, replace_module, swap_linear, vocab_table_names
 from engine.model.state import ADAPTER_SUFFIXES, unique_state
 from engine.quant.base import QuantizedWeight, weight_from_state
 from engine.storage import (
@@ -216,7 +216,7 @@ def load_quantized(
             parts = {k[len(local) + 6:]: tensors.pop(k) for k in list(tensors) if k.startswith(f"{local}.base.")}
             qweight = weight_from_state(parts, layers[name])
             bias = tensors.pop(f"{local}.bias", None)
-            replace_module(block, local, ModuLoRALinear(qweight, bias))
+            swap_linear(block, local, ModuLoRALinear(qweight, bias))
             if stream:
                 _to_placeholders(qweight)
         _assign(block, tensors, file)
@@ -311,7 +311,7 @@ def _load_v1(path: Path, manifest: dict[str, Any]) -> tuple[PreTrainedModel, Pre
         prefix = f"{name}.base."
         parts = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
         bias = tensors.pop(f"{name}.bias", None) if layer_manifest.get("bias") else None
-        replace_module(model, name, ModuLoRALinear(weight_from_state(parts, layer_manifest), bias))
+        swap_linear(model, name, ModuLoRALinear(weight_from_state(parts, layer_manifest), bias))
     for alias, kept in manifest["aliases"].items():
         tensors[alias] = tensors[kept]
     _assign(model, tensors, path / V1_WEIGHTS)

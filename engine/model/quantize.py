@@ -1,4 +1,10 @@
-"""Swap a model's decoder ``nn.Linear`` layers for packed ModuLoRA layers."""
+"""Swap a model's decoder linear layers for packed ModuLoRA layers.
+
+A linear layer is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 and its
+kin), which stores its weight transposed, as ``[in, out]``: the packed layer
+computes the same ``x W^T + b`` from the ``[out, in]`` weight and remembers
+the layout (``fan_in_fan_out``) for the exports.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,35 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer
+
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``[out, in]`` (a view of a Conv1D's)."""
+    return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data
+
+
+def in_features_of(layer: nn.Module) -> int:
+    return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.in_features
+
+
+def set_linear_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Give a linear layer the ``[out, in]`` ``weight``, in its own layout."""
+    layer.weight.data = weight.T.contiguous() if isinstance(layer, Conv1D) else weight
+
+
+def swap_linear(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` (a ModuLoRA layer) in place of the linear layer ``name``, noting whether it was a Conv1D."""
+    old = model.get_submodule(name)
+    new.fan_in_fan_out = isinstance(old, Conv1D) or getattr(old, "fan_in_fan_out", False)
+    replace_module(model, name, new)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -25,13 +56,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def target_linear_names(model: nn.Module, include: str | None = None) -> list[str]:
-    """Qualified names of the ``nn.Linear`` layers inside decoder blocks, optionally filtered by a regex."""
+    """Qualified names of the linear layers inside decoder blocks, optionally filtered by a regex."""
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     names = [
         f"{prefix}.{name}"
         for name, module in blocks.named_modules()
-        if isinstance(module, (nn.Linear, ModuLoRALinear))
+        if isinstance(module, (*LINEAR_TYPES, ModuLoRALinear))
     ]
     if include is not None:
         names = [n for n in names if re.search(include, n)]
@@ -68,7 +99,7 @@ def quantize_model(
     """Quantize ``names`` (default: all decoder linears) in place; returns the names replaced.
 
     ``wrap`` turns each quantized weight and bias into the module that replaces
-    the ``nn.Linear`` (default: a rank-0 :class:`ModuLoRALinear`).
+    the linear layer (default: a rank-0 :class:`ModuLoRALinear`).
     """
     names = names if names is not None else target_linear_names(model)
     wrap = wrap or (lambda qweight, bias: ModuLoRALinear(qweight, bias))
@@ -76,8 +107,8 @@ def quantize_model(
         raise EngineError(f"quantizer {quantizer.name!r} needs calibration statistics (--calib FILE)")
     for name in tqdm(names, desc=f"quantize ({quantizer.name})", unit="layer", leave=False):
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise EngineError(f"{name}: expected nn.Linear, found {type(linear).__name__}")
-        qweight = quantizer.quantize(linear.weight.data, None if stats is None else stats[name])
-        replace_module(model, name, wrap(qweight, linear.bias))
+        if not isinstance(linear, LINEAR_TYPES):
+            raise EngineError(f"{name}: expected a linear layer, found {type(linear).__name__}")
+        qweight = quantizer.quantize(linear_weight(linear), None if stats is None else stats[name])
+        swap_linear(model, name, wrap(qweight, linear.bias))
     return names

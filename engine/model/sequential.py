@@ -36,7 +36,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.errors import EngineError
-from engine.model.quantize import decoder_blocks, quantize_model, target_linear_names
+from engine.model.quantize import (
+    decoder_blocks, linear_weight, quantize_model, set_linear_weight, target_linear_names,
+)
 from engine.model.stats import recording_cross_inputs, recording_inputs, shard_spans
 from engine.quant.base import LayerStats, QuantizedWeight, Quantizer
 
@@ -294,7 +296,7 @@ def quantize_blockwise(
             del partials  # the sums can share the shards' matrices: drop them, so each is freed once it is used
             for name in list(cross):
                 linear = model.get_submodule(name)
-                linear.weight.data = aligned_weight(linear.weight, stats[name], cross.pop(name), asym_alpha)
+                set_linear_weight(linear, aligned_weight(linear_weight(linear), stats[name], cross.pop(name), asym_alpha))
             done += runner.quantize(model, quantizer, group, stats, wrap)
             del stats
         runner.call("end_block", index)

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.errors import EngineError
-from engine.model.quantize import target_linear_names
+from engine.model.quantize import in_features_of, target_linear_names
 from engine.quant.base import LayerStats
 from engine.storage import atomic_save_safetensors
 
@@ -67,7 +67,7 @@ def recording_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, L
 
     for name in names:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(hook(name, module.in_features)))
+        handles.append(module.register_forward_pre_hook(hook(name, in_features_of(module))))
     try:
         yield stats
     finally:
@@ -98,7 +98,7 @@ def recording_cross_inputs(model: nn.Module, twins: dict[str, nn.Module]) -> Ite
         return record_twin, record
 
     for name, twin in twins.items():
-        record_twin, record = hooks(name, twin.in_features)
+        record_twin, record = hooks(name, in_features_of(twin))
         handles.append(twin.register_forward_pre_hook(record_twin))
         handles.append(model.get_submodule(name).register_forward_pre_hook(record))
     try:

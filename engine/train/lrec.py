@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from engine.errors import EngineError
 
 from engine.model.adapters import lora_layers
+from engine.model.quantize import linear_weight
 from engine.train.losses import linear_distillation, supports_chunked_loss
 from engine.quant.base import LayerStats, Quantizer
 
@@ -97,7 +98,7 @@ def loftq_init(
     weights are resident) from ``teacher``'s float weight with LoftQ."""
     layers = {n: m for n, m in lora_layers(student).items() if names is None or n in names}
     for name, layer in tqdm(layers.items(), desc="loftq init", unit="layer", leave=False):
-        weight = teacher.get_submodule(name).weight
+        weight = linear_weight(teacher.get_submodule(name))
         qweight, a, b = loftq_layer(weight, quantizer, layer.rank, layer.scaling, iters, stats and stats.get(name))
         layer.base = qweight
         layer.lora_a.data.copy_(a)
