@@ -9,6 +9,8 @@ holds one block's float weights at a time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -16,6 +18,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from engine.errors import EngineError
 from engine.model.quantize import decoder_blocks, replace_module
 from engine.model.source import CheckpointSource
+from engine.quant.base import QuantizedWeight
 
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:
@@ -126,3 +129,18 @@ def load_resident(source: CheckpointSource, dtype: torch.dtype | None = None) ->
     for index in range(len(decoder_blocks(model))):
         load_block(model, index, source, dtype)
     return model
+
+
+def check_materialised(model: nn.Module, path: Path, leave: set[str]) -> None:
+    """Every tensor of a model built on ``meta`` was read from ``path`` (packed weights, and the names in
+    ``leave``, may stay placeholders); rotary tables, which checkpoints do not hold, are made afresh."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantizedWeight):
+            continue
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            name = f"{module_name}.{key}" if module_name else key
+            if tensor is not None and tensor.is_meta and name not in leave and "rotary" not in module_name:
+                raise EngineError(f"{path}: no tensor {name} for the model of config.json")
+    for name, module in list(model.named_modules()):
+        if "rotary" in type(module).__name__.lower() and any(b.is_meta for b in module.buffers(recurse=False)):
+            replace_module(model, name, type(module)(config=model.config))

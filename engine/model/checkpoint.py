@@ -32,10 +32,11 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
-from engine.model.build import blocks_prefix, meta_model
+from engine.model.build import blocks_prefix, check_materialised, meta_model
 from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
+from engine.model.gptq_checkpoint import gptq_settings, load_gptq_checkpoint
 from engine.model.loading import load_float_model
-from engine.model.quantize import decoder_blocks, replace_module, swap_linear, vocab_table_names
+from engine.model.quantize import decoder_blocks, swap_linear, vocab_table_names
 from engine.model.state import ADAPTER_SUFFIXES, unique_state
 from engine.quant.base import QuantizedWeight, weight_from_state
 from engine.storage import (
@@ -222,7 +223,7 @@ def load_quantized(
         _assign(block, tensors, file)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _check_loaded(model, path, leave)
+    check_materialised(model, path, leave)
     return model, AutoTokenizer.from_pretrained(str(path)), manifest
 
 
@@ -286,20 +287,6 @@ def _to_placeholders(qweight: QuantizedWeight) -> None:
         qweight._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
 
 
-def _check_loaded(model: nn.Module, path: Path, leave: set[str]) -> None:
-    placeholders = (QuantizedWeight,)
-    for module_name, module in model.named_modules():
-        if isinstance(module, placeholders):
-            continue
-        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            name = f"{module_name}.{key}" if module_name else key
-            if tensor is not None and tensor.is_meta and name not in leave and "rotary" not in module_name:
-                raise EngineError(f"{path}: no tensor {name} for the model of config.json")
-    for name, module in list(model.named_modules()):
-        if "rotary" in type(module).__name__.lower() and any(b.is_meta for b in module.buffers(recurse=False)):
-            replace_module(model, name, type(module)(config=model.config))
-
-
 def _load_v1(path: Path, manifest: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """A format 1 directory: one file of every tensor, read whole."""
     try:
@@ -317,18 +304,21 @@ def _load_v1(path: Path, manifest: dict[str, Any]) -> tuple[PreTrainedModel, Pre
     _assign(model, tensors, path / V1_WEIGHTS)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    _check_loaded(model, path, set())
+    check_materialised(model, path, set())
     return model, AutoTokenizer.from_pretrained(str(path)), manifest
 
 
 def load_model(
     source: str | Path, stream: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
-    """A quantized directory or quantized GGUF file (with a manifest), or a float model (manifest ``None``).
+    """A quantized directory, a quantized GGUF file or a hub GPTQ checkpoint (with a manifest), or a float model
+    (manifest ``None``).
     ``stream`` (quantized directories): the blocks' packed weights and the vocabulary tables stay on disk."""
     if is_quantized_dir(source):
         return load_quantized(source, stream)
     if is_quantized_gguf(source):
         return load_gguf_quantized(source)
+    if gptq_settings(source) is not None:
+        return load_gptq_checkpoint(source)
     model, tokenizer = load_float_model(source)
     return model, tokenizer, None

@@ -22,7 +22,9 @@ from engine.quant.groupwise import GroupQuantizedWeight  # isort: skip
 from engine.quant.rtn import RTNQuantizer  # isort: skip
 from engine.quant.optq import OPTQQuantizer  # isort: skip
 from engine.quant.quip import QuipQuantizer, QuipWeight  # isort: skip
-from engine.quant.adapters import BnB4BitWeight, FP4Quantizer, GGUFWeight, HQQQuantizer, HQQWeight, NF4Quantizer
+from engine.quant.adapters import (
+    BnB4BitWeight, FP4Quantizer, GGUFWeight, GPTQPackedWeight, HQQQuantizer, HQQWeight, NF4Quantizer,
+)
 
 __all__ = [
     "FORMATS",
@@ -30,6 +32,7 @@ __all__ = [
     "BnB4BitWeight",
     "FP4Quantizer",
     "GGUFWeight",
+    "GPTQPackedWeight",
     "GroupQuantizedWeight",
     "HQQQuantizer",
     "HQQWeight",

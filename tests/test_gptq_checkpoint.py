@@ -1,0 +1,130 @@
+"""Hub GPTQ checkpoints used as they are: packed by AutoGPTQ's own ``QuantLinear.pack`` (the reference packer),
+our dequantization equals the reference's pure-torch unpacking bit for bit at 2, 3, 4 and 8 bits, and a checkpoint
+in the hub layout made from the shared model loads, matches transformers with the same weights, and finetunes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TRAIN_TXT, VALID_TXT, modulora
+from engine.lora import ModuLoRALinear
+from engine.model import load_model, target_linear_names
+from engine.quant import GPTQPackedWeight
+
+GROUP = 32
+
+
+def reference_quant_linear() -> type:
+    """AutoGPTQ's ``QuantLinear`` (cuda-old: packing in numpy, unpacking in torch where no CUDA kernel is built),
+    read from its file (the package's ``__init__`` imports model code written for older transformers)."""
+    package = importlib.util.find_spec("auto_gptq")
+    path = Path(package.submodule_search_locations[0]) / "nn_modules" / "qlinear" / "qlinear_cuda_old.py"
+    spec = importlib.util.spec_from_file_location("auto_gptq_qlinear_cuda_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.QuantLinear
+
+
+def packed_by_reference(weight: torch.Tensor, bits: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """``weight`` ``[out, in]`` as codes ``q`` with float16 scales ``s`` and zero points ``z`` per group of 32
+    inputs, its float16 rounding packed by the reference; returns the reference's QuantLinear, that float16 weight
+    and ``s (q - z)`` in float32 (exact there)."""
+    out, n_in = weight.shape
+    groups = weight.float().view(out, n_in // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    maxq = 2**bits - 1
+    scales = ((high - low) / maxq).clamp(min=1e-4).half()
+    zeros = torch.round(-low / scales.float()).clamp(0, maxq)
+    codes = torch.round(groups / scales.float().unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, maxq)
+    exact32 = (scales.float().unsqueeze(-1) * (codes - zeros.unsqueeze(-1))).view(out, n_in)
+    exact = exact32.half()
+    linear = torch.nn.Linear(n_in, out, bias=False).half()
+    linear.weight.data = exact
+    layer = reference_quant_linear()(bits, GROUP, n_in, out, False)
+    layer.pack(linear, scales, zeros.clone(), torch.arange(n_in) // GROUP)
+    return layer, exact, exact32
+
+
+def reference_dense(layer) -> torch.Tensor:
+    """The reference's own unpacking: its forward of the identity (float16, exact) is ``W^T``."""
+    with torch.no_grad():
+        return layer(torch.eye(layer.infeatures, dtype=torch.float16)).T
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantization_equals_the_reference_unpacking(bits, float_model):
+    weight = float_model[0].model.layers[0].self_attn.k_proj.weight.detach()  # [32, 64]
+    layer, exact, exact32 = packed_by_reference(weight, bits)
+    ours = GPTQPackedWeight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits)
+    assert torch.equal(reference_dense(layer), exact)  # the packer round-trips this weight
+    assert torch.equal(ours.dequantize(torch.float16), reference_dense(layer))
+    assert torch.equal(ours.dequantize(torch.float32), exact32)  # the packed codes are the codes given
+    tile = ours.dequantize(torch.float32, rows=(3, 29), cols=(32, 64))
+    assert torch.equal(tile, exact32[3:29, 32:64])
+
+
+def test_act_order_groups_follow_g_idx(float_model):
+    """An act-order checkpoint's ``g_idx`` assigns inputs to groups out of order: each input is scaled by its
+    own group, as a plain loop over inputs does it."""
+    weight = float_model[0].model.layers[0].self_attn.k_proj.weight.detach()
+    layer, _, _ = packed_by_reference(weight, 4)
+    g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(0)).int() % 2
+    ours = GPTQPackedWeight(layer.qweight, layer.qzeros, layer.scales, g_idx, 4)
+    sequential = GPTQPackedWeight(layer.qweight, layer.qzeros, layer.scales, None, 4)
+    codes = sequential.dequantize(torch.float64) / layer.scales.double()[torch.arange(64) // GROUP].T \
+        + sequential.zero_points((0, 32)).double()[torch.arange(64) // GROUP].T  # q, recovered exactly
+    zeros, scales = sequential.zero_points((0, 32)).double(), layer.scales.double()
+    want = torch.stack([scales[g] * (codes[:, i].round() - zeros[g]) for i, g in enumerate(g_idx.tolist())], dim=1)
+    torch.testing.assert_close(ours.dequantize(torch.float64), want, rtol=0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def hub_checkpoint(float_model, tmp_path_factory) -> Path:
+    """The shared model in the hub GPTQ layout, 4 bits, group 32: the attention projections packed by the
+    reference; the MLP's (172 wide, which the layout cannot pack) stay float, as hub checkpoints leave such layers."""
+    model, tokenizer = float_model
+    path = tmp_path_factory.mktemp("gptq") / "stories-gptq"
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for name in target_linear_names(model):
+        weight = tensors[f"{name}.weight"]
+        if weight.shape[0] % GROUP or weight.shape[1] % GROUP:
+            continue
+        layer = packed_by_reference(weight, 4)[0]
+        del tensors[f"{name}.weight"]
+        tensors.update({f"{name}.{key}": getattr(layer, key).contiguous() for key in ("qweight", "qzeros", "scales", "g_idx")})
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
+                                     "sym": False, "checkpoint_format": "gptq"}
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_hub_checkpoint_loads_packed_and_computes_its_weights(hub_checkpoint, float_model):
+    import copy
+
+    model, _, manifest = load_model(hub_checkpoint)
+    assert manifest["quantizer"]["method"] == "gptq-checkpoint" and len(manifest["layers"]) == 4 * 5  # q, k, v, o of 5 blocks
+    reference = copy.deepcopy(float_model[0])
+    for name, layer in model.named_modules():
+        if isinstance(layer, ModuLoRALinear):
+            assert isinstance(layer.base, GPTQPackedWeight)
+            original = reference.get_submodule(name).weight
+            original.data = packed_by_reference(original.detach(), 4)[2]
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_and_evaluate_on_a_hub_checkpoint(hub_checkpoint, tmp_path):
+    assert modulora("finetune", hub_checkpoint, "--data", TRAIN_TXT, "--limit", 8, "--seq-len", 64, "--steps", 2,
+                    "--batch-size", 4, "--rank", 4, "--save-every", 0, "--out", tmp_path / "run") == 0
+    assert modulora("eval", tmp_path / "run", "--data", VALID_TXT, "--limit", 2, "--seq-len", 64) == 0
