@@ -215,6 +215,9 @@ def test_adapter_models_save_and_reload_identically(float_model, tmp_path, metho
 F16_FIELDS = {
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
     "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    # the lookup-grid types (decoded by gguf-py on the host): IQ1_M and MXFP4 keep their scales in other fields
+    "IQ4_NL": [0], "IQ4_XS": [0], "IQ3_S": [0], "IQ3_XXS": [0], "IQ2_S": [0], "IQ2_XS": [0], "IQ2_XXS": [0],
+    "IQ1_S": [0], "IQ1_M": [], "TQ2_0": [64], "TQ1_0": [52], "MXFP4": [],
 }  # fmt: skip
 GGUF_PY_CAN_QUANTIZE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 
@@ -226,6 +229,8 @@ def _random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int) -> np.
     for at in F16_FIELDS[qtype]:
         scales = rng.normal(0.0, 0.02, size=(rows, blocks_per_row, 1)).astype(np.float16)
         raw[:, :, at : at + 2] = scales.view(np.uint8)
+    if qtype == "IQ1_M":  # its float16 scale is the top nibbles of 4 fields: clear its top exponent bit (finite)
+        raw[:, :, 55] &= 0xBF
     return raw.reshape(rows, blocks_per_row * type_size)
 
 
@@ -255,9 +260,25 @@ def test_gguf_real_weights_quantized_by_gguf_py(layer_weights, qtype):
         assert 0 < (reference - torch.from_numpy(w)).abs().max() < 0.1 * np.abs(w).max()
 
 
+IQ4_NL_VALUES = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]  # ggml's kvalues_iq4nl
+
+
+def test_iq4_nl_is_its_documented_codebook():
+    """ggml's block_iq4_nl, written out in float64: a float16 scale, then 32 four-bit indices into a fixed
+    non-linear codebook, the 16 low nibbles first."""
+    raw = _random_blocks("IQ4_NL", rows=4, blocks_per_row=2, seed=5)
+    got = GGUFWeight(torch.from_numpy(raw.copy()), "IQ4_NL", 64).dequantize(torch.float64)
+    blocks = raw.reshape(4, 2, 18)
+    d = blocks[:, :, :2].copy().view(np.float16).astype(np.float64)
+    qs = blocks[:, :, 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    want = (d * np.asarray(IQ4_NL_VALUES, dtype=np.float64)[codes]).reshape(4, 64)
+    assert torch.equal(got, torch.from_numpy(want))
+
+
 def test_gguf_weight_rejects_bad_input():
-    with pytest.raises(EngineError, match="unsupported GGML tensor type 'IQ2_XXS'"):
-        GGUFWeight(torch.zeros(2, 66, dtype=torch.uint8), "IQ2_XXS", 256)
+    with pytest.raises(EngineError, match="unsupported GGML tensor type 'Q8_K'"):
+        GGUFWeight(torch.zeros(2, 292, dtype=torch.uint8), "Q8_K", 256)
     with pytest.raises(EngineError, match="bytes per row"):
         GGUFWeight(torch.zeros(2, 35, dtype=torch.uint8), "Q8_0", 32)
 

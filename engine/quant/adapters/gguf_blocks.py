@@ -142,6 +142,22 @@ DECODERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
     T.Q5_K: lambda b: _q45_k(b, five_bits=True),
     T.Q6_K: _q6_k,
 }
+# The lookup-grid types (llama.cpp's "i-quants", ternary and MXFP4) decode through gguf-py's own dequantizer, on
+# the host: each row tile's blocks go down and its weights come back.
+HOST_DECODED = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ2_0",
+                "TQ1_0", "MXFP4")
+
+
+def _on_host(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor], torch.Tensor]:
+    def decode(b: torch.Tensor) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        return torch.from_numpy(dequantize(b.cpu().numpy(), qtype)).to(b.device)
+
+    return decode
+
+
+DECODERS.update({T[name]: _on_host(T[name]) for name in HOST_DECODED if hasattr(T, name)})
 SUPPORTED_TYPES = tuple(t.name for t in DECODERS)
 
 
