@@ -34,7 +34,7 @@ from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
 from engine.model.build import blocks_prefix, check_materialised, meta_model
 from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
-from engine.model.gptq_checkpoint import gptq_settings, load_gptq_checkpoint
+from engine.model.hub_quantized import hub_quant_settings, load_hub_quantized
 from engine.model.loading import load_float_model
 from engine.model.quantize import decoder_blocks, swap_linear, vocab_table_names
 from engine.model.state import ADAPTER_SUFFIXES, unique_state
@@ -311,14 +311,14 @@ def _load_v1(path: Path, manifest: dict[str, Any]) -> tuple[PreTrainedModel, Pre
 def load_model(
     source: str | Path, stream: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
-    """A quantized directory, a quantized GGUF file or a hub GPTQ checkpoint (with a manifest), or a float model
+    """A quantized directory, a quantized GGUF file or a hub GPTQ / AWQ checkpoint (with a manifest), or a float model
     (manifest ``None``).
     ``stream`` (quantized directories): the blocks' packed weights and the vocabulary tables stay on disk."""
     if is_quantized_dir(source):
         return load_quantized(source, stream)
     if is_quantized_gguf(source):
         return load_gguf_quantized(source)
-    if gptq_settings(source) is not None:
-        return load_gptq_checkpoint(source)
+    if hub_quant_settings(source) is not None:
+        return load_hub_quantized(source)
     model, tokenizer = load_float_model(source)
     return model, tokenizer, None

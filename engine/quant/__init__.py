@@ -23,12 +23,13 @@ from engine.quant.rtn import RTNQuantizer  # isort: skip
 from engine.quant.optq import OPTQQuantizer  # isort: skip
 from engine.quant.quip import QuipQuantizer, QuipWeight  # isort: skip
 from engine.quant.adapters import (
-    BnB4BitWeight, FP4Quantizer, GGUFWeight, GPTQPackedWeight, HQQQuantizer, HQQWeight, NF4Quantizer,
+    AWQPackedWeight, BnB4BitWeight, FP4Quantizer, GGUFWeight, GPTQPackedWeight, HQQQuantizer, HQQWeight, NF4Quantizer,
 )
 
 __all__ = [
     "FORMATS",
     "QUANTIZERS",
+    "AWQPackedWeight",
     "BnB4BitWeight",
     "FP4Quantizer",
     "GGUFWeight",

@@ -1,6 +1,7 @@
-"""Hub GPTQ checkpoints used as they are: packed by AutoGPTQ's own ``QuantLinear.pack`` (the reference packer),
-our dequantization equals the reference's pure-torch unpacking bit for bit at 2, 3, 4 and 8 bits, and a checkpoint
-in the hub layout made from the shared model loads, matches transformers with the same weights, and finetunes."""
+"""Hub GPTQ and AWQ checkpoints used as they are: packed by the reference packers (AutoGPTQ's ``QuantLinear.pack``,
+AutoAWQ's ``WQLinear_GEMM.from_linear``), our dequantization equals the references' own unpacking bit for bit (GPTQ
+at 2, 3, 4 and 8 bits, AWQ at 4), and a checkpoint in the hub layout made from the shared model loads, matches
+transformers with the same weights, and finetunes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from conftest import TRAIN_TXT, VALID_TXT, modulora
 from engine.lora import ModuLoRALinear
 from engine.model import load_model, target_linear_names
-from engine.quant import GPTQPackedWeight
+from engine.quant import AWQPackedWeight, GPTQPackedWeight
 
 GROUP = 32
 
@@ -31,10 +32,10 @@ def reference_quant_linear() -> type:
     return module.QuantLinear
 
 
-def packed_by_reference(weight: torch.Tensor, bits: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+def packed_by_reference(weight: torch.Tensor, bits: int, method: str = "gptq") -> tuple[object, torch.Tensor, torch.Tensor]:
     """``weight`` ``[out, in]`` as codes ``q`` with float16 scales ``s`` and zero points ``z`` per group of 32
-    inputs, its float16 rounding packed by the reference; returns the reference's QuantLinear, that float16 weight
-    and ``s (q - z)`` in float32 (exact there)."""
+    inputs, its float16 rounding packed by ``method``'s reference; returns the reference's layer, that float16
+    weight and ``s (q - z)`` in float32 (exact there)."""
     out, n_in = weight.shape
     groups = weight.float().view(out, n_in // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
@@ -46,6 +47,11 @@ def packed_by_reference(weight: torch.Tensor, bits: int) -> tuple[object, torch.
     exact = exact32.half()
     linear = torch.nn.Linear(n_in, out, bias=False).half()
     linear.weight.data = exact
+    if method == "awq":
+        from awq.modules.linear.gemm import WQLinear_GEMM
+
+        return WQLinear_GEMM.from_linear(linear, bits, GROUP, scales=scales.T.contiguous(),
+                                         zeros=zeros.T.contiguous()), exact, exact32
     layer = reference_quant_linear()(bits, GROUP, n_in, out, False)
     layer.pack(linear, scales, zeros.clone(), torch.arange(n_in) // GROUP)
     return layer, exact, exact32
@@ -69,6 +75,19 @@ def test_dequantization_equals_the_reference_unpacking(bits, float_model):
     assert torch.equal(tile, exact32[3:29, 32:64])
 
 
+def test_awq_dequantization_equals_the_reference_unpacking(float_model):
+    from awq.utils.packing_utils import dequantize_gemm
+
+    weight = float_model[0].model.layers[0].self_attn.k_proj.weight.detach()
+    layer, exact, exact32 = packed_by_reference(weight, 4, "awq")
+    reference = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, 4, GROUP).T  # [out, in], float16
+    ours = AWQPackedWeight(layer.qweight, layer.qzeros, layer.scales, GROUP)
+    assert torch.equal(reference, exact)
+    assert torch.equal(ours.dequantize(torch.float16), reference)
+    assert torch.equal(ours.dequantize(torch.float32), exact32)
+    assert torch.equal(ours.dequantize(torch.float32, rows=(3, 29), cols=(32, 64)), exact32[3:29, 32:64])
+
+
 def test_act_order_groups_follow_g_idx(float_model):
     """An act-order checkpoint's ``g_idx`` assigns inputs to groups out of order: each input is scaled by its
     own group, as a plain loop over inputs does it."""
@@ -84,25 +103,34 @@ def test_act_order_groups_follow_g_idx(float_model):
     torch.testing.assert_close(ours.dequantize(torch.float64), want, rtol=0, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def hub_checkpoint(float_model, tmp_path_factory) -> Path:
-    """The shared model in the hub GPTQ layout, 4 bits, group 32: the attention projections packed by the
-    reference; the MLP's (172 wide, which the layout cannot pack) stay float, as hub checkpoints leave such layers."""
+QUANT_CONFIGS = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False,
+             "checkpoint_format": "gptq"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"},
+}
+
+
+@pytest.fixture(scope="module", params=list(QUANT_CONFIGS))
+def hub_checkpoint(request, float_model, tmp_path_factory) -> Path:
+    """The shared model in the hub GPTQ or AWQ layout, 4 bits, group 32: the attention projections packed by the
+    reference; the MLP's (172 wide, which the layouts cannot pack) stay float, as hub checkpoints leave such
+    layers."""
     model, tokenizer = float_model
-    path = tmp_path_factory.mktemp("gptq") / "stories-gptq"
+    method = request.param
+    path = tmp_path_factory.mktemp(method) / f"stories-{method}"
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     for name in target_linear_names(model):
         weight = tensors[f"{name}.weight"]
         if weight.shape[0] % GROUP or weight.shape[1] % GROUP:
             continue
-        layer = packed_by_reference(weight, 4)[0]
+        layer = packed_by_reference(weight, 4, method)[0]
         del tensors[f"{name}.weight"]
-        tensors.update({f"{name}.{key}": getattr(layer, key).contiguous() for key in ("qweight", "qzeros", "scales", "g_idx")})
+        keys = ("qweight", "qzeros", "scales", "g_idx") if method == "gptq" else ("qweight", "qzeros", "scales")
+        tensors.update({f"{name}.{key}": getattr(layer, key).contiguous() for key in keys})
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
-                                     "sym": False, "checkpoint_format": "gptq"}
+    config["quantization_config"] = QUANT_CONFIGS[method]
     (path / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(path)
     return path
@@ -112,13 +140,15 @@ def test_a_hub_checkpoint_loads_packed_and_computes_its_weights(hub_checkpoint, 
     import copy
 
     model, _, manifest = load_model(hub_checkpoint)
-    assert manifest["quantizer"]["method"] == "gptq-checkpoint" and len(manifest["layers"]) == 4 * 5  # q, k, v, o of 5 blocks
+    method = json.loads((hub_checkpoint / "config.json").read_text())["quantization_config"]["quant_method"]
+    assert manifest["quantizer"]["method"] == f"{method}-checkpoint"
+    assert len(manifest["layers"]) == 4 * 5  # q, k, v, o of 5 blocks
     reference = copy.deepcopy(float_model[0])
     for name, layer in model.named_modules():
         if isinstance(layer, ModuLoRALinear):
-            assert isinstance(layer.base, GPTQPackedWeight)
+            assert isinstance(layer.base, {"gptq": GPTQPackedWeight, "awq": AWQPackedWeight}[method])
             original = reference.get_submodule(name).weight
-            original.data = packed_by_reference(original.detach(), 4)[2]
+            original.data = packed_by_reference(original.detach(), 4, method)[2]
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
