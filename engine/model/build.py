@@ -105,14 +105,24 @@ def release_block(model: PreTrainedModel, index: int) -> None:
     decoder_blocks(model)[index].to("meta")
 
 
-def _recompute_buffers(model: PreTrainedModel, blocks: str) -> None:
-    """Buffers a checkpoint does not hold (rotary frequency tables) made again from the config."""
+def _recompute_buffers(model: PreTrainedModel, blocks: str | None = None) -> None:
+    """Buffers a checkpoint does not hold, made again (outside the decoder blocks ``blocks``): rotary frequency
+    tables from the config, and a scaled embedding's scale from the number it keeps beside it (Gemma's
+    ``scalar_embed_scale``)."""
     for name, module in list(model.named_modules()):
-        if name.startswith(f"{blocks}.") or not any(b.is_meta for b in module.buffers(recurse=False)):
+        inside = blocks is not None and name.startswith(f"{blocks}.")
+        if inside or isinstance(module, QuantizedWeight) or not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue  # a packed weight's buffers may be placeholders of a streamed block
+        if "rotary" in type(module).__name__.lower():
+            replace_module(model, name, type(module)(config=model.config))
             continue
-        if "rotary" not in type(module).__name__.lower():
-            raise EngineError(f"{name}: cannot materialise its buffers ({type(module).__name__})")
-        replace_module(model, name, type(module)(config=model.config))
+        for key, buffer in list(module._buffers.items()):
+            if buffer is None or not buffer.is_meta:
+                continue
+            value = getattr(module, f"scalar_{key}", None)
+            if value is None:
+                raise EngineError(f"{name}: cannot materialise its buffer {key} ({type(module).__name__})")
+            module._buffers[key] = torch.tensor(value, dtype=buffer.dtype)
 
 
 def _check_materialised(module: nn.Module, source: CheckpointSource, prefix: str = "",
@@ -133,14 +143,12 @@ def load_resident(source: CheckpointSource, dtype: torch.dtype | None = None) ->
 
 def check_materialised(model: nn.Module, path: Path, leave: set[str]) -> None:
     """Every tensor of a model built on ``meta`` was read from ``path`` (packed weights, and the names in
-    ``leave``, may stay placeholders); rotary tables, which checkpoints do not hold, are made afresh."""
+    ``leave``, may stay placeholders); the buffers checkpoints do not hold are made afresh."""
+    _recompute_buffers(model)
     for module_name, module in model.named_modules():
         if isinstance(module, QuantizedWeight):
             continue
         for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
             name = f"{module_name}.{key}" if module_name else key
-            if tensor is not None and tensor.is_meta and name not in leave and "rotary" not in module_name:
+            if tensor is not None and tensor.is_meta and name not in leave:
                 raise EngineError(f"{path}: no tensor {name} for the model of config.json")
-    for name, module in list(model.named_modules()):
-        if "rotary" in type(module).__name__.lower() and any(b.is_meta for b in module.buffers(recurse=False)):
-            replace_module(model, name, type(module)(config=model.config))
