@@ -30,6 +30,14 @@ def disk(tmp_path) -> Path:
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory) -> Path:
+    """The shared model, RTN 4-bit, on the ordinary disk."""
+    q = tmp_path_factory.mktemp("q4") / "q"
+    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 4, "--out", q) == 0
+    return q
+
+
 def fill(disk: Path, leave: int) -> Path:
     """Take all of the disk's free space but ``leave`` bytes."""
     filler = disk / "filler"
@@ -67,9 +75,8 @@ def test_quantize_overwrite_on_a_full_disk_keeps_the_old_directory(disk, capsys)
     assert modulora("eval", q, "--data", VALID_TXT, "--limit", 2, "--seq-len", 64) == 0  # seal and checksums hold
 
 
-def test_finetune_on_a_full_disk_resumes_to_the_uninterrupted_adapter(disk, tmp_path, capsys):
-    q = tmp_path / "q"
-    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 4, "--out", q) == 0
+def test_finetune_on_a_full_disk_resumes_to_the_uninterrupted_adapter(disk, q4, tmp_path, capsys):
+    q = q4
     whole = tmp_path / "whole"
     assert modulora("finetune", q, *FINETUNE, "--steps", 4, "--out", whole) == 0
     run = disk / "run"
@@ -85,11 +92,9 @@ def test_finetune_on_a_full_disk_resumes_to_the_uninterrupted_adapter(disk, tmp_
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
 
 
-def test_export_overwrite_on_a_full_disk_keeps_the_old_export(disk, tmp_path, capsys):
-    q = tmp_path / "q"
-    assert modulora("quantize", GGUF_MODEL, "--method", "rtn", "--bits", 4, "--out", q) == 0
+def test_export_overwrite_on_a_full_disk_keeps_the_old_export(disk, q4, tmp_path, capsys):
     run = tmp_path / "run"
-    assert modulora("finetune", q, *FINETUNE, "--steps", 1, "--out", run) == 0
+    assert modulora("finetune", q4, *FINETUNE, "--steps", 1, "--out", run) == 0
     out = disk / "export"
     assert modulora("export", run, "--merged", "--dtype", "float32", "--out", out) == 0
     kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
