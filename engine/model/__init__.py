@@ -22,7 +22,7 @@ from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
 from engine.model.placing import compute_device, place
 from engine.model.quantize import (
-    decoder_blocks, linear_weight, quantize_model, replace_module, swap_linear, target_linear_names, vocab_table_names,
+    decoder_blocks, linear_share, linear_weight, quantize_model, replace_module, swap_linear, target_linear_names, vocab_table_names,
 )
 from engine.model.sequential import BlockLifecycle, CalibrationShard, ShardRunner, Wrap, sum_in_order
 from engine.model.source import CheckpointSource, GGUFSource, SafetensorsSource, open_source
@@ -60,6 +60,7 @@ __all__ = [
     "add_lora",
     "collect_stats",
     "decoder_blocks",
+    "linear_share",
     "linear_weight",
     "swap_linear",
     "is_quantized_dir",

@@ -71,6 +71,15 @@ def target_linear_names(model: nn.Module, include: str | None = None) -> list[st
     return names
 
 
+def linear_share(model: nn.Module) -> float:
+    """The share of the first decoder block's matrix weights (2-D and up) held by its linear layers: the part the
+    engine packs and adapts (below 1 for mixture-of-experts models, whose experts are 3-D tensors)."""
+    block = decoder_blocks(model)[0]
+    linears = {id(m.weight) for m in block.modules() if isinstance(m, LINEAR_TYPES)}
+    matrices = [p for p in block.parameters() if p.dim() >= 2]
+    return sum(p.numel() for p in matrices if id(p) in linears) / max(1, sum(p.numel() for p in matrices))
+
+
 def vocab_table_names(model: nn.Module) -> dict[str, str]:
     """The vocabulary-sized tables that can live on disk, by role: the input embeddings' and a bias-free linear
     output head's parameter names; neither when the two are tied (one tensor, which both uses need)."""

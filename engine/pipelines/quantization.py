@@ -30,6 +30,7 @@ from engine.model import (
     blocks_prefix,
     check_context,
     decoder_blocks,
+    linear_share,
     load_block,
     load_gguf_quantized,
     load_outside_blocks,
@@ -52,6 +53,7 @@ from engine.storage import sha256_file
 
 
 log = logging.getLogger(__name__)
+MOSTLY_LINEAR = 0.95  # below this share of the block weights in linear layers, say what stays float
 
 
 @holding_outputs(lambda spec: (spec.out,), lambda spec: (spec.model, spec.calib and spec.calib.file))
@@ -70,6 +72,9 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
     if spec.calib is not None:
         check_context(source.config, spec.calib.seq_len, "--calib-seq-len")
     model = meta_model(source.config)
+    if (share := linear_share(model)) < MOSTLY_LINEAR:
+        log.warning("%s: its linear layers hold %.0f%% of each decoder block's weights; the rest (3-D expert "
+                    "tensors) stays float and is not adapted by LoRA", spec.model, 100 * share)
     writer = QuantizedWriter(spec.out, source.config, source.tokenizer())
     info: dict[str, Any] = {"source_model": _source(spec.model), "quantizer": quantizer.describe()}
     start = time.perf_counter()
