@@ -158,3 +158,13 @@ def test_finetune_and_evaluate_on_a_hub_checkpoint(hub_checkpoint, tmp_path):
     assert modulora("finetune", hub_checkpoint, "--data", TRAIN_TXT, "--limit", 8, "--seq-len", 64, "--steps", 2,
                     "--batch-size", 4, "--rank", 4, "--save-every", 0, "--out", tmp_path / "run") == 0
     assert modulora("eval", tmp_path / "run", "--data", VALID_TXT, "--limit", 2, "--seq-len", 64) == 0
+    assert modulora("export", tmp_path / "run", "--merged", "--out", tmp_path / "export") == 0
+    from transformers import AutoModelForCausalLM
+
+    from engine.pipelines.loading import load_with_adapter
+
+    ours, _, _ = load_with_adapter(tmp_path / "run")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged").eval()
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
