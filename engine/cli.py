@@ -153,7 +153,8 @@ def export(run_dir: str, **given: Any) -> None:
 
     spec = spec_from(ExportSpec, given, run=run_dir)
     result = run_export(spec)
-    click.echo(f"{spec.out}: adapter rank {result['rank']}" + (", merged model" if spec.merged else ""))
+    click.echo(f"{spec.out}: adapter rank {result['rank']}" + (", merged model" if spec.merged else "")
+               + (", GPTQ base" if spec.gptq else ""))
 
 
 @cli.command(name="plan")

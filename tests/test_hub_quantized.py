@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TRAIN_TXT, VALID_TXT, modulora
+from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT, modulora
 from engine.lora import ModuLoRALinear
 from engine.model import load_model, target_linear_names
 from engine.quant import AWQPackedWeight, GPTQPackedWeight
@@ -168,3 +168,36 @@ def test_finetune_and_evaluate_on_a_hub_checkpoint(hub_checkpoint, tmp_path):
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_export_in_the_gptq_layout_is_read_by_the_reference_and_our_loader(tmp_path):
+    """``export --gptq``: each packable layer's tensors, given to AutoGPTQ's QuantLinear, unpack to our weight bit
+    for bit (RTN, sequential groups; the reference ignores g_idx), and an act-order OPTQ export loads back (hub
+    path, g_idx) with every packed weight equal to the quantized directory's."""
+    from engine.quant import GroupQuantizedWeight
+
+    calib = ("--calib", TRAIN_TXT, "--calib-windows", 8, "--calib-seq-len", 64)
+    for method, options in (("rtn", ()), ("optq", ("--act-order", *calib))):
+        q = tmp_path / method
+        assert modulora("quantize", GGUF_MODEL, "--method", method, "--bits", 4, "--group-size", GROUP, *options,
+                        "--out", q) == 0
+        assert modulora("finetune", q, "--data", TRAIN_TXT, "--limit", 4, "--seq-len", 64, "--steps", 1,
+                        "--batch-size", 4, "--rank", 4, "--save-every", 0, "--out", tmp_path / f"run-{method}") == 0
+        assert modulora("export", tmp_path / f"run-{method}", "--gptq", "--out", tmp_path / f"export-{method}") == 0
+        ours, _, _ = load_model(q)
+        exported, _, manifest = load_model(tmp_path / f"export-{method}" / "gptq")
+        assert manifest["quantizer"]["method"] == "gptq-checkpoint" and len(manifest["layers"]) == 4 * 5  # q,k,v,o
+        for name, layer in ours.named_modules():
+            if not isinstance(layer, ModuLoRALinear):
+                continue
+            assert isinstance(layer.base, GroupQuantizedWeight)
+            got = exported.get_submodule(name)
+            if name not in manifest["layers"]:  # 172-wide MLP: dequantized, float16
+                assert torch.equal(got.weight, layer.base.dequantize(torch.float32).half())
+                continue
+            assert torch.equal(got.base.dequantize(torch.float32), layer.base.dequantize(torch.float32))
+            if method == "rtn":
+                reference = reference_quant_linear()(4, GROUP, layer.in_features, layer.out_features, False)
+                for key in ("qweight", "qzeros", "scales", "g_idx"):
+                    setattr(reference, key, getattr(got.base, key))
+                assert torch.equal(reference_dense(reference), layer.base.dequantize(torch.float16))

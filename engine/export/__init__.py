@@ -1,6 +1,7 @@
 """Ship what was trained: PEFT-format adapters and merged float models."""
 
+from engine.export.gptq_layout import save_gptq
 from engine.export.merge import merged_float_model, save_merged
 from engine.export.peft_format import attach_adapter, is_adapter_dir, read_adapter, save_adapter
 
-__all__ = ["attach_adapter", "is_adapter_dir", "merged_float_model", "read_adapter", "save_adapter", "save_merged"]
+__all__ = ["attach_adapter", "is_adapter_dir", "merged_float_model", "read_adapter", "save_adapter", "save_gptq", "save_merged"]

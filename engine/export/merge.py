@@ -12,6 +12,7 @@ import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,21 +52,24 @@ def _merged_linear(layer: ModuLoRALinear, dtype: torch.dtype) -> nn.Module:
     return linear
 
 
+LayerTensors = Callable[[ModuLoRALinear], dict[str, torch.Tensor]]  # a layer's tensors in a checkpoint, by key
+
+
 @torch.no_grad()
-def _merged_block(model: nn.Module, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Block ``index``'s tensors as the float model has them (full names), each ModuLoRA layer merged."""
+def _block_tensors(model: nn.Module, index: int, dtype: torch.dtype, layer_tensors: LayerTensors) -> dict[str, torch.Tensor]:
+    """Block ``index``'s tensors by full name: each ModuLoRA layer's from ``layer_tensors``, the rest in ``dtype``."""
     prefix = f"{blocks_prefix(model)}.{index}."
     block = decoder_blocks(model)[index]
     tensors: dict[str, torch.Tensor] = {}
-    merged = {name: _merged_linear(m, dtype) for name, m in block.named_modules() if isinstance(m, ModuLoRALinear)}
+    layers = {name: m for name, m in block.named_modules() if isinstance(m, ModuLoRALinear)}
     for name, module in block.named_modules():
-        if isinstance(module, ModuLoRALinear) or any(name.startswith(f"{m}.") for m in merged):
+        if name in layers or any(name.startswith(f"{m}.") for m in layers):
             continue
         for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is not None and key not in module._non_persistent_buffers_set:
                 tensors[f"{prefix}{name}.{key}" if name else f"{prefix}{key}"] = _cast(tensor, dtype)
-    for name, linear in merged.items():
-        tensors.update({f"{prefix}{name}.{key}": value for key, value in linear.state_dict().items()})
+    for name, layer in layers.items():
+        tensors.update({f"{prefix}{name}.{key}": value for key, value in layer_tensors(layer).items()})
     return tensors
 
 
@@ -85,6 +89,25 @@ def save_merged(
 ) -> None:
     """The merged float model in ``dtype`` as sharded safetensors with an index, config and tokenizer, atomically;
     each block is dequantized and merged on ``device`` and written from the host."""
+    save_checkpoint(model, tokenizer, out_dir, lambda layer: _merged_linear(layer, dtype).state_dict(), dtype, blocks,
+                    extra, device)
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    layer_tensors: LayerTensors,
+    dtype: torch.dtype,
+    blocks: BlockLifecycle | None = None,
+    extra: Callable[[], dict[str, torch.Tensor]] | None = None,
+    device: torch.device | str = "cpu",
+    quantization_config: dict[str, Any] | None = None,
+) -> None:
+    """``model`` in the Hugging Face layout, atomically: one safetensors shard per decoder block (each ModuLoRA
+    layer's tensors from ``layer_tensors``, computed on ``device``; the block brought in and released by
+    ``blocks``), one of everything else in ``dtype`` (tensors a streamed model left on disk from ``extra``), the
+    index, the config (with ``quantization_config`` if given) and the tokenizer."""
     blocks = blocks or BlockLifecycle()
     staging = staging_dir(out_dir)
     try:
@@ -94,7 +117,7 @@ def save_merged(
         for index in range(n_blocks):
             blocks.load(index)
             place(decoder_blocks(model)[index], device)
-            tensors = _merged_block(model, index, dtype)
+            tensors = _block_tensors(model, index, dtype, layer_tensors)
             blocks.done(index)
             total += _write_shard(staging, f"model-{index + 1:05d}-of-{n_blocks + 1:05d}.safetensors", tensors,
                                   weight_map)
@@ -109,9 +132,10 @@ def save_merged(
         atomic_write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         config = copy.deepcopy(model.config)
         config.torch_dtype = str(dtype).removeprefix("torch.")
-        for key in ("quantization_config",):
-            if hasattr(config, key):
-                delattr(config, key)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         commit_dir(staging, out_dir)

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from engine.export import attach_adapter, read_adapter, save_adapter, save_merged
+from engine.errors import EngineError
+from engine.export import attach_adapter, read_adapter, save_adapter, save_gptq, save_merged
 from engine.model import (
     OUTSIDE, BlockLifecycle, is_quantized_dir, load_block_weights, load_model, read_manifest, release_block_weights,
     set_active_rank, vocab_table_names,
@@ -24,24 +25,28 @@ from engine.storage import read_tensors
 
 @holding_outputs(lambda spec: (spec.out,), lambda spec: (spec.run,))
 def export(spec: ExportSpec) -> dict[str, Any]:
-    """``OUT/adapter`` and, with ``merged``, ``OUT/merged``; returns what was written."""
+    """``OUT/adapter``, with ``merged`` ``OUT/merged``, with ``gptq`` ``OUT/gptq``; returns what was written."""
     check_replaceable(spec.out, spec.overwrite)
     device = resolve_device(spec.device)
     adapter = Path(spec.run) / ADAPTER_DIR
     config, _ = read_adapter(adapter)
     base = config["base_model_name_or_path"]
-    stream = spec.merged and is_quantized_dir(base) and read_manifest(base)["format_version"] == 2
+    if spec.gptq and not is_quantized_dir(base):
+        raise EngineError(f"--gptq writes a quantized directory's base in the GPTQ layout; {base} is not one")
+    stream = (spec.merged or spec.gptq) and is_quantized_dir(base) and read_manifest(base)["format_version"] == 2
     model, tokenizer, manifest = load_model(base, stream=stream)
     attach_adapter(model, adapter, device=ADAPTER_INIT_DEVICE, base_manifest=manifest)
     save_adapter(model, Path(spec.out) / "adapter", base, spec.rank)
+    blocks, extra = None, None
+    if stream:  # the blocks' packed weights read one block at a time, the vocabulary tables from the outside file
+        blocks = BlockLifecycle(lambda i: load_block_weights(model, base, i), lambda i: release_block_weights(model, i))
+        extra = lambda: _tables(model, Path(base))  # noqa: E731
+    if spec.gptq:
+        save_gptq(model, tokenizer, Path(spec.out) / "gptq", blocks, extra)
     if spec.merged:
         set_active_rank(model, spec.rank)
-        blocks, extra = None, None
-        if stream:
-            blocks = BlockLifecycle(lambda i: load_block_weights(model, base, i), lambda i: release_block_weights(model, i))
-            extra = lambda: _tables(model, Path(base))  # noqa: E731
         save_merged(model, tokenizer, Path(spec.out) / "merged", COMPUTE_DTYPES[spec.dtype], blocks, extra, device)
-    return {"rank": spec.rank or config["r"], "base": base, "merged": spec.merged}
+    return {"rank": spec.rank or config["r"], "base": base, "merged": spec.merged, "gptq": spec.gptq}
 
 
 def _tables(model: Any, base: Path) -> dict[str, torch.Tensor]:

@@ -209,6 +209,8 @@ class ExportSpec(Spec):
     out: str = setting(kind="path", help="Output directory.")
     rank: int | None = setting(None, "int", "Cut a dynamic-rank adapter to this rank.", minimum=1, optional=True)
     merged: bool = setting(False, "bool", "Also write a merged float model (transformers format) to OUT/merged.")
+    gptq: bool = setting(False, "bool", "Also write the quantized base (rtn, optq) in the hub GPTQ layout to OUT/gptq, "
+                         "for GPTQ kernels to serve with OUT/adapter.")
     overwrite: bool = setting(False, "bool", "Replace an output folder that holds something.")
     dtype: str = setting("float32", "str", "Float dtype of the merged model.", choices=tuple(COMPUTE_DTYPES))
     device: str = device_setting()

@@ -174,3 +174,10 @@ class GroupQuantizedWeight(QuantizedWeight):
 def unpacked_codes(weight: GroupQuantizedWeight) -> torch.Tensor:
     """All codes of a weight as ``uint8`` ``[out, in]`` in storage order (for tests and tools)."""
     return unpack(weight.codes, weight.bits, weight.in_features)
+
+
+def zero_points(weight: GroupQuantizedWeight) -> torch.Tensor:
+    """Every group's zero point ``[out, n_groups]`` (the grid's middle where the weight is symmetric)."""
+    if weight.symmetric:
+        return torch.full((weight.out_features, weight.n_groups), 1 << (weight.bits - 1), dtype=torch.uint8)
+    return weight._zero_points(slice(None), 0, weight.n_groups)

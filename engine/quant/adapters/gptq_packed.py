@@ -52,6 +52,24 @@ def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (codes & mask).reshape(-1, words.shape[1])[:n]
 
 
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[n, m]`` (``n`` a multiple of 32) as int32 words ``[n * bits / 32, m]``: :func:`unpack_rows`'
+    inverse."""
+    n, m = codes.shape
+    if n % WORD:
+        raise EngineError(f"GPTQ packing needs a multiple of {WORD} rows, got {n}")
+    c = codes.to(torch.int64).view(n // WORD, WORD, m)  # 32 codes fill `bits` words
+    words = torch.zeros(n // WORD, bits, m, dtype=torch.int64, device=codes.device)
+    for k in range(WORD):
+        bit = k * bits
+        word, shift = bit // WORD, bit % WORD
+        words[:, word] |= (c[:, k] << shift) & 0xFFFFFFFF
+        if shift + bits > WORD:  # the code's high bits start the next word
+            words[:, word + 1] |= c[:, k] >> (WORD - shift)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # as signed int32
+    return words.view(-1, m).to(torch.int32)
+
+
 @register_format
 class GPTQPackedWeight(QuantizedWeight):
     """A hub GPTQ layer's tensors behind the QuantizedWeight interface (see the module docstring)."""
