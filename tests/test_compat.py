@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 @pytest.mark.slow  # each architecture: three quantizations, a finetune and an export on the command line
-@pytest.mark.parametrize("arch", ["gemma2", "falcon"])  # a scaled-embedding buffer; fused QKV with a new layout
+@pytest.mark.parametrize("arch", ["gemma2", "falcon", "gpt_neox"])  # scaled embeddings; fused QKV; a renamed head
 def test_architecture_goes_through_every_command(arch, tmp_path):
     from compat import check
 

@@ -12,6 +12,7 @@ the process's RSS), so a tensor costs its own bytes, nothing more.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -71,7 +72,9 @@ class SafetensorsSource(CheckpointSource):
             weight_map = {name: SINGLE_FILE for name in self._keys(directory / SINGLE_FILE)}
         else:
             raise EngineError(f"{directory}: no {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints are read)")
-        self.weight_map: dict[str, str] = weight_map
+        renames, self.converted = _renamings(self.config)
+        self.stored = {_renamed(key, renames): key for key in weight_map}  # model name -> name in the checkpoint
+        self.weight_map: dict[str, str] = {name: weight_map[key] for name, key in self.stored.items()}
         self._headers: dict[str, tuple[dict[str, Any], int]] = {}
 
     @staticmethod
@@ -87,17 +90,44 @@ class SafetensorsSource(CheckpointSource):
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
-            raise EngineError(f"{self.path}: the checkpoint has no tensor {name!r}")
+            merged = (f" (transformers builds {', '.join(self.converted)} from several stored tensors when it loads "
+                      "this model; the engine does not read such checkpoints yet)") if self.converted else ""
+            raise EngineError(f"{self.path}: the checkpoint has no tensor {name!r}{merged}")
         path = self.path / self.weight_map[name]
         if path.name not in self._headers:
             self._headers[path.name] = _header(path)
+        key = self.stored[name]
         try:
-            return read_tensors(path, [name], self._headers[path.name])[name]
+            return read_tensors(path, [key], self._headers[path.name])[key]
         except OSError as exc:
             raise EngineError(f"{path}: unreadable ({exc})") from None
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(self.path))
+
+
+def _renamings(config: PretrainedConfig) -> tuple[list[tuple[re.Pattern[str], str]], list[str]]:
+    """transformers' checkpoint key renamings for this model (GPT-NeoX's ``embed_out`` is the model's ``lm_head``),
+    and the targets of the conversions that are more than a renaming (experts stacked from per-expert tensors)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    found = None
+    for key in [*(getattr(config, "architectures", None) or []), config.model_type]:
+        found = found or get_checkpoint_conversion_mapping(key)
+    renames, converted = [], []
+    for transform in found or []:
+        simple = type(transform).__name__ == "WeightRenaming" and len(transform.source_patterns) == 1
+        if simple:
+            renames.append((re.compile(transform.source_patterns[0]), transform.target_patterns[0]))
+        else:
+            converted += transform.target_patterns
+    return renames, converted
+
+
+def _renamed(key: str, renames: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, target in renames:
+        key = pattern.sub(target, key)
+    return key
 
 
 class GGUFSource(CheckpointSource):
