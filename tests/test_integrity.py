@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT, modulora
+from engine.errors import EngineError
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,31 @@ def test_an_adapter_on_a_replaced_base_is_refused(kept, tmp_path, capsys):
     capsys.readouterr()
     assert evaluate(run) == 2
     assert "trained on another model than the one now at" in one_error_line(capsys)
+
+
+def test_a_directory_is_hashed_once_per_process_until_a_file_changes(kept, tmp_path, monkeypatch, capsys):
+    """Reading a quantized directory's manifest again (a command does it several times) hashes nothing new; a file
+    rewritten since is hashed again and, altered, refused."""
+    import time
+
+    import engine.storage as storage
+    from engine.model import read_manifest
+
+    q = tmp_path / "q4"
+    shutil.copytree(kept / "q4", q)
+    hashed: list[Path] = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda path, *a: hashed.append(Path(path)) or real(path, *a))
+    files = read_manifest(q)["files"]
+    assert sorted(p.name for p in hashed) == sorted(Path(n).name for n in files)
+    hashed.clear()
+    read_manifest(q)
+    assert hashed == []
+    time.sleep(0.05)  # past the file system's timestamp tick
+    block = q / "blocks" / "block_00000.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-1] ^= 1
+    block.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="block_00000.safetensors: checksum mismatch"):
+        read_manifest(q)
+    assert hashed == [block]
