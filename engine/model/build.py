@@ -129,8 +129,7 @@ def _check_materialised(module: nn.Module, source: CheckpointSource, prefix: str
                         skip: tuple[str, ...] = ()) -> None:
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_meta and not f"{prefix}{name}".startswith(skip):
-            source.read(f"{prefix}{name}")  # not there: its one-line error says why
-            raise EngineError(f"{source.path}: the checkpoint has no tensor {prefix}{name}")
+            raise source.missing(f"{prefix}{name}")
 
 
 def load_resident(source: CheckpointSource, dtype: torch.dtype | None = None) -> PreTrainedModel:

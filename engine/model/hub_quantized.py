@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
-from engine.model.build import check_materialised, meta_model
+from engine.model.build import check_materialised, materialize, meta_model
 from engine.model.quantize import in_features_of, linear_weight, swap_linear, target_linear_names
 from engine.model.source import SafetensorsSource
 from engine.model.state import model_size, quantized_layers
@@ -87,7 +87,6 @@ def load_hub_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
     packed = [n for n in target_linear_names(model) if f"{n}.qweight" in source]
     if not packed:
         raise EngineError(f"{path}: a {settings['quant_method']} config, but no decoder linear has a qweight tensor")
-    read: set[str] = set()
     for name in packed:
         tensors = {key: source.read(f"{name}.{key}") for key in PACKED if f"{name}.{key}" in source}
         qweight = packed_weight(tensors)
@@ -97,10 +96,7 @@ def load_hub_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
             raise EngineError(f"{path}: {name} is {tuple(qweight.shape)} in the file, {want} in its config")
         bias = source.read(f"{name}.bias") if f"{name}.bias" in source else None
         swap_linear(model, name, ModuLoRALinear(qweight, bias))
-        read |= {f"{name}.{key}" for key in (*tensors, "bias")}
-    state = model.state_dict(keep_vars=True)
-    model.load_state_dict({n: source.read(n) for n in source.names() if n not in read and n in state},
-                          strict=False, assign=True)
+    materialize(model, "", source)  # everything still on meta: embeddings, norms, head, the float linears
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     check_materialised(model, path, set())

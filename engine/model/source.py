@@ -46,6 +46,10 @@ class CheckpointSource(ABC):
     @abstractmethod
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
+    def missing(self, name: str) -> EngineError:
+        """The one-line error for a tensor the model needs and the checkpoint does not hold."""
+        return EngineError(f"{self.path}: the checkpoint has no tensor {name!r}")
+
     def __contains__(self, name: str) -> bool:
         return name in self._name_set
 
@@ -90,9 +94,7 @@ class SafetensorsSource(CheckpointSource):
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
-            merged = (f" (transformers builds {', '.join(self.converted)} from several stored tensors when it loads "
-                      "this model; the engine does not read such checkpoints yet)") if self.converted else ""
-            raise EngineError(f"{self.path}: the checkpoint has no tensor {name!r}{merged}")
+            raise self.missing(name)
         path = self.path / self.weight_map[name]
         if path.name not in self._headers:
             self._headers[path.name] = _header(path)
@@ -104,6 +106,13 @@ class SafetensorsSource(CheckpointSource):
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(self.path))
+
+    def missing(self, name: str) -> EngineError:
+        if not self.converted:
+            return super().missing(name)
+        return EngineError(f"{self.path}: the checkpoint has no tensor {name!r} (transformers builds "
+                           f"{', '.join(self.converted)} from several stored tensors when it loads this model; the "
+                           "engine does not read such checkpoints yet)")
 
 
 def _renamings(config: PretrainedConfig) -> tuple[list[tuple[re.Pattern[str], str]], list[str]]:
