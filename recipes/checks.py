@@ -115,8 +115,13 @@ def _check_cluster(recipe: Recipe) -> None:
     if c["calibrate_workers"] is not None and (q is None or q["calib"] is None):
         raise EngineError("cluster.calibrate_workers: calibration runs on Ray only for a calibrated "
                           "quantize method (optq, quip) with quantize.calib")
+    if c["train_workers"] is not None and recipe.get("finetune") is None and recipe.get("correct") is None:
+        raise EngineError("cluster.train_workers: spreads the finetune and correct stages over Ray Train workers; "
+                          "the recipe has neither")
     if recipe.sweep is None:
         return
+    if c["train_workers"] is not None:
+        raise EngineError("cluster.train_workers: a sweep runs one process per trial; remove one of the two")
     if q is None or recipe.get("finetune") is None:
         raise EngineError("cluster.sweep: a sweep quantizes and finetunes each grid point; "
                           "it needs quantize and finetune sections")

@@ -113,8 +113,10 @@ def _top_keys(base: Path) -> Keys:
             **keys_of(QuantizeSpec, base, skip=("model", "out", "overwrite", "options", "device")),
             **{name: (option.check, None) for name, option in all_options().items()},
         }), None),
-        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", *RUN_FLAGS, "device"))), None),
-        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", *RUN_FLAGS, "device"))), None),
+        "correct": (mapping(keys_of(CorrectSpec, base, skip=("model", "out", "parallel", *RUN_FLAGS, "device"))),
+                    None),
+        "finetune": (mapping(keys_of(FinetuneSpec, base, skip=("model", "out", "offload", "parallel", *RUN_FLAGS,
+                                                                "device"))), None),
         "evaluate": (mapping({
             "models": (listof(choice(tuple(PRODUCTS))), None),
             "tasks": (listof(mapping({**data, **keys_of(TaskSpec, base, skip=("data",))})), REQUIRED),
@@ -125,6 +127,7 @@ def _top_keys(base: Path) -> Keys:
         "cluster": (mapping({
             "address": (string, None),
             "calibrate_workers": (Option("int", minimum=1).check, None),
+            "train_workers": (Option("int", minimum=1).check, None),
             "threads": (Option("int", minimum=1).check, 1),
             "sweep": (mapping({
                 "grid": (mapping(keys_of(GridSpec, base)), {}),

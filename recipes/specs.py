@@ -22,8 +22,9 @@ T = TypeVar("T")
 # Where each stage's spec settings sit in a recipe: (spec path prefix, recipe key prefix), first match wins.
 KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     "quantize": (("model", "model.path"), ("", "quantize.")),
-    "correct": (("model", "correct"), ("", "correct.")),
-    "finetune": (("model", "model.path"), ("offload.", "offload."), ("", "finetune.")),
+    "correct": (("model", "correct"), ("parallel.workers", "cluster.train_workers"), ("", "correct.")),
+    "finetune": (("model", "model.path"), ("offload.", "offload."), ("parallel.workers", "cluster.train_workers"),
+                 ("", "finetune.")),
     "evaluate": (("data.", "evaluate.tasks[{task}]."), ("", "evaluate.tasks[{task}].")),
     "export": (("", "export."),),
     "hardware": (("", "hardware."),),
@@ -63,14 +64,24 @@ def quantize_spec(recipe: Recipe, out: Path) -> QuantizeSpec:
     return made("quantize", lambda: build(QuantizeSpec, settings))
 
 
+def parallel_of(recipe: Recipe) -> dict[str, Any]:
+    """The training stages' worker group: ``cluster.train_workers`` Ray Train workers of ``cluster.threads`` CPUs
+    each, on ``cluster.address`` (none: this process alone)."""
+    cluster = recipe.get("cluster") or {}
+    if not cluster.get("train_workers"):
+        return {}
+    return {"parallel": {"workers": cluster["train_workers"], "threads": cluster["threads"],
+                         "address": cluster.get("address")}}
+
+
 def correct_spec(recipe: Recipe, model: str, out: Path, resume: bool) -> CorrectSpec:
     return made("correct", lambda: build(CorrectSpec, {**recipe.get("correct"), "model": model, "out": str(out),
-                                                       "resume": resume, **device_of(recipe)}))
+                                                       "resume": resume, **device_of(recipe), **parallel_of(recipe)}))
 
 
 def finetune_spec(recipe: Recipe, model: str, out: Path, resume: bool) -> FinetuneSpec:
     settings = {**recipe.get("finetune"), "model": model, "out": str(out), "resume": resume,
-                "offload": recipe.get("offload") or {}, **device_of(recipe)}
+                "offload": recipe.get("offload") or {}, **device_of(recipe), **parallel_of(recipe)}
     return made("finetune", lambda: build(FinetuneSpec, settings))
 
 

@@ -286,3 +286,21 @@ def test_cli_plan_bad_input_is_one_line_exit_2(capsys, change, needle):
 
 if __name__ == "__main__":
     print(json.dumps(measure_step(json.loads(sys.argv[1]))))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_data_parallel_workers_each_plan_their_share_and_the_node_holds_them_all(device, capsys):
+    """``--train-workers 2 --batch 8``: each worker is a one-process run of batch 4 on a device of its own; the
+    node's host memory (on a CPU, the one memory) holds both."""
+    machine = ["plan", "--model", "llama-7b", "--bits", "4", "--device", device, "--host-mem", "64GiB", "--json",
+               *(["--device-mem", "24GiB"] if device == "cuda" else [])]
+    plans = []
+    for extra in (["--batch", "4"], ["--batch", "8", "--train-workers", "2"]):
+        code, out, err = modulora_in_process(capsys, *machine, *extra)
+        assert code == 0, err
+        plans.append(json.loads(out))
+    one, two = plans
+    assert two["inputs"]["batch"] == 4 and two["inputs"]["workers"] == 2 and two["parts"] == one["parts"]
+    assert two["host_peak_bytes"] == 2 * one["host_peak_bytes"]
+    assert two["device_peak_bytes"] == (one["device_peak_bytes"] if device == "cuda" else 2 * one["device_peak_bytes"])
+    assert two["time"] == one["time"]

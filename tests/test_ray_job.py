@@ -1,5 +1,6 @@
 """A real Ray head started with ``ray start --head`` on 127.0.0.1, and a recipe submitted to it with
-``ray job submit --working-dir . -- python recipes/run.py RECIPE.yaml``, end to end."""
+``ray job submit --working-dir . -- python recipes/run.py RECIPE.yaml``, end to end; its correct and finetune
+stages run on 2 Ray Train workers (``cluster.train_workers: 2``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ TINY_QUICKSTART = [  # the quickstart recipe at a few seconds per stage
     "quantize.calib.windows=4", "correct.init=zero", "correct.limit=8", "correct.seq_len=64",
     "correct.train.steps=2", "finetune.data.limit=16", "finetune.data.seq_len=64", "finetune.train.steps=2",
     "evaluate.tasks.0.limit=4", "evaluate.tasks.0.seq_len=64", "evaluate.models=[quantized,finetuned]",
+    "cluster.train_workers=2",
 ]
 
 
@@ -76,6 +78,9 @@ def test_ray_job_submit_runs_a_recipe_on_a_local_head(tmp_path):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["finetuned"]["tinystories-valid"]["ranks"]) == {"1", "2", "4", "8"}
     assert (out / "export" / "merged" / "config.json").is_file()
+    for trained in (out / "corrected" / "train", out / "finetuned"):
+        assert json.loads((trained / "report.json").read_text())["workers"] == 2
+        assert (trained / "ray").is_dir()  # Ray Train's copies of the run's checkpoints
 
 
 def test_run_script_works_outside_the_checkout(tmp_path):

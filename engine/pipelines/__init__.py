@@ -27,6 +27,7 @@ from engine.pipelines.specs import (
     HardwareSpec,
     LoraSpec,
     OffloadSpec,
+    ParallelSpec,
     PlanSpec,
     QuantizeSpec,
     TaskSpec,
@@ -35,7 +36,7 @@ from engine.pipelines.specs import (
 
 __all__ = [
     "ADAPTER_DIR", "ALPHA_PER_RANK", "COMPUTE_DTYPES", "GGUF_METHOD", "CalibSpec", "CorrectSpec", "DataSpec", "EvalSpec",
-    "ExportSpec", "FinetuneSpec", "HardwareSpec", "LoraSpec", "OffloadSpec", "PlanSpec", "QuantizeSpec", "TaskSpec",
+    "ExportSpec", "FinetuneSpec", "HardwareSpec", "LoraSpec", "OffloadSpec", "ParallelSpec", "PlanSpec", "QuantizeSpec", "TaskSpec",
     "TrainSpec", "as_params", "command_line", "correct", "evaluate", "export", "finetune", "load_with_adapter", "options", "plan", "plan_inputs", "quantize", "quantize_options", "quantize_spec",
     "spec_from",
 ]

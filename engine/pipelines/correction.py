@@ -10,6 +10,8 @@ stream from ``OUT`` on the disk tier; the KL and cross-entropy run over tiles of
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,16 @@ from engine.offload import stream_checkpoint
 from engine.options import as_plain
 from engine.pipelines.loading import ADAPTER_DIR, ADAPTER_INIT_DEVICE, attach_offload, load_with_adapter, pad_id
 from engine.pipelines.loading import streams_in_place
+from engine.pipelines.launching import run_training
 from engine.pipelines.specs import CorrectSpec
 from engine.placement import resolve_device
 from engine.quant import Quantizer, make_quantizer
 from engine.pipelines.locking import holding_outputs
 from engine.pipelines.runs import RUN_SPEC, check_run_folder, record_run
 from engine.storage import SEAL, atomic_write_json
-from engine.train import Trainer, distillation_loss, loftq_init
+from engine.train import Trainer, WorkerGroup, distillation_loss, loftq_init
 
+REPORT = "report.json"
 MANIFEST_ONLY = ("layers", "aliases", "size", "files", "format_version", SEAL)  # what the writer writes anew
 STATS_BATCH = 8  # calibration windows per forward pass when LoftQ needs the teacher's input statistics
 
@@ -44,7 +48,6 @@ STATS_BATCH = 8  # calibration windows per forward pass when LoftQ needs the tea
 def correct(spec: CorrectSpec) -> dict[str, Any]:
     """Write the corrected model to ``spec.out``; returns the training report."""
     out = Path(spec.out)
-    device = resolve_device(spec.device)
     check_data(spec.calib, FormatSpec("text"))
     if not is_quantized_dir(spec.model):
         raise EngineError(f"{spec.model}: not a quantized model directory (correct needs one)")
@@ -60,13 +63,24 @@ def correct(spec: CorrectSpec) -> dict[str, Any]:
     if not (spec.resume and is_quantized_dir(out)):
         initialise(spec, manifest, source, {**correction})
     record_run(spec, out / "train" / RUN_SPEC)
+    run_training(functools.partial(train_worker, spec, str(teacher_path), correction), spec.parallel, spec.device,
+                 out / "train", spec.train.keep_last)
+    return json.loads((out / "train" / REPORT).read_text())
+
+
+def train_worker(spec: CorrectSpec, teacher_path: str, correction: dict[str, Any], group: WorkerGroup) -> None:
+    """The correction's training on one worker of ``group`` (the only one, in one process): the student streams
+    from ``OUT``, the teacher from its checkpoint; worker 0 writes the adapter and the report."""
+    out = Path(spec.out)
+    device = resolve_device(spec.device)
+    source = open_source(teacher_path)
     student, tokenizer, _ = load_with_adapter(out, stream=streams_in_place(out, spec.offload))
     teacher, teacher_streamer = stream_checkpoint(source, spec.offload.prefetch, device)
-    streamer = attach_offload(student, out, spec.offload, out / "blocks", device)
+    streamer = attach_offload(student, out, spec.offload, out / "blocks", device, group)
     examples = build_examples(spec.calib, FormatSpec("text"), tokenizer, spec.seq_len, spec.limit)
     start = time.perf_counter()
     trainer = Trainer(student, examples, spec.train, out / "train", pad_id(tokenizer), host_optimizer=spec.offload.optimizer,
-                      loss_fn=distillation_loss(teacher, spec.ce_weight), device=device)
+                      loss_fn=distillation_loss(teacher, spec.ce_weight), device=device, group=group)
     try:
         metrics = trainer.train(resume=spec.resume)
     finally:
@@ -74,11 +88,12 @@ def correct(spec: CorrectSpec) -> dict[str, Any]:
             if running is not None:
                 running.close()
     seconds = time.perf_counter() - start
+    if group.rank != 0:
+        return
     save_adapter(student, out / ADAPTER_DIR, str(out.resolve()))
     report = {"spec": as_plain(spec), "final": metrics, "train_seconds": seconds, "size": model_size(student),
-              **correction}
-    atomic_write_json(out / "train" / "report.json", report)
-    return report
+              "workers": group.size, "resumed_from_step": trainer.start_step, **correction}
+    atomic_write_json(out / "train" / REPORT, report)
 
 
 def initialise(spec: CorrectSpec, manifest: dict[str, Any], source: CheckpointSource, correction: dict[str, Any]) -> None:

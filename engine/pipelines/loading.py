@@ -13,6 +13,7 @@ from engine.export import attach_adapter, is_adapter_dir, read_adapter
 from engine.model import is_quantized_dir, load_model, place, read_manifest
 from engine.offload import BlockStreamer, make_store, offload_vocab_tables, stream_from_directory
 from engine.pipelines.specs import OffloadSpec
+from engine.train import ONE_PROCESS, WorkerGroup
 
 ADAPTER_DIR = "adapter"
 # Adapters are made (and read) on the host and then placed: the CPU generator gives the same adapter on any machine.
@@ -49,17 +50,19 @@ def load_with_adapter(
 
 
 def attach_offload(model: PreTrainedModel, source: str | Path, offload: OffloadSpec, blocks_dir: Path,
-                   device: torch.device) -> BlockStreamer | None:
+                   device: torch.device, group: WorkerGroup = ONE_PROCESS) -> BlockStreamer | None:
     """Stream ``model``'s decoder blocks from the tier ``offload`` names (None: resident) to ``device``, and place
     everything else there.  A model loaded with ``stream`` reads its blocks and vocabulary tables from its
     directory in place; otherwise the blocks go to the tier's store (on disk: ``offload.dir`` or ``blocks_dir``,
-    the tables beside them).  The blocks leave the model before it is placed, so they never all reach the
-    device at once."""
+    the tables beside them; each worker of a ``group`` in a folder of its own).  The blocks leave the model
+    before it is placed, so they never all reach the device at once."""
     streamer = None
     if offload.tier is not None and streams_in_place(source, offload):
         streamer = stream_from_directory(model, base_of(source), offload.prefetch, device)
     elif offload.tier is not None:
-        store = make_store(offload.tier, device, directory=offload.dir or blocks_dir)
+        directory = Path(offload.dir or blocks_dir)
+        store = make_store(offload.tier, device, directory=directory / f"worker-{group.rank}" if group.size > 1
+                           else directory)
         streamer = BlockStreamer(model, store, offload.prefetch)
         if offload.tier == "disk":
             offload_vocab_tables(model, store.directory, device)

@@ -23,7 +23,8 @@ def plan_inputs(spec: PlanSpec, shapes: ModelShapes) -> PlanInputs:
     dequant, dequant_source = ((h.dequant_gweights, "given") if h.dequant_gweights is not None
                                else declared_rate(h.device))
     return PlanInputs(
-        shapes, bits=spec.bits, rank=spec.rank, seq_len=spec.seq_len, batch=spec.batch,
+        shapes, bits=spec.bits, rank=spec.rank, seq_len=spec.seq_len, batch=spec.batch // spec.train_workers,
+        workers=spec.train_workers,
         device_mem=h.device_mem if h.device_mem is not None else h.host_mem, host_mem=h.host_mem,
         group_size=spec.group_size, tier=spec.tier, prefetch=spec.prefetch, compute_dtype=spec.dtype,
         optimizer_offload=spec.optimizer_offload, device=h.device, disk_gbps=h.disk_gbps, h2d_gbps=h.h2d_gbps,

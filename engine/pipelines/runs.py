@@ -22,6 +22,7 @@ from engine.storage import atomic_write_json, seal, verify_seal
 RUN_SPEC = "run.json"
 # Settings a resumed run may change: where it runs and writes, how far it goes and how often it saves or evaluates.
 MAY_CHANGE = ("out", "resume", "force", "overwrite", "device", "offload.tier", "offload.dir", "offload.prefetch",
+              "parallel.workers", "parallel.threads", "parallel.address", "parallel.max_failures",
               "train.steps", "train.save_every", "train.keep_last", "train.eval_every", "eval_data", "eval_limit")
 
 

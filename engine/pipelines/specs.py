@@ -111,6 +111,31 @@ class OffloadSpec(Spec):
 
 
 @dataclass(frozen=True)
+class ParallelSpec(Spec):
+    """Data parallelism on Ray Train (recipes: ``cluster.train_workers``, ``cluster.threads``, ``cluster.address``):
+    one worker per GPU, or per CPU slot on a CPU cluster, each taking its share of every global batch."""
+
+    workers: int = setting(1, "int", "Data-parallel workers on Ray Train, one per GPU or CPU slot; --batch-size "
+                           "is the global micro-batch, split among them [1: this process alone].", minimum=1)
+    threads: int = setting(1, "int", "CPU threads per worker (CPU workers).", minimum=1)
+    address: str | None = setting(None, "str", "Ray cluster to run the workers on [a private Ray on 127.0.0.1].",
+                                  optional=True)
+    max_failures: int = setting(3, "int", "Restarts of the worker group from its last checkpoint after a worker "
+                                "or node fails.", minimum=0)
+
+    @property
+    def on_ray(self) -> bool:
+        return self.workers > 1 or self.address is not None
+
+
+def _check_split(train: TrainSpec, parallel: ParallelSpec) -> None:
+    if train.batch_size % parallel.workers:
+        raise SettingError("train.batch_size", f"{train.batch_size} must split evenly among the {{0}} "
+                           f"({parallel.workers}): each takes its share of the global micro-batch",
+                           ("parallel.workers",))
+
+
+@dataclass(frozen=True)
 class FinetuneSpec(Spec):
     """LoRA on a float model, ModuLoRA on a quantized one, or more training of a corrected one."""
 
@@ -123,12 +148,14 @@ class FinetuneSpec(Spec):
     eval_data: str | None = setting(None, "file", "Text file for perplexity during training.", optional=True)
     eval_limit: int = setting(64, "int", "Windows of eval_data evaluated.", minimum=1)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint in the run directory.")
     overwrite: bool = setting(False, "bool", "Start again in a folder that holds a run, deleting it.")
     force: bool = setting(False, "bool", "With --resume: continue although settings differ from the run's.")
     device: str = device_setting()
 
     def validate(self) -> None:
+        _check_split(self.train, self.parallel)
         if self.train.eval_every and self.eval_data is None:
             raise SettingError("train.eval_every", "needs {0}", ("eval_data",))
         if self.offload.optimizer and self.train.optimizer != "cpu_adam":
@@ -155,12 +182,14 @@ class CorrectSpec(Spec):
     seq_len: int = setting(default_of(DataSpec, "seq_len"), "int", "Tokens per window.", minimum=2)
     train: TrainSpec = field(default_factory=TrainSpec)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     resume: bool = setting(False, "bool", "Continue from the newest good checkpoint.")
     overwrite: bool = setting(False, "bool", "Start again in a folder that holds a run, deleting it.")
     force: bool = setting(False, "bool", "With --resume: continue although settings differ from the run's.")
     device: str = device_setting()
 
     def validate(self) -> None:
+        _check_split(self.train, self.parallel)
         if self.offload.optimizer and self.train.optimizer != "cpu_adam":
             raise SettingError("offload.optimizer", "keeping optimizer state on the host needs {0} cpu_adam",
                                ("train.optimizer",))
@@ -325,6 +354,8 @@ class PlanSpec(Spec):
     calib_mode: str = setting(default_of(CalibSpec, "mode"), "str", "Calibration mode (sequential adds GPTAQ's "
                               "float twin).", choices=MODES)
     workers: int = setting(2, "int", "Ray workers (calibrate).", minimum=1)
+    train_workers: int = setting(1, "int", "Data-parallel workers on this node (finetune): each plans for its share "
+                                 "of --batch, one device each; on a CPU all share the one memory.", minimum=1)
     bits: int = setting(_default_quantizer()["bits"], "int", "Bits per weight.", choices=SUPPORTED_BITS)
     group_size: int = setting(_default_quantizer()["group_size"], "int", "Columns per scale; -1 for one per row.",
                               minimum=-1)
@@ -343,6 +374,9 @@ class PlanSpec(Spec):
     def validate(self) -> None:
         if self.group_size == 0:
             raise SettingError("group_size", "expected a positive integer or -1 (one group per row), got 0")
+        if self.batch % self.train_workers:
+            raise SettingError("batch", f"{self.batch} must split evenly among the {{0}} ({self.train_workers})",
+                               ("train_workers",))
 
     @property
     def dtype(self) -> str:

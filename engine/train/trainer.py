@@ -4,6 +4,11 @@ Everything a run depends on is either derived from the step number (learning
 rate, data position) or saved in the checkpoint (adapter, optimizer moments,
 every RNG state), so a run resumed from step ``k`` replays exactly the updates
 of an uninterrupted one.
+
+Spread over a worker group (``engine.train.parallel``), each worker takes its
+slice of the same global micro-batches, in the same order, and its loss is
+weighted by its share of the micro-batch's predicted tokens, so the averaged
+gradient is the one-process run's; worker 0 alone writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +32,11 @@ from engine.errors import EngineError
 from engine.model.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
 from engine.options import as_plain
 from engine.storage import atomic_write_bytes
-from engine.train.checkpoint import latest_good_checkpoint, restore_optimizer, restore_rng, save_checkpoint
-from engine.train.losses import chunked_causal_lm_loss
+from engine.train.checkpoint import (
+    Checkpoint, latest_good_checkpoint, read_checkpoint, restore_optimizer, restore_rng, save_checkpoint,
+)
+from engine.train.losses import IGNORE_INDEX, chunked_causal_lm_loss
+from engine.train.parallel import ONE_PROCESS, LossModule, WorkerGroup, all_sum, data_parallel
 from engine.train.spec import TrainSpec
 
 if TYPE_CHECKING:
@@ -76,18 +85,26 @@ class Trainer:
         loss_fn: LossFn = chunked_causal_lm_loss,
         eval_fn: EvalFn | None = None,
         device: torch.device | str = "cpu",
+        group: WorkerGroup = ONE_PROCESS,
     ) -> None:
         """``rank_max`` (QDyLoRA) samples the active rank from 1..rank_max every step; ``dynamic_frozen``
         then trains only the sampled rank's component.  ``host_optimizer`` keeps the optimizer state in
-        host memory.  Batches are built on the host and moved to ``device``, where the model computes."""
+        host memory.  Batches are built on the host and moved to ``device``, where the model computes.
+        ``group``: the data-parallel workers this one belongs to (``torch.distributed`` set up)."""
         if not examples:
             raise EngineError("no training examples")
+        if config.batch_size % group.size:
+            raise EngineError(f"--batch-size {config.batch_size}: the global micro-batch must split evenly among "
+                              f"{group.size} workers")
         self.model, self.examples, self.config = model, examples, config
         self.out_dir = Path(out_dir)
         self.pad_id, self.loss_fn, self.eval_fn = pad_id, loss_fn, eval_fn
         self.rank_max, self.dynamic_frozen = rank_max, dynamic_frozen
         self.device = torch.device(device)
-        self.params = list(lora_parameters(model).values())
+        self.group = group
+        self.lead = group.rank == 0  # writes the logs, checkpoints and outputs
+        self.trained = lora_parameters(model)
+        self.params = list(self.trained.values())
         if not self.params:
             raise EngineError("model has no LoRA adapters to train")
         if config.optimizer == "cpu_adam" and not host_optimizer and self.device.type != "cpu":
@@ -97,6 +114,7 @@ class Trainer:
         self.generators = {"rank": torch.Generator().manual_seed(config.seed + 1)}
         self.order: torch.Tensor | None = None
         self.epoch = -1
+        self.start_step = 0  # the step this process's train() began at (above 0: resumed)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -110,16 +128,25 @@ class Trainer:
             self.order, self.epoch = torch.randperm(len(self.examples), generator=gen), epoch
         return self.examples[int(self.order[offset])]
 
-    def _batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int]:
-        """Micro-batch ``micro`` of ``step`` on the compute device, and its count of real (unpadded) tokens."""
-        c = self.config
+    def _batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int, float]:
+        """This worker's rows of micro-batch ``micro`` of ``step``, on the compute device; the micro-batch's count
+        of real (unpadded) tokens; and this worker's share of its predicted tokens (1 in one process)."""
+        c, group = self.config, self.group
         first = (step * c.grad_accum + micro) * c.batch_size
         batch = collate([self._example(first + i) for i in range(c.batch_size)], self.pad_id)
         tokens = int(batch["attention_mask"].sum())
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens
+        share = 1.0
+        if group.size > 1:
+            rows = slice(group.rank * c.batch_size // group.size, (group.rank + 1) * c.batch_size // group.size)
+            predicted = batch["labels"][:, 1:] != IGNORE_INDEX
+            share = int(predicted[rows].sum()) / max(int(predicted.sum()), 1)
+            batch = {k: v[rows] for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens, share
 
-    def _resume(self) -> int:
-        checkpoint = latest_good_checkpoint(self.checkpoint_root)
+    def _resume(self, restored: Path | None) -> int:
+        """Restore the newest good checkpoint: the one a restarted worker group was given, else this run's own."""
+        checkpoint: Checkpoint | None = (read_checkpoint(restored) if restored is not None
+                                         else latest_good_checkpoint(self.checkpoint_root))
         if checkpoint is None:
             return 0
         load_adapter_state(self.model, checkpoint.adapter)
@@ -131,28 +158,38 @@ class Trainer:
         return int(checkpoint.state["step"])
 
     def _metrics_log(self, start_step: int) -> tuple[Any, dict[str, float]]:
-        """Open ``metrics.jsonl``, dropping lines past the resume point so the log matches the run; and the last
-        kept step's metrics (what a run resumed at its end reports)."""
+        """Open ``metrics.jsonl`` (worker 0; the others write nowhere), dropping lines past the resume point so
+        the log matches the run; and the last kept step's metrics (what a run resumed at its end reports)."""
         path = self.out_dir / "metrics.jsonl"
         kept = []
         if start_step and path.is_file():
             kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start_step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         last = {k: v for k, v in json.loads(kept[-1]).items() if k != "step"} if kept else {}
+        if not self.lead:
+            return nullcontext(None), last
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         return path.open("a"), last
 
     def train(self, resume: bool = False) -> dict[str, float]:
+        """Run the remaining steps; ``resume`` continues from this run's newest good checkpoint (a restarted worker
+        group resumes from the checkpoint its launcher gives, whatever ``resume`` says)."""
         c = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(c.seed)
         random.seed(c.seed)
-        start = self._resume() if resume else 0
+        with self.group.restored() as restored:
+            start = self._resume(restored) if resume or restored is not None else 0
+        self.start_step = start
         if c.grad_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        writer = _tensorboard(self.out_dir / "tensorboard")
+        self.forward: nn.Module = LossModule(self.model, self.loss_fn)
+        if self.group.size > 1:
+            self.forward = data_parallel(self.forward, self.trained, self.device)
+        writer = _tensorboard(self.out_dir / "tensorboard") if self.lead else None
         log, metrics = self._metrics_log(start)
         with log as jsonl:
-            bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step")
+            bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step",
+                       disable=not self.lead or None)
             for step in bar:
                 t0 = time.perf_counter()
                 metrics = self._step(step)
@@ -161,15 +198,16 @@ class Trainer:
                 done = step + 1
                 if c.eval_every and self.eval_fn and (done % c.eval_every == 0 or done == c.steps):
                     metrics.update({f"eval_{k}": v for k, v in self._evaluate().items()})
-                record = {"step": done, **metrics}
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
-                for key, value in metrics.items():
-                    writer.add_scalar(key, value, done)
+                if self.lead:
+                    jsonl.write(json.dumps({"step": done, **metrics}) + "\n")
+                    jsonl.flush()
+                    for key, value in metrics.items():
+                        writer.add_scalar(key, value, done)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if c.save_every and (done % c.save_every == 0 or done == c.steps):
-                    self._save(done)
-        writer.close()
+                    self.group.report({"step": done, **metrics}, self._save(done) if self.lead else None)
+        if writer is not None:
+            writer.close()
         set_active_rank(self.model, None)
         return metrics
 
@@ -182,11 +220,17 @@ class Trainer:
             set_active_rank(self.model, rank, self.dynamic_frozen)
         total, tokens = 0.0, 0
         for micro in range(c.grad_accum):
-            batch, count = self._batch(step, micro)
-            loss = self.loss_fn(self.model, batch) / c.grad_accum
-            loss.backward()
-            total += loss.item()
+            batch, count, share = self._batch(step, micro)
+            last = micro == c.grad_accum - 1
+            with nullcontext() if last or self.group.size == 1 else self.forward.no_sync():  # all-reduce once
+                loss = self.forward(batch) / c.grad_accum
+                if self.group.size > 1:  # DDP averages over the workers: weigh each by its share of the tokens
+                    loss = loss * (share * self.group.size)
+                loss.backward()
+            total += loss.item() / self.group.size
             tokens += count
+        if self.group.size > 1:
+            (total,) = all_sum([total], self.device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             raise EngineError(f"step {step + 1}: non-finite loss ({total}) or gradient norm ({grad_norm}); "
@@ -208,9 +252,9 @@ class Trainer:
         with torch.no_grad():
             return self.eval_fn(self.model)
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> Path:
         state = {"config": as_plain(self.config), "examples_seen": step * self.config.grad_accum * self.config.batch_size}
-        save_checkpoint(
+        return save_checkpoint(
             self.checkpoint_root, step, adapter_state(self.model), self.optimizer, self.generators, state, self.config.keep_last
         )
 

@@ -37,6 +37,7 @@ class PlanInputs:
     dequant_gweights: float  # dequantization rate, G weights/s
     tflops_source: str = "given"  # how each rate is known, for the plan's assumptions
     dequant_source: str = "given"
+    workers: int = 1  # data-parallel processes on this node, each with ``batch`` and a device of its own
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:

@@ -42,11 +42,15 @@ class Plan:
 
     @property
     def device_peak(self) -> int:
-        return self._total(("device", "host") if self.inputs.unified else ("device",))
+        """One worker's device; on a CPU the device is the host memory, which every worker on the node shares."""
+        if self.inputs.unified:
+            return self.host_peak
+        return self._total(("device",))
 
     @property
     def host_peak(self) -> int:
-        return self._total(("device", "host") if self.inputs.unified else ("host",))
+        """The node's host memory: every data-parallel worker on it holds its own parts."""
+        return self.inputs.workers * self._total(("device", "host") if self.inputs.unified else ("host",))
 
     def overflows(self) -> dict[str, int]:
         """Bytes over each memory's size, for the memories that are over."""
@@ -92,6 +96,9 @@ class Plan:
             f"{DEVICE_ADAM_GPARAMS:g} G params/s on a GPU (assumed)",
             "activation constants measured on a CPU with Llama blocks and SDPA attention (no [seq, seq] scores)",
         ]
+        if i.workers > 1:
+            lines.append(f"{i.workers} data-parallel workers on this node, each with batch {i.batch}; host memory "
+                         "holds all of them; the step time is one worker's (plus its gradient all-reduce)")
         if i.device == "cpu":
             lines.append("live memory; set MALLOC_MMAP_THRESHOLD_=131072, else glibc's heap keeps more (100 MB here)")
         else:
