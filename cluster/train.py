@@ -25,6 +25,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.pipelines import ParallelSpec
+from engine.procstat import keep_heap_bounded
 from engine.train import WorkerRun
 
 from cluster.runtime import ray_session
@@ -62,8 +63,10 @@ class RayTrainGroup:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """What Ray Train runs on each worker: the engine's training with this worker's group, from the launching
-    command's folder where this node has it (the spec's relative paths are relative to it)."""
+    command's folder where this node has it (the spec's relative paths are relative to it), with the memory policy
+    of a ``modulora`` process (what the planner's figures assume)."""
     torch.set_num_threads(config["threads"])
+    keep_heap_bounded()
     if os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])
     config["run"](RayTrainGroup())

@@ -1,6 +1,7 @@
-"""Data-parallel finetuning on Ray Train, 2 CPU workers (gloo) on the shared model: the same training as one
-process with the same global batch, and a worker SIGKILLed mid-run restarted by Ray Train from the last checkpoint
-to the same adapter, bit for bit."""
+"""Data-parallel finetuning on Ray Train, 2 CPU workers (gloo) on the shared model, each streaming the packed
+blocks from disk and keeping DeepSpeed CPU Adam's state on the host: the same training as one process with the
+same global batch, and a worker SIGKILLed mid-run restarted by Ray Train from the last checkpoint to the same
+adapter, bit for bit."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.slow  # Ray Train worker groups
 
 STEPS, SAVE_EVERY = 12, 3
 RUN = ["--data", TRAIN_TXT, "--seq-len", 64, "--limit", 64, "--steps", STEPS, "--batch-size", 4, "--rank", 4,
-       "--save-every", SAVE_EVERY, "--keep-last", 5]
+       "--save-every", SAVE_EVERY, "--keep-last", 5, "--offload", "disk", "--optimizer", "cpu_adam",
+       "--offload-optimizer"]
 WORKERS = ["--workers", 2, "--threads", 1]
 
 
