@@ -37,6 +37,8 @@ EXPERIMENT = "train"
 class RayTrainGroup:
     """The worker group as a Ray Train worker sees it (made inside the worker, from its train context)."""
 
+    continues = True
+
     def __init__(self) -> None:
         import ray.train
 

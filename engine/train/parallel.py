@@ -26,6 +26,10 @@ class WorkerGroup(Protocol):
 
     rank: int  # this worker, 0 .. size - 1; worker 0 writes the run's logs, checkpoints and outputs
     size: int
+    # A worker of a launched group always continues the run in its folder (a restarted group's last checkpoint may
+    # be newer there than the launcher's): the launching command has already refused or emptied a folder that held
+    # another run.
+    continues: bool
 
     def restored(self) -> AbstractContextManager[Path | None]:
         """The checkpoint directory a restarted group resumes from (None: a fresh start), while it is readable."""
@@ -40,6 +44,7 @@ class OneProcess:
 
     rank: int = 0
     size: int = 1
+    continues: bool = False
 
     @contextmanager
     def restored(self) -> Iterator[Path | None]:

@@ -144,9 +144,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens, share
 
     def _resume(self, restored: Path | None) -> int:
-        """Restore the newest good checkpoint: the one a restarted worker group was given, else this run's own."""
-        checkpoint: Checkpoint | None = (read_checkpoint(restored) if restored is not None
-                                         else latest_good_checkpoint(self.checkpoint_root))
+        """Restore the newest good checkpoint of the one a restarted worker group was given and this run's own
+        (a group killed just after worker 0 wrote a checkpoint has it in the run folder before its launcher does)."""
+        found = [c for c in (read_checkpoint(restored) if restored is not None else None,
+                             latest_good_checkpoint(self.checkpoint_root)) if c is not None]
+        checkpoint: Checkpoint | None = max(found, key=lambda c: int(c.state["step"])) if found else None
         if checkpoint is None:
             return 0
         load_adapter_state(self.model, checkpoint.adapter)
@@ -171,14 +173,14 @@ class Trainer:
         return path.open("a"), last
 
     def train(self, resume: bool = False) -> dict[str, float]:
-        """Run the remaining steps; ``resume`` continues from this run's newest good checkpoint (a restarted worker
-        group resumes from the checkpoint its launcher gives, whatever ``resume`` says)."""
+        """Run the remaining steps; ``resume`` continues from this run's newest good checkpoint (a worker of a
+        launched group always does, also from the checkpoint its launcher gives a restarted group)."""
         c = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         with self.group.restored() as restored:
-            start = self._resume(restored) if resume or restored is not None else 0
+            start = self._resume(restored) if resume or self.group.continues else 0
         self.start_step = start
         if c.grad_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
