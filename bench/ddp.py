@@ -67,7 +67,6 @@ def main() -> None:
         config.write_text(json.dumps(SHAPE))
         if not (work / "ckpt").is_dir():
             write_checkpoint(work / "ckpt", str(config))
-        commands: list[str] = []
         cli = Cli(work, 1)
         if not (work / "q4").is_dir():
             cli.run("quantize", work / "ckpt", "--method", "rtn", "--bits", 4, "--out", work / "q4")
@@ -82,7 +81,6 @@ def main() -> None:
             rates.append(rate)
             rows.append([label, tokens, f"{rate:.0f}", f"{tokens / rate:.2f}", f"{wall:.0f}"])
             print(rows[-1], file=sys.stderr, flush=True)
-        commands += cli.commands
         one, two_threads, workers, _ = rates
         one_thread, threads, parallel, halves = (adapter(work / f"run-{i}") for i in range(4))
         threads_vs_one = relative_difference(one_thread, threads)
@@ -107,7 +105,7 @@ def main() -> None:
         "- wall time includes loading the model in each process and, for the workers, starting Ray and the "
         "Ray Train worker group."
     )
-    write_doc("ddp", "Data-parallel finetuning on Ray Train: throughput", "ddp.py", body, commands)
+    write_doc("ddp", "Data-parallel finetuning on Ray Train: throughput", "ddp.py", body, cli.commands)
 
 
 if __name__ == "__main__":

@@ -128,11 +128,11 @@ class ParallelSpec(Spec):
         return self.workers > 1 or self.address is not None
 
 
-def _check_split(train: TrainSpec, parallel: ParallelSpec) -> None:
-    if train.batch_size % parallel.workers:
-        raise SettingError("train.batch_size", f"{train.batch_size} must split evenly among the {{0}} "
-                           f"({parallel.workers}): each takes its share of the global micro-batch",
-                           ("parallel.workers",))
+def _check_split(batch: int, workers: int, batch_field: str, workers_field: str) -> None:
+    """A global batch of ``batch`` sequences must split evenly among ``workers`` data-parallel workers."""
+    if batch % workers:
+        raise SettingError(batch_field, f"{batch} must split evenly among the {{0}} ({workers}): each takes its "
+                           "share of the global micro-batch", (workers_field,))
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class FinetuneSpec(Spec):
     device: str = device_setting()
 
     def validate(self) -> None:
-        _check_split(self.train, self.parallel)
+        _check_split(self.train.batch_size, self.parallel.workers, "train.batch_size", "parallel.workers")
         if self.train.eval_every and self.eval_data is None:
             raise SettingError("train.eval_every", "needs {0}", ("eval_data",))
         if self.offload.optimizer and self.train.optimizer != "cpu_adam":
@@ -189,7 +189,7 @@ class CorrectSpec(Spec):
     device: str = device_setting()
 
     def validate(self) -> None:
-        _check_split(self.train, self.parallel)
+        _check_split(self.train.batch_size, self.parallel.workers, "train.batch_size", "parallel.workers")
         if self.offload.optimizer and self.train.optimizer != "cpu_adam":
             raise SettingError("offload.optimizer", "keeping optimizer state on the host needs {0} cpu_adam",
                                ("train.optimizer",))
@@ -374,9 +374,7 @@ class PlanSpec(Spec):
     def validate(self) -> None:
         if self.group_size == 0:
             raise SettingError("group_size", "expected a positive integer or -1 (one group per row), got 0")
-        if self.batch % self.train_workers:
-            raise SettingError("batch", f"{self.batch} must split evenly among the {{0}} ({self.train_workers})",
-                               ("train_workers",))
+        _check_split(self.batch, self.train_workers, "batch", "train_workers")
 
     @property
     def dtype(self) -> str:
