@@ -148,13 +148,14 @@ def correct(quantized_dir: str, **given: Any) -> None:
 @click.argument("run_dir")
 @options(ExportSpec, skip=("run",))
 def export(run_dir: str, **given: Any) -> None:
-    """Export the adapter of a finetune or correct run as PEFT (and optionally a merged float model)."""
+    """Export the adapter of a finetune or correct run as PEFT (and optionally a merged float model, the GPTQ-layout
+    base, or GGUF files for llama.cpp)."""
     from engine.pipelines import export as run_export
 
     spec = spec_from(ExportSpec, given, run=run_dir)
     result = run_export(spec)
     click.echo(f"{spec.out}: adapter rank {result['rank']}" + (", merged model" if spec.merged else "")
-               + (", GPTQ base" if spec.gptq else ""))
+               + (", GPTQ base" if spec.gptq else "") + (f", GGUF {spec.gguf} model and LoRA" if spec.gguf else ""))
 
 
 @cli.command(name="plan")

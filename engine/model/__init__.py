@@ -17,8 +17,8 @@ from engine.model.checkpoint import (
     BLOCKS, OUTSIDE, QuantizedWriter, is_quantized_dir, load_block_weights, load_model, load_quantized, read_manifest,
     release_block_weights, save_quantized,
 )
-from engine.model.gguf_export import quantize_gguf
-from engine.model.gguf_quantized import is_quantized_gguf, load_gguf_quantized
+from engine.model.gguf_export import quantize_gguf, write_like, writable_type
+from engine.model.gguf_quantized import gguf_linears, is_quantized_gguf, load_gguf_quantized
 from engine.model.loading import load_float_model
 from engine.model.placing import compute_device, place
 from engine.model.quantize import (
@@ -64,6 +64,7 @@ __all__ = [
     "linear_weight",
     "swap_linear",
     "is_quantized_dir",
+    "gguf_linears",
     "is_quantized_gguf",
     "load_adapter_state",
     "load_float_model",
@@ -77,6 +78,8 @@ __all__ = [
     "model_size",
     "quantize_calibrated",
     "quantize_gguf",
+    "write_like",
+    "writable_type",
     "quantize_model",
     "quantized_layers",
     "read_manifest",

@@ -61,6 +61,28 @@ def _row_permutation(processor: Any, gguf_name: str, n_rows: int, mapping: dict[
     return perm[:, 0]
 
 
+def _name_mapping(reader: GGUFReader, model: PreTrainedModel) -> tuple[Any, dict[str, str]]:
+    """transformers' tensor processor for the file's architecture and its ``{GGUF name: model name}`` map."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    architecture = reader.fields["general.architecture"].contents()
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
+    return processor, get_gguf_hf_weights_map(model, processor)
+
+
+def gguf_linears(reader: GGUFReader, model: PreTrainedModel) -> dict[str, tuple[str, np.ndarray]]:
+    """Each file tensor holding a decoder linear's weight: ``{GGUF name: (linear's module name, row order)}``, the
+    model's rows being the file's rows in that order (llama.cpp's rotary row layout undone).  ``model``: as
+    transformers builds it (its linears not yet replaced), on ``meta`` or not."""
+    processor, mapping = _name_mapping(reader, model)
+    targets = {f"{name}.weight": name for name in target_linear_names(model)}
+    return {
+        tensor.name: (targets[mapping[tensor.name]],
+                      _row_permutation(processor, tensor.name, int(tensor.shape[1]), mapping))
+        for tensor in reader.tensors if mapping.get(tensor.name) in targets and len(tensor.shape) == 2
+    }
+
+
 def _block_bytes(tensor: Any) -> torch.Tensor:
     """A GGUF matrix's raw data as ``[rows, row_bytes]`` uint8 (float types included)."""
     data = np.ascontiguousarray(tensor.data).view(np.uint8)
@@ -73,25 +95,20 @@ def load_gguf_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTo
     Returns ``(model, tokenizer, manifest)``; the manifest has the same ``layers``,
     ``quantizer`` and ``size`` keys as a saved quantized directory's.
     """
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
     path = Path(path)
     reader = GGUFReader(path)
-    architecture = reader.fields["general.architecture"].contents()
     config, tokenizer = gguf_config_and_tokenizer(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
-    mapping = get_gguf_hf_weights_map(model, processor)
-    targets = {f"{name}.weight": name for name in target_linear_names(model)}
+    processor, mapping = _name_mapping(reader, model)
+    linears = gguf_linears(reader, model)
 
     weights: dict[str, GGUFWeight] = {}
     tensors: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
-        hf_name = mapping.get(tensor.name)
-        if hf_name in targets and len(tensor.shape) == 2:
-            blocks = _block_bytes(tensor)
-            perm = _row_permutation(processor, tensor.name, blocks.shape[0], mapping)
-            weights[targets[hf_name]] = GGUFWeight(blocks[torch.from_numpy(perm)], tensor.tensor_type.name, int(tensor.shape[0]))
+        if tensor.name in linears:
+            name, order = linears[tensor.name]
+            weights[name] = GGUFWeight(_block_bytes(tensor)[torch.from_numpy(order)], tensor.tensor_type.name,
+                                       int(tensor.shape[0]))
             continue
         result = processor.process(
             weights=gguf_dequantize(tensor.data, tensor.tensor_type),
@@ -104,7 +121,7 @@ def load_gguf_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTo
             continue
         tensors[mapping[result.name]] = torch.from_numpy(np.array(result.weights, dtype=np.float32))
 
-    missing = sorted(set(targets.values()) - weights.keys())
+    missing = sorted(set(target_linear_names(model)) - weights.keys())
     if missing:
         raise EngineError(f"{path}: no tensor for decoder linear(s) {missing[:3]}")
     for name, qweight in weights.items():

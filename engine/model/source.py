@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.errors import EngineError
+from engine.hub import hub_snapshot, is_hub_id
 from engine.storage import read_tensors, safetensors_header
 
 SINGLE_FILE = "model.safetensors"
@@ -195,17 +196,6 @@ def open_source(source: str | Path) -> CheckpointSource:
         return SafetensorsSource(path)
     if path.exists():
         raise EngineError(f"{path}: expected a .gguf file or a model directory")
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    if not is_hub_id(str(source)):
         raise EngineError(f"{source}: no such file or directory")
-    return SafetensorsSource(_hub_snapshot(str(source)))
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise EngineError(f"{repo_id}: not a local path, and the hub copy could not be had "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    return SafetensorsSource(hub_snapshot(str(source)))

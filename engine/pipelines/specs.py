@@ -230,6 +230,9 @@ class EvalSpec(Spec):
             raise SettingError("offload.optimizer", "evaluation has no optimizer")
 
 
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # what gguf-py writes
+
+
 @dataclass(frozen=True)
 class ExportSpec(Spec):
     """A run's adapter as a PEFT adapter, and optionally merged into a float model."""
@@ -240,6 +243,9 @@ class ExportSpec(Spec):
     merged: bool = setting(False, "bool", "Also write a merged float model (transformers format) to OUT/merged.")
     gptq: bool = setting(False, "bool", "Also write the quantized base (rtn, optq) in the hub GPTQ layout to OUT/gptq, "
                          "for GPTQ kernels to serve with OUT/adapter.")
+    gguf: str | None = setting(None, "str", "Also write OUT/gguf for llama.cpp: the merged model with its decoder "
+                               "linears in this GGUF type (model.gguf) and the adapter as a GGUF LoRA (lora.gguf); "
+                               "for models that came from a GGUF file.", choices=GGUF_TYPES, optional=True)
     overwrite: bool = setting(False, "bool", "Replace an output folder that holds something.")
     dtype: str = setting("float32", "str", "Float dtype of the merged model.", choices=tuple(COMPUTE_DTYPES))
     device: str = device_setting()
