@@ -4,8 +4,9 @@
 (``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight``), so
 ``peft.PeftModel.from_pretrained`` loads an exported adapter on the float base,
 and the engine reloads it onto a float or quantized model.  The scale
-``lora_alpha / r`` is PEFT's; cutting a dynamic-rank adapter to rank ``b``
-keeps ``lora_alpha``, which gives DyLoRA's ``alpha / b``.
+``lora_alpha / r`` is PEFT's; an adapter cut to rank ``b`` of its trained rank
+``R`` is written with ``lora_alpha = alpha b / R``, so PEFT's scale is the
+trained ``alpha / R`` that every prefix of a dynamic-rank adapter uses.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": rank,
-        "lora_alpha": alphas.pop(),
+        "lora_alpha": alphas.pop() * rank / full_rank,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # GPT-2's Conv1D layers

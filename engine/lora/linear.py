@@ -30,9 +30,13 @@ class ModuLoRALinear(nn.Module):
     leaves the output unchanged.
 
     Dynamic rank (DyLoRA / QDyLoRA): with ``active_rank = b`` only the first
-    ``b`` rows of ``A`` and columns of ``B`` are used, scaled by ``alpha / b``;
-    with ``train_last_only`` the first ``b - 1`` of them are held fixed, so a
-    step trains only the ``b``-th ("frozen" variant).
+    ``b`` rows of ``A`` and columns of ``B`` are used, at the trained rank's
+    scale ``alpha / r``, so a prefix is the same function in every step that
+    samples a rank at least ``b`` and at evaluation.  (DyLoRA's ``alpha / b``
+    rescales the shared components with every sampled rank: its rank-1 prefix
+    ended 37% above a rank-1 run, this one 10%, docs/qdylora.md.)  With
+    ``train_last_only`` the first ``b - 1`` are held fixed, so a step trains
+    only the ``b``-th ("frozen" variant).
     """
 
     def __init__(
@@ -83,7 +87,7 @@ class ModuLoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.effective_rank if self.rank else 0.0
+        return self.alpha / self.rank if self.rank else 0.0
 
     def adapter_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(A, B)`` restricted to the active rank (prefix held fixed when ``train_last_only``)."""
