@@ -176,6 +176,22 @@ def commit_dir(staging: Path, out_dir: str | Path) -> None:
         os.replace(staging, out_dir)
 
 
+@contextmanager
+def staged_dir(out_dir: str | Path, manifest: str | None = None) -> Iterator[Path]:
+    """Build ``out_dir`` in a :func:`staging_dir` and put it in place whole (:func:`commit_dir`) when the block
+    ends; on any failure the staging is removed and ``out_dir`` is left as it was.  With ``manifest``, the sha256
+    of every file is written last, sealed, under that name."""
+    staging = staging_dir(out_dir)
+    try:
+        yield staging
+        if manifest is not None:
+            atomic_write_json(staging / manifest, seal({"files": file_manifest(staging)}))
+        commit_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

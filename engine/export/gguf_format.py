@@ -11,7 +11,6 @@ so llama.cpp's scale ``alpha / rank`` is the engine's (an adapter cut to a lower
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from transformers import PreTrainedModel
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
 from engine.model import BlockLifecycle, blocks_prefix, decoder_blocks, gguf_linears, meta_model, place, write_like
-from engine.storage import atomic_write_json, commit_dir, file_manifest, seal, staging_dir
+from engine.storage import staged_dir
 
 MODEL_FILE = "model.gguf"
 LORA_FILE = "lora.gguf"
@@ -53,16 +52,10 @@ def save_gguf(
     unmatched = sorted(set(layers) - {name for name, _ in linears.values()})
     if unmatched:
         raise EngineError(f"{template}: no tensor for the adapted layer(s) {unmatched[:3]}; is it the model's source?")
-    staging = staging_dir(out_dir)
-    try:
+    with staged_dir(out_dir, GGUF_MANIFEST) as staging:
         chosen = write_like(template, staging / MODEL_FILE, linears, _MergedRows(model, linears, blocks, device),
                             qtype)
         _write_lora(template, staging / LORA_FILE, linears, layers, rank)
-        atomic_write_json(staging / GGUF_MANIFEST, seal({"files": file_manifest(staging)}))
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return chosen
 
 

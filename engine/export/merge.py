@@ -9,7 +9,6 @@ its shard by the ``blocks`` lifecycle; tensors it left on disk (the vocabulary t
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from engine.errors import EngineError
 from engine.lora.linear import ModuLoRALinear
 from engine.model import BlockLifecycle, blocks_prefix, decoder_blocks, place, replace_module, unique_state
-from engine.storage import atomic_save_safetensors, atomic_write_json, commit_dir, staging_dir
+from engine.storage import atomic_save_safetensors, atomic_write_json, staged_dir
 
 INDEX = "model.safetensors.index.json"
 
@@ -109,8 +108,7 @@ def save_checkpoint(
     ``blocks``), one of everything else in ``dtype`` (tensors a streamed model left on disk from ``extra``), the
     index, the config (with ``quantization_config`` if given) and the tokenizer."""
     blocks = blocks or BlockLifecycle()
-    staging = staging_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as staging:
         n_blocks = len(decoder_blocks(model))
         weight_map: dict[str, str] = {}
         total = 0
@@ -138,10 +136,6 @@ def save_checkpoint(
             config.quantization_config = quantization_config
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_shard(staging: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:

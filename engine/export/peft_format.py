@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.storage import (
-    SEAL, atomic_save_safetensors, atomic_write_json, commit_dir, file_manifest, seal, staging_dir,
-    verify_file_manifest, verify_seal,
+    SEAL, atomic_save_safetensors, atomic_write_json, staged_dir, verify_file_manifest, verify_seal,
 )
 from engine.model.adapters import add_lora, load_adapter_state, lora_layers
 from engine.model.checkpoint import MANIFEST
@@ -76,15 +74,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         "modulora_trained_rank": full_rank,
         **({BASE_SEAL: base_seal} if base_seal else {}),
     }
-    staging = staging_dir(out_dir)  # the folder is replaced whole: weights and config always belong together
-    try:
+    with staged_dir(out_dir, ADAPTER_MANIFEST) as staging:  # replaced whole: weights and config belong together
         atomic_save_safetensors(staging / WEIGHTS, tensors)
         atomic_write_json(staging / CONFIG, config)
-        atomic_write_json(staging / ADAPTER_MANIFEST, seal({"files": file_manifest(staging)}))
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return config
 
 

@@ -25,9 +25,8 @@ from engine.errors import EngineError
 from engine.storage import (
     atomic_save_safetensors,
     atomic_write_json,
-    commit_dir,
     file_manifest,
-    staging_dir,
+    staged_dir,
     verify_file_manifest,
 )
 
@@ -93,8 +92,7 @@ def save_checkpoint(
 ) -> Path:
     root = Path(root)
     out = root / f"{PREFIX}{step:06d}"
-    staging = staging_dir(out)
-    try:
+    with staged_dir(out) as staging:
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         rng, rng_meta = rng_tensors(generators)
         atomic_save_safetensors(staging / "adapter.safetensors", adapter)
@@ -102,10 +100,6 @@ def save_checkpoint(
         atomic_save_safetensors(staging / "rng.safetensors", rng)
         atomic_write_json(staging / "trainer.json", {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta})
         atomic_write_json(staging / MANIFEST, {"files": file_manifest(staging)})
-        commit_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return out
