@@ -30,6 +30,7 @@ SHARED = shared_dir()
 GGUF = SHARED / "models" / "stories260K.gguf"
 TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
 VALID_TXT = SHARED / "data" / "tinystories" / "valid.txt"
+SHAKESPEARE_TXT = SHARED / "data" / "tinyshakespeare" / "input.txt"
 SST2_TRAIN = SHARED / "data" / "sst2" / "train.tsv"
 SST2_DEV = SHARED / "data" / "sst2" / "dev.tsv"
 SST2_LABELS = ("--format", "classification", "--label-word", "0=negative", "--label-word", "1=positive")
