@@ -85,9 +85,15 @@ class _MergedRows:
         self.left[index] -= 1
         if self.left[index] == 0:
             self.blocks.done(index)
-        rows = np.empty_like(weight)
-        rows[order] = weight  # the model's row i is the file's row order[i]
-        return rows
+        return _in_file_order(weight, order)
+
+
+def _in_file_order(matrix: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """A model-side ``[out, ...]`` matrix with its rows where the file keeps them: the model's row i is the file's
+    row ``order[i]``."""
+    rows = np.empty_like(matrix)
+    rows[order] = matrix
+    return rows
 
 
 def _write_lora(template: Path, path: Path, linears: dict[str, tuple[str, np.ndarray]],
@@ -107,11 +113,9 @@ def _write_lora(template: Path, path: Path, linears: dict[str, tuple[str, np.nda
             continue
         a = layer.lora_a.detach()[:rank].to("cpu", torch.float32).numpy()
         b = layer.lora_b.detach()[:, :rank].to("cpu", torch.float32).numpy()
-        b_rows = np.empty_like(b)
-        b_rows[order] = b
         stem = gguf_name.removesuffix(".weight")
         writer.add_tensor(f"{stem}.weight.lora_a", np.ascontiguousarray(a))
-        writer.add_tensor(f"{stem}.weight.lora_b", b_rows)
+        writer.add_tensor(f"{stem}.weight.lora_b", _in_file_order(b, order))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

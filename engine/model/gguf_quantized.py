@@ -70,11 +70,13 @@ def _name_mapping(reader: GGUFReader, model: PreTrainedModel) -> tuple[Any, dict
     return processor, get_gguf_hf_weights_map(model, processor)
 
 
-def gguf_linears(reader: GGUFReader, model: PreTrainedModel) -> dict[str, tuple[str, np.ndarray]]:
+def gguf_linears(reader: GGUFReader, model: PreTrainedModel,
+                 names: tuple[Any, dict[str, str]] | None = None) -> dict[str, tuple[str, np.ndarray]]:
     """Each file tensor holding a decoder linear's weight: ``{GGUF name: (linear's module name, row order)}``, the
     model's rows being the file's rows in that order (llama.cpp's rotary row layout undone).  ``model``: as
-    transformers builds it (its linears not yet replaced), on ``meta`` or not."""
-    processor, mapping = _name_mapping(reader, model)
+    transformers builds it (its linears not yet replaced), on ``meta`` or not; ``names``: its
+    :func:`_name_mapping` if the caller has it."""
+    processor, mapping = names or _name_mapping(reader, model)
     targets = {f"{name}.weight": name for name in target_linear_names(model)}
     return {
         tensor.name: (targets[mapping[tensor.name]],
@@ -100,7 +102,7 @@ def load_gguf_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTo
     config, tokenizer = gguf_config_and_tokenizer(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     processor, mapping = _name_mapping(reader, model)
-    linears = gguf_linears(reader, model)
+    linears = gguf_linears(reader, model, (processor, mapping))
 
     weights: dict[str, GGUFWeight] = {}
     tensors: dict[str, torch.Tensor] = {}
