@@ -38,10 +38,12 @@ ARCHS: dict[str, dict[str, Any]] = {  # model_type -> config fields beyond TINY
 CALIB = ("--calib", TRAIN_TXT, "--calib-windows", 8, "--calib-seq-len", 64)
 METHODS = {"rtn": ("--bits", 4), "optq": ("--bits", 4, *CALIB), "quip": ("--bits", 2, *CALIB)}
 MOE_NOTE = (
-    "Mixture-of-experts models (mixtral, qwen3_moe) fail at quantize: transformers 5 saves their experts one "
-    "tensor per expert and stacks them into 3-D tensors when it loads, and the engine reads checkpoints tensor by "
-    "tensor under the model's own names; it refuses them in one line that says so. Their experts are not yet "
-    "quantized or adapted (issue 17, item 2)."
+    "Mixture-of-experts models (mixtral, qwen3_moe): transformers 5 stacks their experts into 3-D tensors when it "
+    "loads; the engine builds them as the checkpoint stores them, one linear layer per expert and projection "
+    "(`engine/model/experts.py`), so every expert is read tensor by tensor, quantized (calibrated on the tokens "
+    "routed to it), and adapted.  The router, a plain weight, stays float: the packed share is below 100% by its "
+    "size.  The exported adapter puts the experts' LoRAs in PEFT's layout for stacked experts (`target_parameters`; "
+    "gate and up fused into one LoRA of twice the rank), which PEFT loads onto transformers' own model."
 )
 FINETUNE = ("--data", TRAIN_TXT, "--limit", 8, "--seq-len", 64, "--steps", 2, "--batch-size", 4, "--rank", 4,
             "--lr", 1e-2, "--save-every", 0)
@@ -69,9 +71,8 @@ def quantized_fraction(float_dir: Path, quantized_dir: Path) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(float_dir)
     total = sum(p.numel() for block in decoder_blocks(model) for n, p in block.named_parameters() if p.dim() >= 2)
-    layers = read_manifest(quantized_dir)["layers"]
-    packed = sum(model.get_submodule(name).weight.numel() for name in layers)
-    return packed / total
+    layers = read_manifest(quantized_dir)["layers"].values()
+    return sum(layer["in_features"] * layer["out_features"] for layer in layers) / total
 
 
 def logit_gaps(float_dir: Path, quantized_dir: Path, run: Path, export: Path) -> tuple[float, float]:
@@ -82,14 +83,13 @@ def logit_gaps(float_dir: Path, quantized_dir: Path, run: Path, export: Path) ->
 
     from engine.export import attach_adapter
     from engine.lora import ModuLoRALinear
-    from engine.model import linear_weight, load_model
+    from engine.model import load_model
 
     ours, _, _ = load_model(quantized_dir)
     base = AutoModelForCausalLM.from_pretrained(float_dir).eval()
     for name, layer in ours.named_modules():
         if isinstance(layer, ModuLoRALinear):
-            target = base.get_submodule(name)
-            linear_weight(target).copy_(layer.base.dequantize(torch.float32))
+            base_weight(base, name).copy_(layer.base.dequantize(torch.float32))
     attach_adapter(ours, run / "adapter")
     ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -97,6 +97,23 @@ def logit_gaps(float_dir: Path, quantized_dir: Path, run: Path, export: Path) ->
         merged = AutoModelForCausalLM.from_pretrained(export / "merged").eval()(input_ids=ids).logits
         peft = PeftModel.from_pretrained(copy.deepcopy(base), export / "adapter").eval()(input_ids=ids).logits
     return float((merged - want).abs().max()), float((peft - want).abs().max())
+
+
+def base_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The ``[out, in]`` weight transformers' model holds for our layer ``name``: a linear layer's, or an expert's
+    slice of the stacked ``gate_up_proj`` / ``down_proj`` (``...experts.<e>.<gate|up|down>``)."""
+    from engine.model import linear_weight
+    from engine.model.source import expert_projection_names
+
+    if ".experts." not in name:
+        return linear_weight(model.get_submodule(name))
+    experts, index, projection = name.rsplit(".", 2)
+    gate, up, down = expert_projection_names(model.config)
+    module = model.get_submodule(experts)
+    if projection == down:
+        return module.down_proj.data[int(index)]
+    half = module.gate_up_proj.shape[1] // 2
+    return module.gate_up_proj.data[int(index), (0 if projection == gate else half):][:half]
 
 
 def check(arch: str, cli: Cli, work: Path) -> list[Any]:

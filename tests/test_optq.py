@@ -159,3 +159,20 @@ def test_bad_input_is_a_one_line_error():
             make_quantizer("optq", **options)
         assert "\n" not in str(info.value)
     assert make_quantizer("optq").needs_calibration
+
+
+def test_a_layer_no_calibration_row_reached_is_rounded_to_nearest():
+    """An expert the router sent no calibration token to has empty statistics (count 0, merged away across
+    shards): it is quantized as RTN would (not zeroed as dead inputs are), and a shard that saw rows wins a merge."""
+    from engine.model import quantize_model
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))
+    layer[0].weight.data = w.clone()
+    empty = LayerStats(torch.empty(0), 0)
+    seen = LayerStats(torch.eye(64, dtype=torch.float64), 3)
+    assert empty.merge(seen) is seen and seen.merge(empty) is seen
+    quantize_model(layer, optq(3, 32, False), ["0"], {"0": empty})
+    rtn = RTNQuantizer(bits=3, group_size=32).quantize(w)
+    assert torch.equal(unpacked_codes(layer[0].base), unpacked_codes(rtn))
+    assert torch.equal(layer[0].base.scales, rtn.scales) and torch.equal(layer[0].base.zeros, rtn.zeros)

@@ -7,6 +7,8 @@ and the engine reloads it onto a float or quantized model.  The scale
 ``lora_alpha / r`` is PEFT's; an adapter cut to rank ``b`` of its trained rank
 ``R`` is written with ``lora_alpha = alpha b / R``, so PEFT's scale is the
 trained ``alpha / R`` that every prefix of a dynamic-rank adapter uses.
+Mixture-of-experts experts' LoRAs are written fused, as PEFT adapts
+transformers' stacked experts (:mod:`engine.export.peft_experts`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from engine.errors import EngineError
 from engine.storage import (
     SEAL, atomic_save_safetensors, atomic_write_json, staged_dir, verify_file_manifest, verify_seal,
 )
+from engine.export.peft_experts import expert_config, fuse_expert_loras, split_expert_loras
 from engine.model.adapters import add_lora, load_adapter_state, lora_layers
+from engine.model.experts import routed_layers
 from engine.model.checkpoint import MANIFEST
 
 CONFIG = "adapter_config.json"
@@ -51,8 +55,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
     alphas = {layer.alpha for layer in layers.values()}
     if len(alphas) != 1:
         raise EngineError(f"layers have different LoRA alphas {sorted(alphas)}; PEFT needs one")
-    tensors = {}
-    for name, layer in layers.items():
+    alphas_rank = alphas.pop() * rank / full_rank  # PEFT's scale alpha / r is then the trained alpha / R
+    routed = routed_layers(model, list(layers))  # expert projections: fused, in PEFT's layout for stacked experts
+    tensors = fuse_expert_loras(model, layers, rank, PREFIX)
+    for name, layer in [(n, m) for n, m in layers.items() if n not in routed]:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach()[:rank].contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach()[:, :rank].contiguous().cpu()
     base_seal = None
@@ -64,12 +70,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, rank: i
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": rank,
-        "lora_alpha": alphas.pop() * rank / full_rank,
+        "lora_alpha": alphas_rank,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # GPT-2's Conv1D layers
         "inference_mode": True,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers if name not in routed}),
+        **(expert_config(rank, alphas_rank) if routed else {}),
         "modulora_layers": sorted(layers),
         "modulora_trained_rank": full_rank,
         **({BASE_SEAL: base_seal} if base_seal else {}),
@@ -125,8 +132,9 @@ def attach_adapter(model: nn.Module, path: str | Path, device: torch.device | st
     )
     include = "^(" + "|".join(map(re.escape, names)) + ")$"
     add_lora(model, config["r"], config["lora_alpha"], seed=0, include=include, device=device)  # weights loaded next
-    ours = {}
-    for name in names:
+    routed = routed_layers(model, names)
+    ours = split_expert_loras(model, names, tensors, PREFIX)
+    for name in [n for n in names if n not in routed]:
         ours[f"{name}.lora_a"] = tensors[f"{PREFIX}{name}.lora_A.weight"]
         ours[f"{name}.lora_b"] = tensors[f"{PREFIX}{name}.lora_B.weight"]
     load_adapter_state(model, ours)

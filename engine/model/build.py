@@ -16,15 +16,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from engine.errors import EngineError
+from engine.model.experts import split_experts
 from engine.model.quantize import decoder_blocks, replace_module
 from engine.model.source import CheckpointSource
 from engine.quant.base import QuantizedWeight
 
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:
-    """The model with every tensor on ``meta``: shapes only."""
+    """The model with every tensor on ``meta``: shapes only; stacked experts one linear layer per expert."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    split_experts(model, config)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -118,6 +118,9 @@ def quantize_model(
         linear = model.get_submodule(name)
         if not isinstance(linear, LINEAR_TYPES):
             raise EngineError(f"{name}: expected a linear layer, found {type(linear).__name__}")
-        qweight = quantizer.quantize(linear_weight(linear), None if stats is None else stats[name])
+        layer_stats = None if stats is None else stats[name]
+        if layer_stats is not None and layer_stats.count == 0:
+            layer_stats = LayerStats.uninformative(in_features_of(linear))
+        qweight = quantizer.quantize(linear_weight(linear), layer_stats)
         swap_linear(model, name, wrap(qweight, linear.bias))
     return names

@@ -17,7 +17,9 @@ input in the float model and ``X_q`` in the partly quantized one, the weight
 handed to the quantizer is ``W + alpha * W (X - X_q)^T X_q (X_q^T X_q)^-1``,
 which at ``alpha = 1`` turns minimizing ``||(W' - Q) X_q||`` (what every
 Hessian quantizer does) into minimizing ``||W X - Q X_q||``.  It works for any
-quantizer, since only the weight it is given changes.
+quantizer, since only the weight it is given changes.  A mixture-of-experts
+expert is not aligned: the float and the quantized model route different
+tokens to it, so its ``X`` and ``X_q`` have no rows in common.
 
 *Independent*: every layer is calibrated on the float model's inputs (each
 block's statistics are taken, and the hidden states advanced, before the block
@@ -36,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.errors import EngineError
+from engine.model.experts import expert_groups, routed_layers
 from engine.model.quantize import (
     decoder_blocks, linear_weight, quantize_model, set_linear_weight, target_linear_names,
 )
@@ -130,9 +133,10 @@ def shared_input_groups(model: nn.Module, block: nn.Module, names: list[str], ca
             groups.append([name])
         previous = x
     missing = [n for n in names if not any(n in group for group in groups)]
-    if missing:
-        raise EngineError(f"layers never ran during calibration: {', '.join(missing[:3])}")
-    return groups
+    routed = routed_layers(model, missing)  # experts this batch routed no token to
+    if len(routed) < len(missing):
+        raise EngineError(f"layers never ran during calibration: {', '.join(n for n in missing if n not in routed)}")
+    return groups + expert_groups(model, [n for n in missing if n in routed])
 
 
 def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -206,7 +210,8 @@ class CalibrationShard:
         """``X_q^T X_q`` of each layer in ``group`` over this shard, and ``X_q^T X`` (float twin) if asymmetric."""
         block, block_prefix = self.blocks[index], f"{self.prefix}.{index}."
         twins = {n: self.float_block.get_submodule(n[len(block_prefix) :]) for n in group} if self.float_block else {}
-        with recording_inputs(self.model, group) as stats, recording_cross_inputs(self.model, twins) as cross:
+        paired = {n: twin for n, twin in twins.items() if n not in routed_layers(self.model, group)}  # see the top
+        with recording_inputs(self.model, group) as stats, recording_cross_inputs(self.model, paired) as cross:
             for i, call in enumerate(self.calls):
                 if self.float_block is not None:
                     _run_until(self.float_block, _with_hidden(call, self.float_hidden[i]), twins[group[-1]])

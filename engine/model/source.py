@@ -116,20 +116,48 @@ class SafetensorsSource(CheckpointSource):
                            "engine does not read such checkpoints yet)")
 
 
-def _renamings(config: PretrainedConfig) -> tuple[list[tuple[re.Pattern[str], str]], list[str]]:
-    """transformers' checkpoint key renamings for this model (GPT-NeoX's ``embed_out`` is the model's ``lm_head``),
-    and the targets of the conversions that are more than a renaming (experts stacked from per-expert tensors)."""
+def _conversions(config: PretrainedConfig) -> list[Any]:
+    """transformers' checkpoint conversions for this model (renamings, and the stacking of per-expert tensors)."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     found = None
     for key in [*(getattr(config, "architectures", None) or []), config.model_type]:
         found = found or get_checkpoint_conversion_mapping(key)
+    return list(found or [])
+
+
+def expert_projection_names(config: PretrainedConfig) -> tuple[str, str, str] | None:
+    """The per-expert tensor names (gate, up, down) a checkpoint of this model stores its experts under, where
+    transformers stacks them into ``experts.gate_up_proj`` and ``experts.down_proj`` (Mixtral: ``w1``, ``w3``,
+    ``w2``); None for a model without such experts."""
+    stacked: dict[str, list[str]] = {}
+    for transform in _conversions(config):
+        targets = transform.target_patterns
+        if type(transform).__name__ == "WeightConverter" and len(targets) == 1:
+            stacked[targets[0].rsplit(".", 1)[-1]] = [_expert_name(p) for p in transform.source_patterns]
+    gate_up, down = stacked.get("gate_up_proj", []), stacked.get("down_proj", [])
+    if len(gate_up) != 2 or len(down) != 1 or None in (*gate_up, *down):
+        return None
+    return gate_up[0], gate_up[1], down[0]
+
+
+def _expert_name(pattern: str) -> str | None:
+    """``w1`` from ``.experts.*.w1.weight``; None for any other pattern."""
+    found = re.fullmatch(r".*experts\.\*\.(\w+)\.weight", pattern)
+    return found.group(1) if found else None
+
+
+def _renamings(config: PretrainedConfig) -> tuple[list[tuple[re.Pattern[str], str]], list[str]]:
+    """transformers' checkpoint key renamings for this model (GPT-NeoX's ``embed_out`` is the model's ``lm_head``),
+    and the targets of the conversions that are more than a renaming and that the engine does not build as stored
+    (stacked experts are built one linear layer per expert: :mod:`engine.model.experts`)."""
+    split = expert_projection_names(config) is not None
     renames, converted = [], []
-    for transform in found or []:
+    for transform in _conversions(config):
         simple = type(transform).__name__ == "WeightRenaming" and len(transform.source_patterns) == 1
         if simple:
             renames.append((re.compile(transform.source_patterns[0]), transform.target_patterns[0]))
-        else:
+        elif not (split and transform.target_patterns[0].endswith(("experts.gate_up_proj", "experts.down_proj"))):
             converted += transform.target_patterns
     return renames, converted
 

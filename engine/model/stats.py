@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.errors import EngineError
+from engine.model.experts import routed_layers
 from engine.model.quantize import in_features_of, target_linear_names
 from engine.quant.base import LayerStats
 from engine.storage import atomic_save_safetensors
@@ -74,6 +75,7 @@ def recording_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, L
         for handle in handles:
             handle.remove()
     unused = [name for name, s in stats.items() if s.count == 0]
+    unused = [name for name in unused if name not in routed_layers(model, unused)]  # no token routed: count 0
     if unused:
         raise EngineError(f"layers never ran during calibration: {', '.join(unused[:3])}")
 
@@ -151,7 +153,7 @@ def merge_stats(*shards: dict[str, LayerStats]) -> dict[str, LayerStats]:
         if shard.keys() != merged.keys():
             raise EngineError(f"statistics shards cover different layers: {sorted(shard.keys() ^ merged.keys())[:3]}")
         for name, s in shard.items():
-            if s.xtx.shape != merged[name].xtx.shape:
+            if s.count and merged[name].count and s.xtx.shape != merged[name].xtx.shape:
                 raise EngineError(f"{name}: statistics shards disagree on shape ({tuple(s.xtx.shape)})")
             merged[name] = merged[name].merge(s)
     return merged

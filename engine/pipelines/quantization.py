@@ -73,8 +73,9 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
         check_context(source.config, spec.calib.seq_len, "--calib-seq-len")
     model = meta_model(source.config)
     if (share := linear_share(model)) < MOSTLY_LINEAR:
-        log.warning("%s: its linear layers hold %.0f%% of each decoder block's weights; the rest (3-D expert "
-                    "tensors) stays float and is not adapted by LoRA", spec.model, 100 * share)
+        log.warning("%s: its linear layers hold %.0f%% of each decoder block's weights; the rest (3-D tensors "
+                    "the engine does not build as linear layers, such as transposed or biased experts) stays float "
+                    "and is not adapted by LoRA", spec.model, 100 * share)
     writer = QuantizedWriter(spec.out, source.config, source.tokenizer())
     info: dict[str, Any] = {"source_model": _source(spec.model), "quantizer": quantizer.describe()}
     start = time.perf_counter()

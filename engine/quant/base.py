@@ -178,7 +178,15 @@ class LayerStats:
         return self.xtx[start:stop].mul(2.0).div_(max(self.count, 1))
 
     def merge(self, other: LayerStats) -> LayerStats:
+        if not (self.count and other.count):  # a side that saw no rows (an expert no token was routed to)
+            return other if self.count == 0 else self
         return LayerStats(self.xtx + other.xtx, self.count + other.count)
+
+    @staticmethod
+    def uninformative(in_features: int) -> LayerStats:
+        """``H = I`` for a layer that saw no calibration rows (an expert no token was routed to): every input
+        direction weighs the same, so a Hessian quantizer has no error to feed forward and rounds to nearest."""
+        return LayerStats(torch.eye(in_features, dtype=torch.float64), 2)
 
 
 class Quantizer(ABC):
