@@ -50,13 +50,19 @@ class ExpertLinears(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Each expert on the tokens routed to it, in token order, weighted and summed into place; one host sync
+        for the tokens per expert (not one per expert)."""
         out = torch.zeros_like(hidden_states)
-        for index, expert in enumerate(self):
-            token_idx, top_k_pos = torch.where(top_k_index == index)
-            if token_idx.numel() == 0:
-                continue
-            routed = expert(hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
-            out.index_add_(0, token_idx, routed.to(out.dtype))
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # by expert, then token, then k: transformers' order
+        tokens, weights = order // top_k_index.shape[-1], top_k_weights.reshape(-1)[order]
+        start = 0
+        for expert, count in zip(self, torch.bincount(flat, minlength=len(self)).tolist()):
+            if count:
+                rows = tokens[start : start + count]
+                routed = expert(hidden_states[rows]) * weights[start : start + count, None]
+                out.index_add_(0, rows, routed.to(out.dtype))
+            start += count
         return out
 
 
