@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+
+# Scaled embeddings; a fused QKV and a renamed head; experts (routed calibration, PEFT's stacked layout).  Every
+# architecture is in bench/compat.py's table; these three keep CI's time.
 @pytest.mark.slow  # each architecture: three quantizations, a finetune and an export on the command line
-@pytest.mark.parametrize("arch", ["gemma2", "falcon", "gpt_neox", "mixtral"])  # scaled embeddings; fused QKV; a
-def test_architecture_goes_through_every_command(arch, tmp_path):  # renamed head; experts (routed tokens, PEFT's 3-D)
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_neox", "mixtral"])
+def test_architecture_goes_through_every_command(arch, tmp_path):
     from compat import check
 
     from _common import Cli
