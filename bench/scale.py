@@ -406,10 +406,11 @@ def report(done: dict[str, Any], work: Path) -> None:
             notes.append(f"- `{name}`: planned {planned_peak - peak:.2f} GiB above the measurement.  The row takes "
                          "one step (the issue's setting).  Adam's moments are made at that step, after the "
                          "backward has released its streamed blocks.  So in this run they never meet the backward's "
-                         "peak.  From the second step on they do, and that is the peak the planner gives.  What "
-                         "coincides only from then on: the moments "
-                         f"({parts['optimizer: Adam moments']:.2f} GiB) and the backward's blocks in flight, block "
-                         f"checkpoints and one block's backward ({backward:.2f} GiB).")
+                         "peak.  From the second step on they would, and the planner gives that later peak: the "
+                         f"moments ({parts['optimizer: Adam moments']:.2f} GiB) together with the backward's blocks "
+                         f"in flight, block checkpoints and one block's backward ({backward:.2f} GiB).  The gap "
+                         "matches the backward's part, as this explanation predicts.  A two-step run was not "
+                         "measured.")
         if ROWS[name]["inputs"] in ("ckpt7b-2", "q7b2-rtn"):
             notes.append(f"- `{name}`: {r['wall_s'] / 2:.0f} s per 7B-shaped block (2 blocks); 32 blocks would "
                          f"take about {16 * r['wall_s'] / 3600:.1f} h.")
