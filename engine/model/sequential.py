@@ -210,7 +210,8 @@ class CalibrationShard:
         """``X_q^T X_q`` of each layer in ``group`` over this shard, and ``X_q^T X`` (float twin) if asymmetric."""
         block, block_prefix = self.blocks[index], f"{self.prefix}.{index}."
         twins = {n: self.float_block.get_submodule(n[len(block_prefix) :]) for n in group} if self.float_block else {}
-        paired = {n: twin for n, twin in twins.items() if n not in routed_layers(self.model, group)}  # see the top
+        routed = routed_layers(self.model, group)  # experts are not aligned: see the top
+        paired = {n: twin for n, twin in twins.items() if n not in routed}
         with recording_inputs(self.model, group) as stats, recording_cross_inputs(self.model, paired) as cross:
             for i, call in enumerate(self.calls):
                 if self.float_block is not None:

@@ -75,7 +75,8 @@ def recording_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, L
         for handle in handles:
             handle.remove()
     unused = [name for name, s in stats.items() if s.count == 0]
-    unused = [name for name in unused if name not in routed_layers(model, unused)]  # no token routed: count 0
+    routed = routed_layers(model, unused)  # experts no token was routed to: count 0 is their answer
+    unused = [name for name in unused if name not in routed]
     if unused:
         raise EngineError(f"layers never ran during calibration: {', '.join(unused[:3])}")
 
