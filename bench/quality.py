@@ -32,7 +32,9 @@ OFF = {"act_order": False, "clip_search": False}  # OPTQ as in the reference cod
 # Every row goes through `modulora quantize`'s use case (engine.pipelines.quantize) with its settings spelled out,
 # so no row moves when a default does.  Calibration: sequential, 128 windows of 256 tokens from train.txt (the
 # OPTQ paper's protocol); the best settings add a Hessian-weighted clip search and GPTAQ-style asymmetric
-# calibration (asym_alpha).  The "defaults" rows give only --method and --bits: each must equal its method's best.
+# calibration (asym_alpha); "+ distill" rows then tune the continuous parameters towards the float model, an
+# opt-in stage (a teacher forward per step).  The "defaults" rows give only --method and --bits: each must equal
+# its method's best rounding row.
 # (label, method, quantizer options, calibration settings or None)
 CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
     *[(f"rtn g{g}", "rtn", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
@@ -44,6 +46,12 @@ CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
     *[("quip#", "quip", {"bits": b}, {"asym_alpha": 0.0}) for b in (4, 3, 2)],
     *[("quip# asym 0.5", "quip", {"bits": b}, {"asym_alpha": 0.5}) for b in (4, 3, 2)],
     ("quip# incoherence both (reference)", "quip", {"bits": 2, "incoherence": "both"}, {"asym_alpha": 0.0}),
+    # QuIP#'s fine-tuning: the rounded model's continuous parameters distilled towards the float one (--distill-steps)
+    *[("quip# asym 0.5 + distill 300", "quip", {"bits": b}, {"asym_alpha": 0.5, "distill_steps": 300})
+      for b in (3, 2)],
+    *[("optq g32 act-order clip-search asym 0.5 + distill 300", "optq",
+       {"bits": b, "group_size": 32, "act_order": True, "clip_search": True}, {"asym_alpha": 0.5, "distill_steps": 300})
+      for b in (3, 2)],
     *[(f"hqq g{g}", "hqq", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
     *[(f"{m} block {g}", m, {"bits": 4, "group_size": g}, None) for m in ("nf4", "fp4") for g in (32, 64)],
     *[(f"defaults: --method {m} --bits {b}", m, {"bits": b}, {} if m in ("optq", "quip") else None)
@@ -68,6 +76,8 @@ def run_config(model_path: Path, method: str, options: dict[str, Any], calib: di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="First 64 validation windows only (a smoke run).")
+    parser.add_argument("--keep-measured", action="store_true",
+                        help="Run only the rows docs/quality.md lacks; keep its other rows as they were measured.")
     args = parser.parse_args()
     torch.manual_seed(0)
     shared = shared_dir()
@@ -79,8 +89,13 @@ def main() -> None:
         windows = windows[:64]
     float_ppl = evaluate(float_model, windows)
     rows: list[dict[str, Any]] = [{"label": "float32", "method": "float", "bits": 32, "bpw": 32.0, "ppl": float_ppl, "seconds": 0.0}]
+    kept = measured_rows() if args.keep_measured else []
+    rows += kept
+    done = {(r["bits"], r["label"]) for r in kept}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, method, options, calib) in enumerate(CONFIGS):
+            if (options["bits"], label) in done:
+                continue
             model, seconds = run_config(gguf_path, method, options, calib, calib_text, Path(tmp) / f"q{i}")
             bits = options["bits"]
             rows.append({"label": label, "method": method, "bits": bits, "bpw": model_size(model)["bits_per_weight"],
@@ -88,13 +103,30 @@ def main() -> None:
             print(f"{method:5s} {bits} {label:40s} bpw {rows[-1]['bpw']:.3f} ppl {rows[-1]['ppl']:.3f} {seconds:.1f}s",
                   flush=True)
         for qtype in GGUF_TYPES:
+            if (int(qtype[1]), f"gguf {qtype} (down_proj F16)") in done:
+                continue
             start = time.perf_counter()
             quantize_gguf(gguf_path, Path(tmp) / f"{qtype}.gguf", qtype)
             seconds = time.perf_counter() - start
             model, _, _ = load_model(Path(tmp) / f"{qtype}.gguf")
             rows.append({"label": f"gguf {qtype} (down_proj F16)", "method": "gguf", "bits": int(qtype[1]),
                          "bpw": model_size(model)["bits_per_weight"], "ppl": evaluate(model, windows), "seconds": seconds})
-    write_report(rows, float_ppl, windows, args.quick)
+    write_report(rows, float_ppl, windows, args.quick, bool(kept))
+
+
+def measured_rows() -> list[dict[str, Any]]:
+    """The rows of the current ``docs/quality.md`` (for ``--keep-measured``: quantizers are deterministic, so a row
+    already measured by this script is what running it again gives, up to its time)."""
+    methods = {label: method for label, method, _, _ in CONFIGS}
+    rows = []
+    for line in (DOCS / "quality.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 6 or not cells[0].isdigit():
+            continue
+        bits, label, bpw, ppl, _, seconds = cells
+        rows.append({"label": label, "method": methods.get(label, label.split()[0]), "bits": int(bits),
+                     "bpw": float(bpw), "ppl": float(ppl), "seconds": float(seconds)})
+    return rows
 
 
 def gap_closed(ppl: float, baseline: float, float_ppl: float) -> float:
@@ -102,7 +134,7 @@ def gap_closed(ppl: float, baseline: float, float_ppl: float) -> float:
     return (math.log(baseline) - math.log(ppl)) / (math.log(baseline) - math.log(float_ppl))
 
 
-def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Tensor, quick: bool) -> None:
+def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Tensor, quick: bool, kept: bool) -> None:
     rtn32 = {r["bits"]: r["ppl"] for r in rows if r["label"] == "rtn g32"}
     lines = [
         f"Perplexity of stories260K on tinystories/valid.txt ({windows.shape[0]} windows of {windows.shape[1]} tokens"
@@ -115,10 +147,19 @@ def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Te
     for r in sorted(rows[1:], key=lambda r: (-r["bits"], r["ppl"])):
         closed = f"{gap_closed(r['ppl'], rtn32[r['bits']], float_ppl):.0%}" if r["bits"] in rtn32 else "-"
         lines.append(f"| {r['bits']} | {r['label']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {closed} | {r['seconds']:.1f} |")
+    lines += ["", "`+ distill 300`: `--distill-steps 300` after rounding (QuIP#'s end-to-end fine-tuning): 300 Adam "
+              "steps of 16 calibration windows tune the embeddings, norms, output head and one gain per output row "
+              "(folded into the stored scales, no bit added) towards the float model's next-token distribution "
+              "(KL only, no cross-entropy, so the target is the float model, not the text). The codes are the "
+              "rounded row's. It is opt-in: each step runs the float teacher, which at 7B on a CPU is hours. "
+              "Its time is included in `quantize s`."]
+    if kept:
+        lines += ["", "Written with `--keep-measured`: the rows of the previous table were kept as measured then (the "
+                  "quantizers are deterministic; their `quantize s` is that run's), the new rows measured now."]
     table = "\n".join(lines)
     print(table)
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "quality.md").write_text(f"# Quantizer quality\n\n`python bench/quality.py`\n\n{table}\n\n![ppl vs bits](quality.png)\n")
+    (DOCS / "quality.md").write_text(f"# Quantizer quality\n\n`python bench/quality.py{' --keep-measured' if kept else ''}`\n\n{table}\n\n![ppl vs bits](quality.png)\n")
     plot(rows, float_ppl, DOCS / "quality.png")
 
 

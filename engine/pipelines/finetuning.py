@@ -67,8 +67,8 @@ def train_worker(spec: FinetuneSpec, group: WorkerGroup) -> None:
     size = model_size(model)  # before offloading: the same figures as a resident run
     streamer = attach_offload(model, spec.model, spec.offload, out / "blocks", placement.device, group)
     trainer = Trainer(model, examples, spec.train, out, pad_id(tokenizer), rank_max=spec.lora.rank_max,
-                      dynamic_frozen=spec.lora.frozen, host_optimizer=spec.offload.optimizer, eval_fn=eval_fn,
-                      device=placement.device, group=group)
+                      rank_schedule=spec.lora.rank_schedule, dynamic_frozen=spec.lora.frozen,
+                      host_optimizer=spec.offload.optimizer, eval_fn=eval_fn, device=placement.device, group=group)
     placement.reset_peak()
     start = time.perf_counter()
     try:

@@ -39,5 +39,5 @@ def stage_inputs(spec: PlanSpec, shapes: ModelShapes) -> StageInputs:
         shapes, stage=spec.stage, method=spec.method, bits=spec.bits, group_size=spec.group_size,
         source_dtype=spec.source_dtype, compute_dtype=spec.dtype, calib_windows=spec.calib_windows,
         calib_seq_len=spec.calib_seq_len, asym=asym, workers=spec.workers, rank=spec.rank, seq_len=spec.seq_len,
-        batch=spec.batch, tier=spec.tier, prefetch=spec.prefetch,
+        batch=spec.batch, tier=spec.tier, prefetch=spec.prefetch, distill=spec.distill_steps > 0,
     )

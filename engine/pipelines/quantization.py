@@ -6,7 +6,9 @@ the windows' hidden states carried from the block before, for OPTQ and
 QuIP#), written to the output's block file and released.  Memory holds one
 block's float weights, the input embeddings (calibration only) and the
 calibration windows' activations; the rest of the tensors outside the blocks
-are read at the end, to be written.
+are read at the end, to be written.  With ``--distill-steps`` the written model's
+continuous parameters are then tuned towards the float model (the teacher
+streaming its blocks from the checkpoint) and the directory rewritten.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from engine.data import calibration_windows, read_text
 from engine.model import (
     BlockLifecycle,
+    CheckpointSource,
     QuantizedWriter,
     RunnerFactory,
     ShardRunner,
@@ -34,6 +37,7 @@ from engine.model import (
     load_block,
     load_gguf_quantized,
     load_outside_blocks,
+    load_quantized,
     meta_model,
     open_source,
     place,
@@ -44,15 +48,18 @@ from engine.model import (
     target_linear_names,
 )
 from engine.errors import EngineError
+from engine.offload import stream_checkpoint
 from engine.options import as_plain
 from engine.placement import resolve_device
 from engine.pipelines.specs import GGUF_METHOD, QuantizeSpec
 from engine.pipelines.locking import holding_outputs
 from engine.pipelines.runs import check_replaceable
 from engine.storage import sha256_file
+from engine.train import distill_continuous
 
 
 log = logging.getLogger(__name__)
+TEACHER_PREFETCH = 1  # teacher blocks read ahead during distillation
 MOSTLY_LINEAR = 0.95  # below this share of the block weights in linear layers, say what stays float
 
 
@@ -110,7 +117,33 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
     except BaseException:
         writer.abort()
         raise
-    return writer.finish(model, info)
+    manifest = writer.finish(model, info)
+    if spec.calib is not None and spec.calib.distill_steps:
+        manifest = _distill(spec, source, windows, device, info)
+    return manifest
+
+
+def _distill(spec: QuantizeSpec, source: CheckpointSource, windows: torch.Tensor, device: torch.device,
+             info: dict[str, Any]) -> dict[str, Any]:
+    """Tune the written model's continuous parameters towards the float model (:mod:`engine.train.distill`) and
+    write it again in place.  The rounded model stays in ``spec.out`` until the tuned one replaces it whole.
+
+    The student is the packed model, resident; the teacher streams its decoder blocks from the checkpoint."""
+    c = spec.calib
+    start = time.perf_counter()
+    student, tokenizer, _ = load_quantized(spec.out)
+    place(student, device)
+    teacher, streamer = stream_checkpoint(source, TEACHER_PREFETCH, device)
+    try:
+        result = distill_continuous(student, teacher, windows, steps=c.distill_steps, lr=c.distill_lr,
+                                    batch_size=c.distill_batch, seed=c.seed)
+    finally:
+        streamer.close()
+    info["distillation"] = {"steps": c.distill_steps, "lr": c.distill_lr, "batch": c.distill_batch,
+                            "first_kl": result.first_loss, "last_kl": result.last_loss,
+                            "layers_with_row_gains": result.gained_layers, "seconds": time.perf_counter() - start}
+    info["quantize_seconds"] += info["distillation"]["seconds"]
+    return save_quantized(student, tokenizer, spec.out, info)
 
 
 def _quantize_device(spec: QuantizeSpec) -> torch.device:

@@ -25,7 +25,7 @@ from engine.options import SettingError, Spec, default_of, setting
 from engine.placement import DEVICES
 from engine.quant import Quantizer, make_quantizer, quantizer_class
 from engine.quant.packing import SUPPORTED_BITS
-from engine.train import TrainSpec
+from engine.train import SCHEDULES, TrainSpec
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GGUF_METHOD = "gguf"  # keep the quants of an already-quantized GGUF file as they are
@@ -49,6 +49,8 @@ class LoraSpec(Spec):
     dynamic: bool = setting(False, "bool", "QDyLoRA: sample the rank from 1..rank_max every step.")
     rank_max: int | None = setting(None, "int", "QDyLoRA: the largest rank trained.", minimum=1, optional=True)
     frozen: bool = setting(False, "bool", "QDyLoRA: update only the sampled rank's component.")
+    rank_schedule: str = setting("uniform", "str", "QDyLoRA: the ranks each step trains at (docs/qdylora.md).",
+                                 choices=SCHEDULES)
 
     def validate(self) -> None:
         if self.dynamic and self.rank_max is None:
@@ -57,6 +59,8 @@ class LoraSpec(Spec):
             raise SettingError("rank_max", "only for a dynamic-rank run; set {0}", ("dynamic",))
         if self.frozen and not self.dynamic:
             raise SettingError("frozen", "a QDyLoRA variant; it needs {0}", ("dynamic",))
+        if self.rank_schedule != "uniform" and not self.dynamic:
+            raise SettingError("rank_schedule", "a QDyLoRA setting; it needs {0}", ("dynamic",))
 
     @property
     def adapter_rank(self) -> int:
@@ -264,6 +268,11 @@ class CalibSpec(Spec):
                                        f"0 to 1 [{SEQUENTIAL_ASYM_ALPHA} sequential, 0 independent].",
                                        minimum=0.0, maximum=1.0, optional=True)
     seed: int = setting(0, "int", "Seed of the windows and of a randomized method.", minimum=0)
+    distill_steps: int = setting(0, "int", "After rounding, steps tuning the continuous parameters (embeddings, "
+                                 "norms, head, row scales) towards the float model (QuIP#'s fine-tuning); 0: none.",
+                                 minimum=0)
+    distill_lr: float = setting(3e-3, "float", "Learning rate of the distillation.", minimum=0.0, above=True)
+    distill_batch: int = setting(16, "int", "Calibration windows per distillation step.", minimum=1)
 
     def validate(self) -> None:
         if self.asym_alpha and self.mode != "sequential":
@@ -359,6 +368,8 @@ class PlanSpec(Spec):
                                  minimum=2)
     calib_mode: str = setting(default_of(CalibSpec, "mode"), "str", "Calibration mode (sequential adds GPTAQ's "
                               "float twin).", choices=MODES)
+    distill_steps: int = setting(default_of(CalibSpec, "distill_steps"), "int", "Distillation steps after "
+                                 "rounding (quantize).", minimum=0)
     workers: int = setting(2, "int", "Ray workers (calibrate).", minimum=1)
     train_workers: int = setting(1, "int", "Data-parallel workers on this node (finetune): each plans for its share "
                                  "of --batch, one device each; on a CPU all share the one memory.", minimum=1)

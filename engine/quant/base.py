@@ -54,6 +54,16 @@ class QuantizedWeight(nn.Module, ABC):
     def shape(self) -> torch.Size:
         return torch.Size((self.out_features, self.in_features))
 
+    @property
+    def has_row_scales(self) -> bool:
+        """Whether every output row has scales of its own that :meth:`scale_rows` can multiply (distillation
+        tunes one gain per row and folds it in: no bit added)."""
+        return False
+
+    def scale_rows(self, gain: torch.Tensor) -> None:
+        """Multiply row ``r`` of the weight by ``gain[r]`` in place, through the stored scales."""
+        raise EngineError(f"{self.format_name} weights have no per-row scales to multiply")
+
     @abstractmethod
     def dequantize(
         self, dtype: torch.dtype = torch.float32, rows: Span | None = None, cols: Span | None = None

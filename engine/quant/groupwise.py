@@ -111,6 +111,13 @@ class GroupQuantizedWeight(QuantizedWeight):
         return self.scales.shape[1]
 
     @property
+    def has_row_scales(self) -> bool:
+        return True
+
+    def scale_rows(self, gain: torch.Tensor) -> None:
+        self.scales.copy_((self.scales.float() * gain.float().to(self.scales.device)[:, None]).to(self.scales.dtype))
+
+    @property
     def column_granule(self) -> int | None:
         """Whole groups; none with act-order (stored columns are permuted: a span of the weight's columns is
         spread over every group) or one group per row."""

@@ -201,6 +201,16 @@ class QuipWeight(QuantizedWeight):
     def rotate_out(self) -> bool:
         return hasattr(self, "signs_out")
 
+    @property
+    def has_row_scales(self) -> bool:
+        """One scale per output row, unless the output side is rotated (one scale per layer)."""
+        return not self.rotate_out and len(self.scale) == self.out_features
+
+    def scale_rows(self, gain: torch.Tensor) -> None:
+        if not self.has_row_scales:
+            super().scale_rows(gain)
+        self.scale.copy_((self.scale.float() * gain.float().to(self.scale.device)).to(self.scale.dtype))
+
     def config(self) -> dict[str, Any]:
         return {
             "bits": self.bits,

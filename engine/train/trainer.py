@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from engine.data import Example, collate
 from engine.errors import EngineError
 from engine.model.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
+from engine.train.rank_schedule import step_ranks
 from engine.options import as_plain
 from engine.storage import atomic_write_bytes
 from engine.train.checkpoint import (
@@ -80,6 +81,7 @@ class Trainer:
         pad_id: int,
         *,
         rank_max: int | None = None,
+        rank_schedule: str = "uniform",
         dynamic_frozen: bool = False,
         host_optimizer: bool = False,
         loss_fn: LossFn = chunked_causal_lm_loss,
@@ -87,8 +89,9 @@ class Trainer:
         device: torch.device | str = "cpu",
         group: WorkerGroup = ONE_PROCESS,
     ) -> None:
-        """``rank_max`` (QDyLoRA) samples the active rank from 1..rank_max every step; ``dynamic_frozen``
-        then trains only the sampled rank's component.  ``host_optimizer`` keeps the optimizer state in
+        """``rank_max`` (QDyLoRA) trains prefixes of the adapter, the ranks of each step chosen by
+        ``rank_schedule`` (:mod:`engine.train.rank_schedule`); ``dynamic_frozen`` then trains only the sampled
+        rank's component.  ``host_optimizer`` keeps the optimizer state in
         host memory.  Batches are built on the host and moved to ``device``, where the model computes.
         ``group``: the data-parallel workers this one belongs to (``torch.distributed`` set up)."""
         if not examples:
@@ -99,7 +102,7 @@ class Trainer:
         self.model, self.examples, self.config = model, examples, config
         self.out_dir = Path(out_dir)
         self.pad_id, self.loss_fn, self.eval_fn = pad_id, loss_fn, eval_fn
-        self.rank_max, self.dynamic_frozen = rank_max, dynamic_frozen
+        self.rank_max, self.rank_schedule, self.dynamic_frozen = rank_max, rank_schedule, dynamic_frozen
         self.device = torch.device(device)
         self.group = group
         self.lead = group.rank == 0  # writes the logs, checkpoints and outputs
@@ -216,20 +219,22 @@ class Trainer:
     def _step(self, step: int) -> dict[str, float]:
         c = self.config
         self.model.train()
-        rank = None
+        ranks = [(None, 1.0)]
         if self.rank_max:
-            rank = int(torch.randint(1, self.rank_max + 1, (1,), generator=self.generators["rank"]))
-            set_active_rank(self.model, rank, self.dynamic_frozen)
+            ranks = step_ranks(self.rank_schedule, self.rank_max, self.generators["rank"])
         total, tokens = 0.0, 0
         for micro in range(c.grad_accum):
             batch, count, share = self._batch(step, micro)
-            last = micro == c.grad_accum - 1
-            with nullcontext() if last or self.group.size == 1 else self.forward.no_sync():  # all-reduce once
-                loss = self.forward(batch) / c.grad_accum
-                if self.group.size > 1:  # DDP averages over the workers: weigh each by its share of the tokens
-                    loss = loss * (share * self.group.size)
-                loss.backward()
-            total += loss.item() / self.group.size
+            for i, (rank, weight) in enumerate(ranks):
+                if rank is not None:
+                    set_active_rank(self.model, rank, self.dynamic_frozen)
+                last = micro == c.grad_accum - 1 and i == len(ranks) - 1
+                with nullcontext() if last or self.group.size == 1 else self.forward.no_sync():  # all-reduce once
+                    loss = self.forward(batch) * (weight / c.grad_accum)
+                    if self.group.size > 1:  # DDP averages over the workers: weigh each by its share of the tokens
+                        loss = loss * (share * self.group.size)
+                    loss.backward()
+                total += loss.item() / self.group.size
             tokens += count
         if self.group.size > 1:
             (total,) = all_sum([total], self.device)
@@ -244,8 +249,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-        if rank is not None:
-            out["rank"] = rank
+        if self.rank_max:
+            out["rank"] = ranks[0][0]
         return out
 
     def _evaluate(self) -> dict[str, float]:

@@ -50,6 +50,10 @@ ALIGN_WEIGHT_COPIES = 2
 # One calibration forward pass of a block (CALIB_BATCH windows): its [T, hidden] and [T, ffn] tensors in the
 # model's dtype (as the training recompute's, without gradients), and the layer input upcast to the statistics'
 # dtype by the recording hook.
+# Distillation: windows per forward (engine.train.distill.MICRO_WINDOWS), and float32 [T, vocab] tensors alive at
+# its backward (logits, log-softmax, their gradients).
+DISTILL_MICRO_WINDOWS = 4
+DISTILL_LOGIT_COPIES = 4
 CALIB_FORWARD_HIDDEN = RECOMPUTE_HIDDEN_COPIES
 CALIB_FORWARD_FFN = RECOMPUTE_FFN_COPIES
 # Writing a block file: the block's packed tensors, and safetensors' serialized copy of them.
@@ -78,6 +82,7 @@ class StageInputs:
     batch: int
     tier: str  # eval / correct: where the packed blocks live (disk streams them; anything else holds them)
     prefetch: int
+    distill: bool = False  # quantize: the rounded model's continuous parameters then distilled (--distill-steps)
 
 
 @dataclass(frozen=True)
@@ -252,7 +257,30 @@ def _quantize(i: StageInputs) -> list[Part]:
     stats = parts.pop()  # one process: the statistics' forward pass and the quantizer come one after the other
     work = _largest_quantize(i)
     parts.append(stats if stats.nbytes > work.nbytes else work)
-    return [*parts, _written_block(i)]
+    parts.append(_written_block(i))
+    if i.distill:  # after the blocks are written: the larger of the two phases is the stage's peak
+        distill = _distill(i)
+        return distill if sum(p.nbytes for p in distill) > sum(p.nbytes for p in parts) else parts
+    return parts
+
+
+def _distill(i: StageInputs) -> list[Part]:
+    """Distillation (engine.train.distill): the packed model resident, its float tensors trained in float32 with
+    Adam, the teacher's log-probabilities of every window, and one micro-batch's forward and backward (an
+    estimate from the recompute constants, not measured)."""
+    s = i.shapes
+    tokens = DISTILL_MICRO_WINDOWS * i.calib_seq_len
+    floats = s.outside_params + s.n_blocks * s.block_other_params
+    activations = (s.n_blocks * tokens * (RECOMPUTE_HIDDEN_COPIES * s.hidden_size + RECOMPUTE_FFN_COPIES
+                                          * s.intermediate_size) * FLOAT32 + DISTILL_LOGIT_COPIES * tokens
+                   * s.vocab_size * FLOAT32)
+    return [_framework(),
+            Part(f"packed decoder weights ({s.n_blocks} blocks)", s.n_blocks * packed_block_bytes(s, i.bits, i.group_size),
+                 "host"),
+            Part("float tensors trained: weights, gradients, Adam moments (float32)", 4 * floats * FLOAT32, "host"),
+            Part(f"teacher log-probabilities ({i.calib_windows} windows, float16)",
+                 i.calib_windows * i.calib_seq_len * s.vocab_size * 2, "host"),
+            Part(f"forward and backward of {DISTILL_MICRO_WINDOWS} windows (estimate)", activations, "host")]
 
 
 def _packed_resident(i: StageInputs) -> list[Part]:

@@ -1,0 +1,37 @@
+"""QDyLoRA rank schedules: which prefixes of a rank-``R`` adapter a training step computes its loss at.
+
+Each step trains the adapter at one or more *active ranks* ``b`` (the first ``b``
+components, at the trained rank's scale ``alpha / R``), with a weight per rank
+that sums to 1:
+
+* ``uniform``: one rank, uniform on 1..R (DyLoRA and QDyLoRA as published).
+* ``pair``: two ranks, a sampled one with P(b) proportional to 1/b and R itself,
+  half the loss each.  Small prefixes are sampled more often, as they need
+  (uniform sampling leaves a rank-1 prefix 10% above a rank-1 run), and every
+  step keeps the whole adapter trained towards the full-rank optimum.
+* ``nested``: every power of two up to R, and R, equal weights (the Matryoshka
+  loss): every evaluated prefix is trained every step, at that many forward and
+  backward passes per step.
+
+``docs/qdylora.md`` measures each against fixed-rank runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEDULES = ("uniform", "pair", "nested")
+
+
+def step_ranks(schedule: str, rank_max: int, generator: torch.Generator) -> list[tuple[int, float]]:
+    """``[(active rank, loss weight)]`` for one step; draws from ``generator`` (one draw for uniform and pair)."""
+    if schedule == "uniform":
+        return [(int(torch.randint(1, rank_max + 1, (1,), generator=generator)), 1.0)]
+    if schedule == "pair":
+        inverse = 1.0 / torch.arange(1, rank_max + 1, dtype=torch.float64)
+        rank = int(torch.multinomial(inverse, 1, generator=generator)) + 1
+        return [(rank, 0.5), (rank_max, 0.5)] if rank < rank_max else [(rank_max, 1.0)]
+    if schedule == "nested":
+        ranks = sorted({1 << i for i in range(rank_max.bit_length()) if 1 << i <= rank_max} | {rank_max})
+        return [(rank, 1.0 / len(ranks)) for rank in ranks]
+    raise ValueError(f"unknown rank schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")

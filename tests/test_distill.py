@@ -1,0 +1,68 @@
+"""Distillation of a quantized model's continuous parameters (``quantize --distill-steps``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import GGUF_MODEL, TRAIN_TXT, directory_tensors, layer_stats
+from engine.errors import EngineError
+from engine.model import load_model
+from engine.pipelines import CalibSpec, QuantizeSpec, quantize
+from engine.quant import make_quantizer
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("quip", {"bits": 2}), ("optq", {"bits": 3, "group_size": 32, "act_order": True}), ("rtn", {"bits": 4}),
+])
+def test_a_row_gain_multiplies_exactly_its_row(method, settings):
+    """Folding a gain into the stored scales multiplies each dequantized row by its gain (up to the float16
+    rounding of the scales), on a ragged shape."""
+    weight = torch.randn(37, 72, dtype=torch.float64)
+    quantizer = make_quantizer(method, **settings)
+    qweight = quantizer.quantize(weight, layer_stats(72) if quantizer.needs_calibration else None)
+    assert qweight.has_row_scales
+    before = qweight.dequantize(torch.float64)
+    gain = torch.linspace(0.5, 1.5, 37, dtype=torch.float64)
+    qweight.scale_rows(gain.float())
+    expected = before * gain[:, None]
+    assert torch.allclose(qweight.dequantize(torch.float64), expected, rtol=2e-3, atol=1e-6)
+
+
+def test_a_format_with_one_scale_per_layer_refuses_row_gains():
+    qweight = make_quantizer("quip", bits=2, incoherence="both").quantize(torch.randn(16, 32), layer_stats(32))
+    assert not qweight.has_row_scales
+    with pytest.raises(EngineError, match="no per-row scales"):
+        qweight.scale_rows(torch.ones(16))
+
+
+def _kl_to_float(float_model, directory, windows) -> float:
+    """Mean per-token KL(float || quantized) on held-out windows, in float64 (computed here, not by the engine)."""
+    model = load_model(directory)[0]
+    with torch.no_grad():
+        t = float_model(input_ids=windows).logits.double().log_softmax(-1)
+        s = model(input_ids=windows).logits.double().log_softmax(-1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_distillation_brings_the_quantized_model_to_the_float_one_and_keeps_the_codes(float_model, valid_windows,
+                                                                                        tmp_path):
+    """Through the quantize use case: the distilled directory is closer to the float model on held-out text than
+    the rounded one, its codes and sign vectors are the rounded one's bit for bit, and its manifest says what ran."""
+    def run(out, steps):
+        calib = CalibSpec(file=str(TRAIN_TXT), windows=16, seq_len=64, distill_steps=steps, distill_batch=8)
+        return quantize(QuantizeSpec(model=str(GGUF_MODEL), out=str(out), method="quip", options={"bits": 2},
+                                     calib=calib))
+
+    run(tmp_path / "rounded", 0)
+    manifest = run(tmp_path / "distilled", 40)
+    record = manifest["distillation"]
+    assert record["steps"] == 40 and record["layers_with_row_gains"] == 35
+    assert record["last_kl"] < record["first_kl"]
+    held_out = valid_windows[:8, :128]
+    rounded, distilled = (_kl_to_float(float_model[0], tmp_path / d, held_out) for d in ("rounded", "distilled"))
+    assert distilled < 0.8 * rounded, (rounded, distilled)
+    a, b = directory_tensors(tmp_path / "rounded"), directory_tensors(tmp_path / "distilled")
+    packed = [k for k in a if k.split(":")[1].split(".")[-1].startswith(("codes", "signs"))]
+    assert packed and all(torch.equal(a[k], b[k]) for k in packed)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scale"))
