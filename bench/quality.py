@@ -151,7 +151,7 @@ def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Te
               "steps of 16 calibration windows tune the embeddings, norms, output head and one gain per output row "
               "(folded into the stored scales, no bit added) towards the float model's next-token distribution "
               "(KL only, no cross-entropy, so the target is the float model, not the text). The codes are the "
-              "rounded row's. It is opt-in: each step runs the float teacher, which at 7B on a CPU is hours. "
+              "rounded row's. It is opt-in: the teacher runs once over the windows, but the steps train the whole resident packed model (minutes here, hours for a 7B model on a CPU; its memory: `modulora plan --stage quantize --distill-steps 300`). "
               "Its time is included in `quantize s`."]
     if kept:
         lines += ["", "Written with `--keep-measured`: the rows of the previous table were kept as measured then (the "

