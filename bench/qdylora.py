@@ -105,8 +105,8 @@ def main() -> None:
             "rank-1 run: 7.064 against 5.144 in the same setting). Metric: perplexity on the whole of `valid.txt`.",
             "Rank schedules (`--rank-schedule`, `engine/train/rank_schedule.py`): `uniform` trains one rank a step, "
             "uniform on 1..R (QDyLoRA as published); `pair` a rank drawn with P(b) proportional to 1/b and R itself, "
-            "half the loss each (two passes a step); `nested` every power of two up to R, equal weights (five "
-            "passes a step).",
+            "half the loss each (two passes a step); `nested` every power of two up to R, rank 1 and R at twice the "
+            "weight of the others (five passes a step).",
             table(["rank", "ppl, fixed-rank run", *(f"ppl, dynamic {k} (vs fixed)" for k in SCHEDULES)], rows),
             "![perplexity per rank](qdylora.png)",
             "Wall time (this machine, shared CPU; `train s` is the training loop alone, `total s` every command "

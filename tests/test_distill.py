@@ -66,3 +66,22 @@ def test_distillation_brings_the_quantized_model_to_the_float_one_and_keeps_the_
     packed = [k for k in a if k.split(":")[1].split(".")[-1].startswith(("codes", "signs"))]
     assert packed and all(torch.equal(a[k], b[k]) for k in packed)
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scale"))
+
+
+def test_folding_the_gains_keeps_the_layer_s_output_bias_included():
+    """What the model computed with the gains applied (forward hooks) is what it computes after they are folded
+    into the scales (and the bias), up to the float16 rounding of the scales."""
+    from torch import nn
+
+    from engine.lora import ModuLoRALinear
+    from engine.train.distill import row_gains
+
+    qweight = make_quantizer("rtn", bits=4).quantize(torch.randn(24, 64), None)
+    model = nn.Sequential(ModuLoRALinear(qweight, torch.randn(24)))
+    x = torch.randn(5, 64)
+    with row_gains(model) as gains, torch.no_grad():
+        gains["0"].copy_(torch.linspace(0.6, 1.4, 24))
+        hooked = model(x)
+    assert (model(x) - hooked).norm() / hooked.norm() < 1e-3  # float16 scales: 2^-11 relative rounding
+    assert not torch.allclose(hooked, nn.Sequential(ModuLoRALinear(
+        make_quantizer("rtn", bits=4).quantize(torch.randn(24, 64), None)))(x))

@@ -26,11 +26,14 @@ def test_pair_draws_small_ranks_as_one_over_b_and_always_trains_the_full_rank():
     assert all(d == [(4, 1.0)] for d in draws if d[0][0] == 4)  # drawing R itself: one pass, not two
 
 
-@pytest.mark.parametrize("rank_max, ranks", [(16, [1, 2, 4, 8, 16]), (6, [1, 2, 4, 6]), (1, [1])])
-def test_nested_trains_every_power_of_two_and_the_full_rank(rank_max, ranks):
+@pytest.mark.parametrize("rank_max, ranks, weights", [
+    (16, [1, 2, 4, 8, 16], [2 / 7, 1 / 7, 1 / 7, 1 / 7, 2 / 7]), (6, [1, 2, 4, 6], [2 / 6, 1 / 6, 1 / 6, 2 / 6]),
+    (2, [1, 2], [0.5, 0.5]), (1, [1], [1.0]),
+])
+def test_nested_trains_every_power_of_two_and_the_full_rank_the_ends_twice(rank_max, ranks, weights):
     steps = step_ranks("nested", rank_max, torch.Generator().manual_seed(0))
     assert [r for r, _ in steps] == ranks
-    assert all(w == pytest.approx(1 / len(ranks)) for _, w in steps)
+    assert [w for _, w in steps] == pytest.approx(weights)
 
 
 def test_an_unknown_schedule_is_refused():

@@ -63,7 +63,10 @@ def row_gains(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
             handle.remove()
         with torch.no_grad():
             for name, gain in gains.items():
-                model.get_submodule(name).base.scale_rows(gain.detach())
+                layer = model.get_submodule(name)
+                layer.base.scale_rows(gain.detach())
+                if layer.bias is not None:  # the hook scaled the bias too
+                    layer.bias.mul_(gain.detach().to(layer.bias))
 
 
 def token_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
