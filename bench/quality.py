@@ -33,7 +33,7 @@ OFF = {"act_order": False, "clip_search": False}  # OPTQ as in the reference cod
 # so no row moves when a default does.  Calibration: sequential, 128 windows of 256 tokens from train.txt (the
 # OPTQ paper's protocol); the best settings add a Hessian-weighted clip search and GPTAQ-style asymmetric
 # calibration (asym_alpha); "+ distill" rows then tune the continuous parameters towards the float model, an
-# opt-in stage (a teacher forward per step).  The "defaults" rows give only --method and --bits: each must equal
+# opt-in stage (it trains the whole packed model).  The "defaults" rows give only --method and --bits: each must equal
 # its method's best rounding row.
 # (label, method, quantizer options, calibration settings or None)
 CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
@@ -151,8 +151,9 @@ def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Te
               "steps of 16 calibration windows tune the embeddings, norms, output head and one gain per output row "
               "(folded into the stored scales, no bit added) towards the float model's next-token distribution "
               "(KL only, no cross-entropy, so the target is the float model, not the text). The codes are the "
-              "rounded row's. It is opt-in: the teacher runs once over the windows, but the steps train the whole resident packed model (minutes here, hours for a 7B model on a CPU; its memory: `modulora plan --stage quantize --distill-steps 300`). "
-              "Its time is included in `quantize s`."]
+              "rounded row's. It is opt-in: the teacher runs once over the windows, but the steps train the whole "
+              "resident packed model (minutes here, hours for a 7B model on a CPU; its memory: `modulora plan --stage "
+              "quantize --distill-steps 300`). Its time is included in `quantize s`."]
     if kept:
         lines += ["", "Written with `--keep-measured`: the rows of the previous table were kept as measured then (the "
                   "quantizers are deterministic; their `quantize s` is that run's), the new rows measured now."]

@@ -100,7 +100,7 @@ def distill_continuous(
     of ``batch_size`` token ``windows`` drawn with ``seed``; the learning rate decays on a cosine."""
     if steps < 1:
         raise EngineError(f"distillation needs at least one step, got {steps}")
-    params = [p for p in student.parameters()]  # the packed weights are buffers: these are the float tensors
+    params = list(student.parameters())  # the packed weights are buffers: these are the float tensors
     device = next(student.buffers()).device
     targets = teacher_log_probs(teacher, windows, device)
     generator = torch.Generator().manual_seed(seed)

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from engine.data import Example, collate
 from engine.errors import EngineError
 from engine.model.adapters import adapter_state, load_adapter_state, lora_parameters, set_active_rank
-from engine.train.rank_schedule import step_ranks
 from engine.options import as_plain
 from engine.storage import atomic_write_bytes
 from engine.train.checkpoint import (
@@ -38,6 +37,7 @@ from engine.train.checkpoint import (
 )
 from engine.train.losses import IGNORE_INDEX, chunked_causal_lm_loss
 from engine.train.parallel import ONE_PROCESS, LossModule, WorkerGroup, all_sum, data_parallel
+from engine.train.rank_schedule import step_ranks
 from engine.train.spec import TrainSpec
 
 if TYPE_CHECKING:
@@ -91,8 +91,7 @@ class Trainer:
     ) -> None:
         """``rank_max`` (QDyLoRA) trains prefixes of the adapter, the ranks of each step chosen by
         ``rank_schedule`` (:mod:`engine.train.rank_schedule`); ``dynamic_frozen`` then trains only the sampled
-        rank's component.  ``host_optimizer`` keeps the optimizer state in
-        host memory.  Batches are built on the host and moved to ``device``, where the model computes.
+        rank's component.  ``host_optimizer`` keeps the optimizer state in host memory.  Batches are built on the host and moved to ``device``, where the model computes.
         ``group``: the data-parallel workers this one belongs to (``torch.distributed`` set up)."""
         if not examples:
             raise EngineError("no training examples")
@@ -222,7 +221,7 @@ class Trainer:
         ranks = [(None, 1.0)]
         if self.rank_max:
             ranks = step_ranks(self.rank_schedule, self.rank_max, self.generators["rank"])
-        total, tokens = 0.0, 0
+        total, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for micro in range(c.grad_accum):
             batch, count, share = self._batch(step, micro)
             for i, (rank, weight) in enumerate(ranks):
@@ -234,8 +233,9 @@ class Trainer:
                     if self.group.size > 1:  # DDP averages over the workers: weigh each by its share of the tokens
                         loss = loss * (share * self.group.size)
                     loss.backward()
-                total += loss.item() / self.group.size
+                total += loss.detach().double() / self.group.size
             tokens += count
+        total = total.item()  # one host sync a step, whatever the number of passes
         if self.group.size > 1:
             (total,) = all_sum([total], self.device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))

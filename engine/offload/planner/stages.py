@@ -50,12 +50,12 @@ ALIGN_WEIGHT_COPIES = 2
 # One calibration forward pass of a block (CALIB_BATCH windows): its [T, hidden] and [T, ffn] tensors in the
 # model's dtype (as the training recompute's, without gradients), and the layer input upcast to the statistics'
 # dtype by the recording hook.
+CALIB_FORWARD_HIDDEN = RECOMPUTE_HIDDEN_COPIES
+CALIB_FORWARD_FFN = RECOMPUTE_FFN_COPIES
 # Distillation: windows per forward (engine.train.distill.MICRO_WINDOWS), and float32 [T, vocab] tensors alive at
 # its backward (logits, log-softmax, their gradients).
 DISTILL_MICRO_WINDOWS = 4
 DISTILL_LOGIT_COPIES = 4
-CALIB_FORWARD_HIDDEN = RECOMPUTE_HIDDEN_COPIES
-CALIB_FORWARD_FFN = RECOMPUTE_FFN_COPIES
 # Writing a block file: the block's packed tensors, and safetensors' serialized copy of them.
 WRITE_COPIES = 2
 # Perplexity (engine.eval.perplexity): the model's float32 logits, their float64 copy and its log-softmax.
@@ -275,8 +275,8 @@ def _distill(i: StageInputs) -> list[Part]:
                                           * s.intermediate_size) * FLOAT32 + DISTILL_LOGIT_COPIES * tokens
                    * s.vocab_size * FLOAT32)
     return [_framework(),
-            Part(f"packed decoder weights ({s.n_blocks} blocks)", s.n_blocks * packed_block_bytes(s, i.bits, i.group_size),
-                 "host"),
+            Part(f"packed decoder weights ({s.n_blocks} blocks)",
+                 s.n_blocks * packed_block_bytes(s, i.bits, i.group_size), "host"),
             Part("float tensors trained: weights, gradients, Adam moments (float32)", 4 * floats * FLOAT32, "host"),
             Part(f"teacher log-probabilities ({i.calib_windows} windows, float16)",
                  i.calib_windows * i.calib_seq_len * s.vocab_size * 2, "host"),
