@@ -49,6 +49,8 @@ CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
     # QuIP#'s fine-tuning: the rounded model's continuous parameters distilled towards the float one (--distill-steps)
     *[("quip# asym 0.5 + distill 300", "quip", {"bits": b}, {"asym_alpha": 0.5, "distill_steps": 300})
       for b in (3, 2)],
+    *[("quip# asym 0.5 + distill 300 on 512 windows", "quip", {"bits": b},
+       {"asym_alpha": 0.5, "distill_steps": 300, "distill_windows": 512}) for b in (3, 2)],
     *[("optq g32 act-order clip-search asym 0.5 + distill 300", "optq",
        {"bits": b, "group_size": 32, "act_order": True, "clip_search": True}, {"asym_alpha": 0.5, "distill_steps": 300})
       for b in (3, 2)],
@@ -153,7 +155,9 @@ def write_report(rows: list[dict[str, Any]], float_ppl: float, windows: torch.Te
               "(KL only, no cross-entropy, so the target is the float model, not the text). The codes are the "
               "rounded row's. It is opt-in: the teacher runs once over the windows, but the steps train the whole "
               "resident packed model (minutes here, hours for a 7B model on a CPU; its memory: `modulora plan --stage "
-              "quantize --distill-steps 300`). Its time is included in `quantize s`."]
+              "quantize --distill-steps 300`). Its time is included in `quantize s`. `on 512 windows`: "
+              "`--distill-windows 512`, the distillation's own draw of 512 windows from train.txt instead of the "
+              "128 calibration windows."]
     if kept:
         lines += ["", "Written with `--keep-measured`: the rows of the previous table were kept as measured then (the "
                   "quantizers are deterministic; their `quantize s` is that run's), the new rows measured now."]

@@ -131,6 +131,8 @@ def _distill(spec: QuantizeSpec, source: CheckpointSource, windows: torch.Tensor
     The student is the packed model, resident; the teacher streams its decoder blocks from the checkpoint."""
     c = spec.calib
     start = time.perf_counter()
+    if c.distill_windows is not None:  # a draw of its own: seeded apart from the calibration's
+        windows = calibration_windows(source.tokenizer(), read_text(c.file), c.distill_windows, c.seq_len, c.seed + 1)
     student, tokenizer, _ = load_quantized(spec.out)
     place(student, device)
     teacher, streamer = stream_checkpoint(source, TEACHER_PREFETCH, device)
@@ -140,6 +142,7 @@ def _distill(spec: QuantizeSpec, source: CheckpointSource, windows: torch.Tensor
     finally:
         streamer.close()
     info["distillation"] = {"steps": c.distill_steps, "lr": c.distill_lr, "batch": c.distill_batch,
+                            "windows": len(windows),
                             "first_kl": result.first_loss, "last_kl": result.last_loss,
                             "layers_with_row_gains": result.gained_layers, "seconds": time.perf_counter() - start}
     info["quantize_seconds"] += info["distillation"]["seconds"]

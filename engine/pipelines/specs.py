@@ -273,6 +273,9 @@ class CalibSpec(Spec):
                                  minimum=0)
     distill_lr: float = setting(3e-3, "float", "Learning rate of the distillation.", minimum=0.0, above=True)
     distill_batch: int = setting(16, "int", "Calibration windows per distillation step.", minimum=1)
+    distill_windows: int | None = setting(None, "int", "Windows of the calibration text the distillation trains "
+                                          "on, drawn apart from the calibration's [the calibration windows].",
+                                          minimum=1, optional=True)
 
     def validate(self) -> None:
         if self.asym_alpha and self.mode != "sequential":
@@ -370,6 +373,8 @@ class PlanSpec(Spec):
                               "float twin).", choices=MODES)
     distill_steps: int = setting(default_of(CalibSpec, "distill_steps"), "int", "Distillation steps after "
                                  "rounding (quantize).", minimum=0)
+    distill_windows: int | None = setting(None, "int", "Windows the distillation trains on (quantize) [the "
+                                          "calibration windows].", minimum=1, optional=True)
     workers: int = setting(2, "int", "Ray workers (calibrate).", minimum=1)
     train_workers: int = setting(1, "int", "Data-parallel workers on this node (finetune): each plans for its share "
                                  "of --batch, one device each; on a CPU all share the one memory.", minimum=1)

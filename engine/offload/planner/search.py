@@ -21,7 +21,7 @@ def build_plan(i: PlanInputs, tier: str, optimizer_offloaded: bool) -> Plan:
     s, a = i.shapes, i.act_bytes
     block = packed_block_bytes(s, i.bits, i.group_size)
     params = lora_params(s, i.rank)
-    phases = activation_phases(i, tier)
+    phases = activation_phases(i)
     opt_where = "host" if optimizer_offloaded else "device"
     on_disk = s.disk_vocab_params if tier == "disk" else 0
     parts = [

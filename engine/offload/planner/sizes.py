@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from engine.lora.function import matmul_dtype
 from engine.lora.linear import tile_numel_for
 from engine.offload.planner.inputs import PlanInputs
 from engine.offload.shapes import ModelShapes
@@ -36,18 +39,21 @@ DEQUANT_TILE_EXTRA_BYTES = 1  # per weight of a tile, beyond its dense copy: the
 # trainer's tiled loss (engine.train.losses) holds far less, so for it this phase is an upper bound.  Loss and block
 # peaks come one after the other, never together.
 LOSS_FLOAT32_COPIES = 3
-# [T, vocab] float32 buffers of that loss still held while the blocks run their backward, on top of the block's own
-# peak: measured 2 with the head in memory (15.4 MiB missing at vocabulary 4000 and T = 512, the same at 4, 8 and 12
-# blocks), 1 with the disk tier's head (6.9 MiB).
-LOSS_RESIDUE_FLOAT32_COPIES = {"resident": 2, "disk": 1}
+# One [T, vocab] float32 buffer of that loss is still held while the last block runs its backward, on top of the
+# block's own peak, and is gone by the next block (torch.profiler's live tensors, transformers 5.24, vocabulary
+# 4000, T = 512: that block's peak 8.4 MiB above every later one, with the head in memory and on the disk tier alike).
+# The LoRA gradients, counted whole among the parts, grow during the backward: at the last block only its own exist,
+# so the residue adds only what exceeds the gradients still to come.
+LOSS_RESIDUE_FLOAT32_COPIES = 1
 # CPU resident memory beyond live tensors during a step (oneDNN scratch, the autograd graph, small-object heap):
 # measured RSS peak - exact tensor peak over 12 shapes: 17-33 MiB, mean 25 MiB, with glibc's mmap threshold fixed
 # (MALLOC_MMAP_THRESHOLD_=131072; glibc's default moving threshold left 100 MB more in a fragmented heap here).
-CPU_STEP_OVERHEAD_BYTES = 25 * MIB
-# The disk tier's step beyond that and the blocks in flight: the prefetch thread's own malloc arena, the block kept
-# over the forward/backward turn, the tables' row and tile reads.  Measured: 12 MiB over the rest of the plan on 8
-# Llama blocks of hidden 1024 (tests/test_plan.py), where the resident step of the same shape is within 6%.
-CPU_DISK_STREAMING_BYTES = 12 * MIB
+# Re-measured with torch 2.13 and transformers 5.24 on tests/test_plan.py's 8-block shape: 18 MiB.
+CPU_STEP_OVERHEAD_BYTES = 20 * MIB
+# The disk tier's step beyond that and the blocks in flight: the prefetch thread's own malloc arena, the tables' row
+# and tile reads.  Measured on 8 Llama blocks of hidden 1024 (tests/test_plan.py): the disk step's peak RSS less the
+# resident step's, less the packed weights and tables the disk tier does not hold and its blocks in flight, 4.0 MiB.
+CPU_DISK_STREAMING_BYTES = 4 * MIB
 # The process itself: torch, transformers and the engine imported, dequantization kernels compiled (measured RSS).
 FRAMEWORK_HOST_BYTES = 530 * MIB
 # Not measured (no GPU here): CUDA context, cuBLAS workspaces and allocator fragmentation, a common rule of thumb.
@@ -77,14 +83,25 @@ def dequant_tile_numel(shapes: ModelShapes, device: str = "cpu") -> int:
     return min(tile_numel_for(device), max(out * inp for _, out, inp in shapes.block_linears))
 
 
-def activation_phases(i: PlanInputs, tier: str) -> dict[str, int]:
+def dequant_transient_bytes(shapes: ModelShapes, device: str, dtype: str, tokens: int) -> int:
+    """A layer's transient operands: one dequantized tile and its unpacked codes.  Where half precision multiplies
+    in float32 (``engine.lora.function.matmul_dtype``: a CPU without half-precision GEMMs) the tile is float32
+    and the layer's input is upcast too, down_proj's [T, ffn] the widest."""
+    mm_dtype = matmul_dtype(getattr(torch, dtype), torch.device(device))
+    mm_bytes = mm_dtype.itemsize
+    upcast = mm_bytes * tokens * shapes.intermediate_size if mm_dtype != getattr(torch, dtype) else 0
+    return dequant_tile_numel(shapes, device) * (mm_bytes + DEQUANT_TILE_EXTRA_BYTES) + upcast
+
+
+def activation_phases(i: PlanInputs) -> dict[str, int]:
     """Bytes of the step's activations: the checkpoints (one block input each, held until that block's backward),
     and the transient peaks, which come one after the other: the loss, then each block's recompute and backward."""
     s, a, t = i.shapes, i.act_bytes, i.tokens
-    residue = LOSS_RESIDUE_FLOAT32_COPIES["disk" if tier == "disk" else "resident"] * FLOAT32 * t * s.vocab_size
+    later_gradients = (s.n_blocks - 1) * lora_params(s, i.rank) // s.n_blocks * FLOAT32
+    residue = max(0, LOSS_RESIDUE_FLOAT32_COPIES * FLOAT32 * t * s.vocab_size - later_gradients)
     h, f = s.hidden_size, s.intermediate_size
     norms = NORM_FLOAT32_COPIES[i.compute_dtype] * t * h * FLOAT32
-    tile = dequant_tile_numel(s, i.device) * (a + DEQUANT_TILE_EXTRA_BYTES)
+    tile = dequant_transient_bytes(s, i.device, i.compute_dtype, t)
     return {
         "checkpoints": s.n_blocks * t * h * a,
         "loss": LOSS_FLOAT32_COPIES * FLOAT32 * t * s.vocab_size,

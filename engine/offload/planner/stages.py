@@ -19,7 +19,7 @@ from engine.offload.planner.plan import Part
 from engine.offload.planner.sizes import (
     ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
     NORM_FLOAT32_COPIES, RECOMPUTE_FFN_COPIES, RECOMPUTE_HIDDEN_COPIES,
-    dequant_tile_numel, lora_params, packed_block_bytes,
+    dequant_transient_bytes, lora_params, packed_block_bytes,
 )
 from engine.offload.shapes import ModelShapes
 from engine.options import format_size
@@ -83,6 +83,7 @@ class StageInputs:
     tier: str  # eval / correct: where the packed blocks live (disk streams them; anything else holds them)
     prefetch: int
     distill: bool = False  # quantize: the rounded model's continuous parameters then distilled (--distill-steps)
+    distill_windows: int = 0  # the windows it trains on: their teacher log-probabilities are kept
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,8 @@ def _distill(i: StageInputs) -> list[Part]:
             Part(f"packed decoder weights ({s.n_blocks} blocks)",
                  s.n_blocks * packed_block_bytes(s, i.bits, i.group_size), "host"),
             Part("float tensors trained: weights, gradients, Adam moments (float32)", 4 * floats * FLOAT32, "host"),
-            Part(f"teacher log-probabilities ({i.calib_windows} windows, float16)",
-                 i.calib_windows * i.calib_seq_len * s.vocab_size * 2, "host"),
+            Part(f"teacher log-probabilities ({i.distill_windows} windows, float16)",
+                 i.distill_windows * i.calib_seq_len * s.vocab_size * 2, "host"),
             Part(f"forward and backward of {DISTILL_MICRO_WINDOWS} windows (estimate)", activations, "host")]
 
 
@@ -312,7 +313,7 @@ def _forward_block(i: StageInputs, tokens: int) -> int:
     s, a = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
     norms = (0 if i.source_dtype == "float32" else NORM_FLOAT32_COPIES["bfloat16"]) * tokens * s.hidden_size * FLOAT32
     return (tokens * (RECOMPUTE_HIDDEN_COPIES * s.hidden_size + RECOMPUTE_FFN_COPIES * s.intermediate_size) * a
-            + norms + dequant_tile_numel(s) * (a + 1))
+            + norms + dequant_transient_bytes(s, "cpu", i.source_dtype, tokens))
 
 
 def _eval(i: StageInputs) -> list[Part]:
