@@ -48,16 +48,18 @@ def _kl_to_float(float_model, directory, windows) -> float:
 def test_distillation_brings_the_quantized_model_to_the_float_one_and_keeps_the_codes(float_model, valid_windows,
                                                                                         tmp_path):
     """Through the quantize use case: the distilled directory is closer to the float model on held-out text than
-    the rounded one, its codes and sign vectors are the rounded one's bit for bit, and its manifest says what ran."""
+    the rounded one, its codes and sign vectors are the rounded one's bit for bit, and its manifest says what ran
+    (on 96 windows of its own draw, not the 64 calibration windows)."""
     def run(out, steps):
-        calib = CalibSpec(file=str(TRAIN_TXT), windows=64, seq_len=128, distill_steps=steps, distill_batch=8)
+        calib = CalibSpec(file=str(TRAIN_TXT), windows=64, seq_len=128, distill_steps=steps, distill_batch=8,
+                          distill_windows=96)
         return quantize(QuantizeSpec(model=str(GGUF_MODEL), out=str(out), method="quip", options={"bits": 2},
                                      calib=calib))
 
     run(tmp_path / "rounded", 0)
     manifest = run(tmp_path / "distilled", 30)
     record = manifest["distillation"]
-    assert record["steps"] == 30 and record["layers_with_row_gains"] == 35
+    assert record["steps"] == 30 and record["windows"] == 96 and record["layers_with_row_gains"] == 35
     assert record["last_kl"] < record["first_kl"]
     held_out = valid_windows[:16, :128]
     rounded, distilled = (_kl_to_float(float_model[0], tmp_path / d, held_out) for d in ("rounded", "distilled"))
