@@ -66,6 +66,7 @@ SIZES = [  # (command, option, value, what the line says): sizes the model or th
     ("calibrate", "--calib-seq-len", 4096, "longer than the model's context of 2048 tokens"),
     ("correct", "--seq-len", 4096, "longer than the model's context of 2048 tokens"),
     ("calibrate", "--calib-windows", 1_000_000, "fewer than the 1000000 asked for"),
+    ("calibrate", "--distill-windows", 1_000_000, "fewer than the 1000000 asked for"),  # before any rounding
     ("finetune", "--workers", 3, "--batch-size: 2 must split evenly among the --workers (3)"),
 ]
 

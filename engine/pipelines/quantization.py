@@ -106,7 +106,10 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
         else:
             c = spec.calib
             load_outside_blocks(model, source, head=False)  # the calibration windows start at the embeddings
-            windows = calibration_windows(source.tokenizer(), read_text(c.file), c.windows, c.seq_len, c.seed)
+            text = read_text(c.file)
+            windows = calibration_windows(source.tokenizer(), text, c.windows, c.seq_len, c.seed)
+            distill_windows = windows if c.distill_windows is None else calibration_windows(
+                source.tokenizer(), text, c.distill_windows, c.seq_len, c.seed + 1)  # drawn (or refused) up front
             with session():
                 quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
                                     runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
@@ -119,7 +122,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
         raise
     manifest = writer.finish(model, info)
     if spec.calib is not None and spec.calib.distill_steps:
-        manifest = _distill(spec, source, windows, device, info)
+        manifest = _distill(spec, source, distill_windows, device, info)
     return manifest
 
 
@@ -131,8 +134,6 @@ def _distill(spec: QuantizeSpec, source: CheckpointSource, windows: torch.Tensor
     The student is the packed model, resident; the teacher streams its decoder blocks from the checkpoint."""
     c = spec.calib
     start = time.perf_counter()
-    if c.distill_windows is not None:  # a draw of its own: seeded apart from the calibration's
-        windows = calibration_windows(source.tokenizer(), read_text(c.file), c.distill_windows, c.seq_len, c.seed + 1)
     student, tokenizer, _ = load_quantized(spec.out)
     place(student, device)
     teacher, streamer = stream_checkpoint(source, TEACHER_PREFETCH, device)
