@@ -64,9 +64,18 @@ def calibration_windows(
     tokenizer: PreTrainedTokenizerBase, text: str, n_windows: int, seq_len: int, seed: int
 ) -> torch.Tensor:
     """``[n_windows, seq_len]`` token ids: windows of the tokenized ``text`` at seeded random offsets."""
+    return draw_windows(text_ids(tokenizer, text), n_windows, seq_len, seed)
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """The token ids of ``text``, no special tokens: what several draws of windows share."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def draw_windows(ids: torch.Tensor, n_windows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[n_windows, seq_len]`` windows of the calibration text's ``ids`` at seeded random offsets."""
     if n_windows < 1 or seq_len < 2:
         raise EngineError(f"need at least 1 calibration window of at least 2 tokens, got {n_windows} x {seq_len}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if len(ids) < seq_len:
         raise EngineError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
     if n_windows > len(ids) // seq_len:

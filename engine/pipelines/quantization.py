@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from engine.data import calibration_windows, read_text
+from engine.data import draw_windows, read_text, text_ids
 from engine.model import (
     BlockLifecycle,
     CheckpointSource,
@@ -106,10 +106,10 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
         else:
             c = spec.calib
             load_outside_blocks(model, source, head=False)  # the calibration windows start at the embeddings
-            text = read_text(c.file)
-            windows = calibration_windows(source.tokenizer(), text, c.windows, c.seq_len, c.seed)
-            distill_windows = windows if c.distill_windows is None else calibration_windows(
-                source.tokenizer(), text, c.distill_windows, c.seq_len, c.seed + 1)  # drawn (or refused) up front
+            ids = text_ids(source.tokenizer(), read_text(c.file))
+            windows = draw_windows(ids, c.windows, c.seq_len, c.seed)
+            distill_windows = windows if c.distill_windows is None else draw_windows(
+                ids, c.distill_windows, c.seq_len, c.seed + 1)  # drawn (or refused) up front
             with session():
                 quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
                                     runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))

@@ -91,7 +91,8 @@ class Trainer:
     ) -> None:
         """``rank_max`` (QDyLoRA) trains prefixes of the adapter, the ranks of each step chosen by
         ``rank_schedule`` (:mod:`engine.train.rank_schedule`); ``dynamic_frozen`` then trains only the sampled
-        rank's component.  ``host_optimizer`` keeps the optimizer state in host memory.  Batches are built on the host and moved to ``device``, where the model computes.
+        rank's component.  ``host_optimizer`` keeps the optimizer state in host memory.  Batches are built on the
+        host and moved to ``device``, where the model computes.
         ``group``: the data-parallel workers this one belongs to (``torch.distributed`` set up)."""
         if not examples:
             raise EngineError("no training examples")

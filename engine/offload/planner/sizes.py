@@ -87,10 +87,10 @@ def dequant_transient_bytes(shapes: ModelShapes, device: str, dtype: str, tokens
     """A layer's transient operands: one dequantized tile and its unpacked codes.  Where half precision multiplies
     in float32 (``engine.lora.function.matmul_dtype``: a CPU without half-precision GEMMs) the tile is float32
     and the layer's input is upcast too, down_proj's [T, ffn] the widest."""
-    mm_dtype = matmul_dtype(getattr(torch, dtype), torch.device(device))
-    mm_bytes = mm_dtype.itemsize
-    upcast = mm_bytes * tokens * shapes.intermediate_size if mm_dtype != getattr(torch, dtype) else 0
-    return dequant_tile_numel(shapes, device) * (mm_bytes + DEQUANT_TILE_EXTRA_BYTES) + upcast
+    compute = getattr(torch, dtype)
+    mm_dtype = matmul_dtype(compute, torch.device(device))
+    upcast = mm_dtype.itemsize * tokens * shapes.intermediate_size if mm_dtype != compute else 0
+    return dequant_tile_numel(shapes, device) * (mm_dtype.itemsize + DEQUANT_TILE_EXTRA_BYTES) + upcast
 
 
 def activation_phases(i: PlanInputs) -> dict[str, int]:
