@@ -7,9 +7,11 @@ commands users type, each under ``/usr/bin/time -v``: peak RSS of the whole proc
   one decoder block of random 3-bit codes at a time, in the product's own format (``QuantizedWriter``), and is
   then read by the same loader users' directories are.
 
-    python bench/scale.py --work /data/scale [--rows quantize-rtn,eval-disk,...] [--keep]
+    python bench/scale.py --work /data/scale [--rows quantize-rtn,eval-disk,...] [--redo]
 
-Each row's peak is also predicted by ``modulora plan --stage`` for the same settings. Writes ``docs/scale.md``.
+Each row's peak is also predicted by ``modulora plan --stage`` for the same settings.  Every finished row's
+measurement is kept in ``docs/scale.jsonl`` (rows already there are skipped unless ``--redo``), and the table of
+them all is written to ``docs/scale.md``: a row takes up to hours, so the figures outlive the scratch folder.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from typing import Any
 
 import torch
 
-from _common import REPO, SHARED, TRAIN_TXT, VALID_TXT, table, write_doc
+from _common import DOCS, REPO, SHARED, TRAIN_TXT, VALID_TXT, table, write_doc
 
 GIB = 1 << 30
 SHARD_BLOCKS = 4  # decoder blocks per checkpoint shard (about 1.6 GB at 7B)
+RESULTS = DOCS / "scale.jsonl"  # one finished row per line, the latest measurement of each row
 ROWS: dict[str, dict[str, Any]] = {}  # filled by ``row``
 
 
@@ -216,7 +219,7 @@ def disk_gb(*paths: Path) -> float:
 
 CALIB = ["--calib", TRAIN_TXT, "--calib-windows", 32, "--calib-seq-len", 512]
 PLAN_CALIB = ["--calib-windows", 32, "--calib-seq-len", 512]
-PLAN_7B = ["--model", "$WORK/ckpt7b/config.json", "--device", "cpu", "--host-mem", "24GiB", "--source-dtype", "bfloat16"]
+PLAN_7B = ["--model", "llama-7b", "--device", "cpu", "--host-mem", "24GiB", "--source-dtype", "bfloat16"]
 OPTQ = ["--method", "optq", "--bits", 3, "--group-size", 64, "--act-order"]
 PLAN_OPTQ = ["--method", "optq", "--bits", 3, "--group-size", 64]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the one-process reference of the Ray row runs the workers' kernels
@@ -337,20 +340,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="Scratch folder (about 70 GB at the most).")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"Rows to run: {', '.join(ROWS)}.")
+    parser.add_argument("--redo", action="store_true", help="Measure the rows again even if docs/scale.jsonl has them.")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results_file = work / "results.jsonl"
-    done = {json.loads(line)["row"]: json.loads(line) for line in results_file.read_text().splitlines()} \
-        if results_file.is_file() else {}
+    done = {json.loads(line)["row"]: json.loads(line) for line in RESULTS.read_text().splitlines()} \
+        if RESULTS.is_file() else {}
     wanted = [r for r in args.rows.split(",") if r]
     unknown = [r for r in wanted if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
-    make_inputs(work, [r for r in wanted if r not in done])
-    for name in wanted:
-        if name in done:
-            continue
+    todo = [r for r in wanted if args.redo or r not in done]
+    if "calibrate-2-workers" in todo and "quantize-optq-2-blocks" not in todo and not (work / "q7b2-optq").is_dir():
+        raise SystemExit("calibrate-2-workers is compared with quantize-optq-2-blocks's output, not in "
+                         f"{work}: run both rows (--rows quantize-optq-2-blocks,calibrate-2-workers --redo)")
+    make_inputs(work, todo)
+    for name in todo:
         spec = ROWS[name]
         command, _, outputs = spec["build"](work)
         for output in outputs:
@@ -366,8 +371,7 @@ def main() -> None:
         if name == "calibrate-2-workers":
             result["bit_identical_to_one_process"] = same_directories(work / "q7b2-optq", work / "q7b2-optq-ray")
         done[name] = result
-        with open(results_file, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        RESULTS.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
         print(json.dumps(result), file=sys.stderr, flush=True)
     report(done, work)
 
@@ -375,8 +379,9 @@ def main() -> None:
 def report(done: dict[str, Any], work: Path) -> None:
     """The table of every finished row, each with the planner's prediction as the planner is now."""
     rows, notes, commands = [], [], []
-    for name, r in done.items():
-        plan = planned(work, [str(a).replace("$WORK", str(work)) for a in ROWS[name]["build"](work)[1]])
+    for name in [n for n in ROWS if n in done]:
+        r = done[name]
+        plan = planned(ROWS[name]["build"](work)[1])
         peak = r["peak_rss_gib"]
         planned_peak = plan.get("host_peak_bytes", 0) / GIB if plan else None
         workers = r.get("worker_peaks_gib", [])
@@ -416,6 +421,12 @@ def report(done: dict[str, Any], work: Path) -> None:
                          f"take about {16 * r['wall_s'] / 3600:.1f} h.")
     headers = ["row", "input", "peak RSS GiB", "limit GiB", "within", "Ray workers' peaks GiB", "planned GiB",
                "planned / measured", "wall s", "max load", "output GB"]
+    earlier = [name for name in ROWS if done.get(name, {}).get("from_doc")]
+    if earlier:
+        notes.append(f"- Measured by an earlier version of this script, whose records did not outlive its scratch "
+                     f"folder (figures rebuilt from this page's rounded table): {', '.join(f'`{m}`' for m in earlier)}."
+                     "  `quantize-*`, `correct-*` rows among them ran their bfloat16 float blocks' products in "
+                     "bfloat16 (about 8x slower here than the float32 products of today's code).")
     missing = [name for name in ROWS if name not in done]
     if missing:
         notes.append(f"- Not measured yet (no finished run recorded): {', '.join(f'`{m}`' for m in missing)}.")
@@ -423,7 +434,7 @@ def report(done: dict[str, Any], work: Path) -> None:
     write_doc("scale", "Real scale: a 7B-shaped checkpoint and a 65B-shaped directory", "scale.py", body, commands)
 
 
-def planned(work: Path, args: list[str]) -> dict[str, Any] | None:
+def planned(args: list[Any]) -> dict[str, Any] | None:
     """The planner's JSON for a row (``modulora plan ... --json``)."""
     done = subprocess.run([sys.executable, "-m", "engine.cli", "plan", *map(str, args), "--json"], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import GGUF_MODEL, TRAIN_TXT, VALID_TXT, modulora
 from engine.errors import EngineError
+from engine.lora.function import cpu_has_half_matmul
 from engine.placement import Placement, resolve_device
 
 NO_CUDA = not torch.cuda.is_available()
@@ -61,3 +65,38 @@ def test_a_recipes_hardware_device_reaches_every_stage(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(EngineError, match="device"):
         load_recipe(path)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """The dtypes of every matrix product's operands run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(cpu_has_half_matmul(torch.bfloat16), reason="this CPU has bfloat16 GEMMs: products stay bfloat16")
+def test_half_precision_products_run_in_float32_on_a_cpu_without_half_gemms(q3):
+    """Where torch's half-precision GEMMs are its slow generic kernels, a loaded bfloat16 float model's linear
+    layers and a ModuLoRA layer computing in bfloat16 multiply in float32, and still answer in bfloat16."""
+    from engine.lora import ModuLoRALinear
+    from engine.model import load_float_model
+
+    model, _ = load_float_model(GGUF_MODEL, dtype=torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), MatmulDtypes() as products:
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and products.seen == {torch.float32}
+
+    qweight = copy.deepcopy(q3.get_submodule("model.layers.0.mlp.down_proj").base)
+    layer = ModuLoRALinear(qweight, rank=4, alpha=8.0, compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 8, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    with MatmulDtypes() as products:
+        y = layer(x)
+        y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and products.seen == {torch.float32}
