@@ -12,7 +12,7 @@ LoRA of the same rank, trained on the same windows for the same steps
 ``tinyshakespeare``.  An ablation table varies one default at a time at the first
 bit width.  Prints the tables and writes ``docs/lrec.md`` and ``docs/lrec.png``.
 
-    python bench/lrec.py [--bits 2,3] [--methods rtn,optq,quip] [--no-ablations] [--work DIR]
+    python bench/lrec.py [--bits 2,3] [--methods rtn,optq,quip,quip-distill] [--no-ablations] [--work DIR]
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from _common import (
     DOCS, GGUF, SHAKESPEARE_TXT, TRAIN_TXT, VALID_TXT, Cli, add_run_options, gap_closed, table, work_dir, write_doc,
 )
 
-# method -> extra `modulora quantize` options (calibrated methods read train.txt, never valid.txt)
-QUANTIZERS: dict[str, tuple[Any, ...]] = {
-    "rtn": (),
-    "optq": ("--no-act-order", "--clip-search", "--asym-alpha", 0, "--calib", TRAIN_TXT),  # settings of the
-    "quip": ("--asym-alpha", 0, "--calib", TRAIN_TXT),  # published figures, spelled out: defaults move
+# candidate -> its `modulora quantize` method and options: each method's defaults (the best rounding settings
+# measured, docs/quality.md), and QuIP# with distillation (calibrated methods read train.txt, never valid.txt)
+QUANTIZERS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "rtn": ("rtn", ()),
+    "optq": ("optq", ("--calib", TRAIN_TXT)),
+    "quip": ("quip", ("--calib", TRAIN_TXT)),
+    "quip-distill": ("quip", ("--calib", TRAIN_TXT, "--distill-steps", 300, "--distill-windows", 512)),
 }
 # one change to the `modulora correct` defaults at a time
 ABLATIONS: list[tuple[str, tuple[str, ...]]] = [
@@ -43,10 +45,11 @@ ABLATIONS: list[tuple[str, tuple[str, ...]]] = [
 
 def quantize_candidates(cli: Cli, bits: int, methods: list[str]) -> dict[str, dict[str, Any]]:
     results = {}
-    for method in methods:
-        out = cli.work / f"q{bits}-{method}"
-        _, seconds = cli.run("quantize", GGUF, "--method", method, "--bits", bits, *QUANTIZERS[method], "--out", out)
-        results[method] = {**cli.evaluate(out, VALID_TXT), "dir": out, "seconds": seconds}
+    for name in methods:
+        method, options = QUANTIZERS[name]
+        out = cli.work / f"q{bits}-{name}"
+        _, seconds = cli.run("quantize", GGUF, "--method", method, "--bits", bits, *options, "--out", out)
+        results[name] = {**cli.evaluate(out, VALID_TXT), "dir": out, "seconds": seconds}
     return results
 
 
@@ -103,6 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     bit_widths = [int(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in QUANTIZERS]:
+        parser.error(f"--methods: unknown {unknown}; candidates: {', '.join(QUANTIZERS)}")
     with work_dir(args.work, "lrec") as work:
         cli = Cli(work, args.threads)
         float_ppl = cli.evaluate(GGUF, VALID_TXT)["ppl"]
