@@ -54,10 +54,16 @@ CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
     *[("optq g32 act-order clip-search asym 0.5 + distill 300", "optq",
        {"bits": b, "group_size": 32, "act_order": True, "clip_search": True}, {"asym_alpha": 0.5, "distill_steps": 300})
       for b in (3, 2)],
+    # QTIP: QuIP#'s incoherence and LDLQ with bitshift trellis codes (engine.quant.qtip), and its RMS target
+    *[("qtip asym 0.5 + distill 300 on 512 windows", "qtip", {"bits": b},
+       {"asym_alpha": 0.5, "distill_steps": 300, "distill_windows": 512}) for b in (3, 2)],
+    *[("qtip asym 0.5", "qtip", {"bits": b}, {"asym_alpha": 0.5}) for b in (4, 3, 2)],
+    *[(f"qtip rms {r} asym 0.5", "qtip", {"bits": 3, "rms": r}, {"asym_alpha": 0.5}) for r in (0.8, 1.0)],
     *[(f"hqq g{g}", "hqq", {"bits": b, "group_size": g}, None) for b in (4, 3, 2) for g in (32, 64)],
     *[(f"{m} block {g}", m, {"bits": 4, "group_size": g}, None) for m in ("nf4", "fp4") for g in (32, 64)],
-    *[(f"defaults: --method {m} --bits {b}", m, {"bits": b}, {} if m in ("optq", "quip") else None)
-      for m, widths in (("rtn", (4, 3, 2)), ("optq", (4, 3, 2)), ("quip", (4, 3, 2)), ("hqq", (4, 3, 2)),
+    *[(f"defaults: --method {m} --bits {b}", m, {"bits": b}, {} if m in ("optq", "quip", "qtip") else None)
+      for m, widths in (("rtn", (4, 3, 2)), ("optq", (4, 3, 2)), ("quip", (4, 3, 2)), ("qtip", (4, 3, 2)),
+                        ("hqq", (4, 3, 2)),
                         ("nf4", (4,)), ("fp4", (4,))) for b in widths],
 ]
 GGUF_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")

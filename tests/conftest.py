@@ -28,7 +28,7 @@ QUANT_FORMATS = [
     ("rtn", {"bits": 2, "group_size": 32}), ("rtn", {"bits": 3, "group_size": 64}),
     ("rtn", {"bits": 4, "group_size": 32, "symmetric": True}), ("rtn", {"bits": 8, "group_size": -1}),
     ("optq", {"bits": 3, "group_size": 32, "act_order": True}), ("quip", {"bits": 2}),
-    ("nf4", {}), ("fp4", {}), ("hqq", {"bits": 3}),
+    ("nf4", {}), ("fp4", {}), ("hqq", {"bits": 3}), ("qtip", {"bits": 3, "tune_iters": 0}),
 ]
 
 

@@ -14,7 +14,7 @@ from engine.model import load_quantized, quantize_calibrated, save_quantized
 from engine.quant import LayerStats, QuipQuantizer, QuipWeight, make_quantizer, weight_from_state
 from engine.quant.e8p import e8_ball, e8_ball_encode, e8p_decode, e8p_encode, source_set
 from engine.quant.hadamard import RandomHadamard, fast_hadamard, hadamard_matrix, padded_size, random_signs
-from engine.quant.quip import STAGES, block_ldl, ldlq, rotated_hessian, rvq_encode
+from engine.quant.quip import STAGES, block_ldl, ldlq, rotated_hessian, rvq_block_encoder, rvq_encode
 
 from conftest import TRAIN_TXT
 
@@ -153,9 +153,9 @@ def test_ldlq_with_diagonal_hessian_is_nearest_rounding(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)
     w = torch.randn(24, 48, dtype=torch.float64, generator=gen)
     h = torch.diag(torch.rand(48, dtype=torch.float64, generator=gen) + 0.1)
-    codes, rounded = ldlq(w, h, STAGES[bits], tune_iters=3)
+    codes, rounded = ldlq(w, h, rvq_block_encoder(STAGES[bits]), tune_iters=3)
     nearest_codes, nearest = rvq_encode(w.view(24, 6, 8), STAGES[bits])
-    for got, want in zip(codes, nearest_codes):
+    for got, want in zip(codes.unbind(-1), nearest_codes):
         assert torch.equal(got, want)
     torch.testing.assert_close(rounded, nearest.view(24, 48).double())
 
@@ -170,8 +170,8 @@ def test_ldlq_beats_nearest_rounding_on_a_correlated_hessian() -> None:
         return torch.trace(e @ h @ e.T).item()
 
     nearest = rvq_encode(w.view(32, 8, 8), STAGES[2])[1].view(32, 64).double()
-    plain = loss(ldlq(w, h, STAGES[2])[1])
-    tuned = loss(ldlq(w, h, STAGES[2], tune_iters=5)[1])
+    plain = loss(ldlq(w, h, rvq_block_encoder(STAGES[2]))[1])
+    tuned = loss(ldlq(w, h, rvq_block_encoder(STAGES[2]), tune_iters=5)[1])
     assert tuned <= plain < 0.8 * loss(nearest)
 
 

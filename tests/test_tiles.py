@@ -13,7 +13,7 @@ from gguf.quants import quantize as gguf_quantize
 from engine.lora import ModuLoRALinear
 from engine.quant import GGUFWeight, LayerStats, make_quantizer
 from engine.quant.adapters import bnb4bit, gguf_blocks, hqq_quant
-from engine.quant import groupwise, quip
+from engine.quant import groupwise, qtip, quip
 
 OUT, IN = 192, 512
 TILE = OUT * IN // 5  # five tiles or so a product
@@ -45,6 +45,7 @@ FORMATS = {
     "optq per row": lambda w: make_quantizer("optq", bits=4, group_size=-1).quantize(w, stats(2)),
     "quip# input": lambda w: make_quantizer("quip", bits=2, tune_iters=0).quantize(w, stats(3)),
     "quip# both": lambda w: make_quantizer("quip", bits=2, incoherence="both", tune_iters=0).quantize(w, stats(4)),
+    "qtip": lambda w: make_quantizer("qtip", bits=3, tune_iters=0).quantize(w, stats(5)),
     "nf4": lambda w: make_quantizer("nf4", group_size=64).quantize(w),
     "hqq": lambda w: make_quantizer("hqq", bits=3, group_size=64).quantize(w),
     "gguf Q4_K": lambda w: gguf_weight(w, "Q4_K"),
@@ -60,7 +61,7 @@ class DecodeCounter:
         self.weights = 0
         for owner, name in ((groupwise, "dequantize_groups"), (quip.QuipWeight, "rotated"),
                             (bnb4bit.BnB4BitWeight, "_dequantize_run"), (hqq_quant.HQQWeight, "_dequantize_groups"),
-                            (gguf_blocks, "dequantize_blocks")):
+                            (gguf_blocks, "dequantize_blocks"), (qtip, "trellis_decode")):
             monkeypatch.setattr(owner, name, self.counting(getattr(owner, name)))
 
     def counting(self, decode):

@@ -22,6 +22,7 @@ from engine.quant.groupwise import GroupQuantizedWeight  # isort: skip
 from engine.quant.rtn import RTNQuantizer  # isort: skip
 from engine.quant.optq import OPTQQuantizer  # isort: skip
 from engine.quant.quip import QuipQuantizer, QuipWeight  # isort: skip
+from engine.quant.qtip import QtipQuantizer, TrellisWeight  # isort: skip
 from engine.quant.adapters import (
     AWQPackedWeight, BnB4BitWeight, FP4Quantizer, GGUFWeight, GPTQPackedWeight, HQQQuantizer, HQQWeight, NF4Quantizer,
 )
@@ -40,11 +41,13 @@ __all__ = [
     "LayerStats",
     "NF4Quantizer",
     "OPTQQuantizer",
+    "QtipQuantizer",
     "QuantizedWeight",
     "Quantizer",
     "QuipQuantizer",
     "QuipWeight",
     "RTNQuantizer",
+    "TrellisWeight",
     "all_options",
     "make_quantizer",
     "methods_taking",

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -116,10 +116,24 @@ def block_ldl(hessian: torch.Tensor, block: int = DIM) -> torch.Tensor:
     return chol
 
 
+# a block of 8 columns ``[m, 8]`` -> its codes ``[m, ...]`` and its rounded values ``[m, 8]``
+BlockEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rvq_block_encoder(stages: tuple[tuple[str, float], ...]) -> BlockEncoder:
+    """Each row's 8 columns to the nearest point of the residual lattice code: codes ``[m, stages]``."""
+    def encode(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, values = rvq_encode(target, stages)
+        return torch.stack(codes, dim=-1), values
+
+    return encode
+
+
 def ldlq(
-    weight: torch.Tensor, hessian: torch.Tensor, stages: tuple[tuple[str, float], ...], tune_iters: int = 0
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Block LDLQ: per-stage codes ``[m, n / 8]`` and the rounded weight ``[m, n]`` (``n % 8 == 0``).
+    weight: torch.Tensor, hessian: torch.Tensor, encode: BlockEncoder, tune_iters: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block LDLQ: the codes of every block of 8 columns ``[m, n / 8, ...]`` and the rounded weight ``[m, n]``
+    (``n % 8 == 0``), each block rounded by ``encode``.
 
     ``tune_iters`` extra passes of block coordinate descent follow (as QuIP#'s
     ``quip_tune_iters``): each block is re-rounded at its loss-optimal value given
@@ -130,15 +144,13 @@ def ldlq(
     lower = block_ldl(hessian)
     rounded = torch.zeros_like(weight)
     error = weight.clone()  # W - Ŵ, updated a block of columns at a time rather than recomputed per block
-    codes = [torch.empty(m, blocks, dtype=torch.int32, device=weight.device) for _ in stages]
+    codes: list[torch.Tensor | None] = [None] * blocks
 
     def put(k: int, target: torch.Tensor) -> None:
         c0, c1 = k * DIM, (k + 1) * DIM
-        block_codes, values = rvq_encode(target, stages)
+        codes[k], values = encode(target)
         rounded[:, c0:c1] = values.to(rounded.dtype)
         error[:, c0:c1] = weight[:, c0:c1] - rounded[:, c0:c1]
-        for stage, code in zip(codes, block_codes):
-            stage[:, k] = code
 
     for k in reversed(range(blocks)):
         c0, c1 = k * DIM, (k + 1) * DIM
@@ -149,7 +161,7 @@ def ldlq(
             for k in reversed(range(blocks)):
                 c0, c1 = k * DIM, (k + 1) * DIM
                 put(k, rounded[:, c0:c1] + error @ hessian[:, c0:c1] @ diag_inv[k])
-    return codes, rounded
+    return torch.stack(codes, dim=1), rounded
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
@@ -174,6 +186,7 @@ class QuipWeight(QuantizedWeight):
     """
 
     format_name = "quip_e8p"
+    row_align: ClassVar[int] = 1  # row tiles start at multiples of this (a format decoding rows in groups)
 
     def __init__(
         self,
@@ -269,6 +282,11 @@ class QuipWeight(QuantizedWeight):
             return None
         return RandomHadamard(self.out_features, unpack_signs(self.signs_out, self.out_padded).to(self.scale.device))
 
+    def _row_step(self, tile_numel: int) -> int:
+        """Rows per tile: as many as ``tile_numel`` holds, a multiple of :attr:`row_align`."""
+        step = max(1, tile_numel // self.in_padded)
+        return max(self.row_align, step - step % self.row_align)
+
     def _rotated_tiles(self, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
         return lambda r0, r1: self.rotated(slice(r0, r1)).to(dtype)
 
@@ -279,8 +297,7 @@ class QuipWeight(QuantizedWeight):
             return super().matmul(x, tile_numel)
         x_rot = self._input_transform().forward(x.float()).to(x.dtype)  # transforms in float32, products in x's
         n_rows = self.out_padded if self.rotate_out else self.out_features
-        step = max(1, tile_numel // self.in_padded)
-        y = row_tiled_matmul(x_rot, n_rows, self._rotated_tiles(x.dtype), step)
+        y = row_tiled_matmul(x_rot, n_rows, self._rotated_tiles(x.dtype), self._row_step(tile_numel))
         out_t = self._output_transform()
         return y if out_t is None else out_t.inverse(y.float()).to(x.dtype)
 
@@ -290,8 +307,7 @@ class QuipWeight(QuantizedWeight):
             return super().matmul_t(g, tile_numel)
         out_t = self._output_transform()
         g_rot = g if out_t is None else out_t.forward(g.float()).to(g.dtype)
-        step = max(1, tile_numel // self.in_padded)
-        z = row_tiled_matmul_t(g_rot, self.in_padded, self._rotated_tiles(g.dtype), step)
+        z = row_tiled_matmul_t(g_rot, self.in_padded, self._rotated_tiles(g.dtype), self._row_step(tile_numel))
         return self._input_transform().inverse(z.float()).to(g.dtype)
 
 
@@ -352,9 +368,10 @@ class QuipQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuipWeight:
         m, n = weight.shape
         if stats is None:
-            raise EngineError("quip needs calibration statistics (a Hessian per layer)")
+            raise EngineError(f"{self.name} needs calibration statistics (a Hessian per layer)")
         if stats.xtx.shape != (n, n):
-            raise EngineError(f"quip: Hessian of shape {tuple(stats.xtx.shape)} does not match {n} input features")
+            raise EngineError(f"{self.name}: Hessian of shape {tuple(stats.xtx.shape)} does not match {n} input "
+                              "features")
         dt = stats.xtx.dtype  # the statistics' dtype: float64, or float32 for a 16-bit model's
         w = weight.detach().to(dt).clone()
         w[:, stats.xtx.diagonal() == 0] = 0.0  # dead inputs: their weights never matter
@@ -377,7 +394,13 @@ class QuipQuantizer(Quantizer):
         scale = torch.where(scale > 0, scale, 1.0)
         w_rot /= scale
         try:
-            codes, _ = ldlq(w_rot, h_rot, STAGES[self.bits], self.tune_iters)
+            return self._rounded(w_rot, h_rot, scale, in_t.signs.float(), out_signs, (m, n))
         except torch.linalg.LinAlgError:
-            raise EngineError(f"quip: Hessian not positive definite ({m}x{n} layer); raise --damp") from None
-        return QuipWeight(codes, scale, in_t.signs.float(), out_signs, out_features=m, in_features=n, bits=self.bits)
+            raise EngineError(f"{self.name}: Hessian not positive definite ({m}x{n} layer); raise --damp") from None
+
+    def _rounded(self, w_rot: torch.Tensor, h_rot: torch.Tensor, scale: torch.Tensor, signs_in: torch.Tensor,
+                 signs_out: torch.Tensor | None, shape: tuple[int, int]) -> QuipWeight:
+        """The packed weight (``shape``) of the scaled, rotated ``w_rot``, rounded by block LDLQ."""
+        codes, _ = ldlq(w_rot, h_rot, rvq_block_encoder(STAGES[self.bits]), self.tune_iters)
+        return QuipWeight(list(codes.unbind(-1)), scale, signs_in, signs_out, out_features=shape[0],
+                          in_features=shape[1], bits=self.bits)
