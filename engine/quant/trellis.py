@@ -29,7 +29,7 @@ import math
 
 import torch
 
-STATE_BITS = 12  # L: a multiple of 2, 3 and 4, so a state is a whole number of symbols
+STATE_BITS = 12  # L: a multiple of 2, 3 and 4, so a state is a whole number of symbols (and fits an int16)
 ERROR_STEPS = 16  # steps whose squared errors against every state are made at once (B x 16 x 2^L floats)
 
 
@@ -64,12 +64,13 @@ def viterbi_encode(x: torch.Tensor, bits: int, table: torch.Tensor) -> torch.Ten
             best, back[t] = cost.view(batch, fan, middle).min(dim=1)  # over the top k bits of the previous state
             cost = (errors[:, t - t0] + best[:, :, None]).view(batch, -1)
     # the predecessor of each state, as a whole state: top bits from the pass, the rest from the state itself
-    previous = (back.long() << (state_bits - bits)) | torch.arange(middle, device=x.device)
+    previous = (back.to(torch.int16) << (state_bits - bits)) | torch.arange(middle, dtype=torch.int16, device=x.device)
+    del back
     state = cost.argmin(dim=1)
     symbols = []
     for t in reversed(range(steps)):
         symbols.append(state & (fan - 1))
-        state = previous[t].gather(1, (state >> bits)[:, None])[:, 0]
+        state = previous[t].gather(1, (state >> bits)[:, None])[:, 0].long()
     return torch.stack(symbols[::-1], dim=1)
 
 

@@ -25,7 +25,7 @@ from engine.offload.shapes import ModelShapes
 from engine.options import format_size
 
 STAGES = ("load", "quantize", "calibrate", "correct", "finetune", "eval", "export")
-CALIBRATED = ("optq", "quip")  # methods that need calibration statistics
+CALIBRATED = ("optq", "quip", "qtip")  # methods that need calibration statistics
 SOURCE_DTYPE_BYTES = {**DTYPE_BYTES, "float16": 2}
 CALIB_BATCH = 8  # windows per calibration forward pass (engine.model.calibrate)
 TRAIN_LOSS_TILE = 8192  # vocabulary entries per tile of the tiled losses (engine.train.losses)
@@ -203,10 +203,23 @@ def _quantizer_work(i: StageInputs, out: int, inp: int) -> int:
     stb = _stats_bytes(i)
     if i.method == "optq":
         return OPTQ_HESSIAN_COPIES * inp * inp * stb + OPTQ_WEIGHT_COPIES * out * inp * FLOAT32
-    if i.method == "quip":
+    if i.method in ("quip", "qtip"):
         padded = _hadamard_width(inp)
-        return QUIP_HESSIAN_COPIES * padded * padded * stb + QUIP_WEIGHT_COPIES * out * padded * stb
+        encoder = _trellis_encoder_bytes(out, i.bits) if i.method == "qtip" else 0
+        return QUIP_HESSIAN_COPIES * padded * padded * stb + QUIP_WEIGHT_COPIES * out * padded * stb + encoder
     return RTN_WEIGHT_COPIES * out * inp * FLOAT32
+
+
+def _trellis_encoder_bytes(rows: int, bits: int) -> int:
+    """QTIP's Viterbi pass over one block of 8 columns (``engine.quant.trellis.viterbi_encode``), all its rows'
+    tiles at once: the pass's choices (uint8) and predecessors (int16) per step and state group, a few steps'
+    squared errors against every state, and two rows of costs."""
+    from engine.quant.qtip import TILE_ROWS
+    from engine.quant.trellis import ERROR_STEPS, STATE_BITS
+
+    steps, states = TILE_ROWS * 8, 1 << STATE_BITS
+    per_tile = steps * (states >> bits) * 3 + (ERROR_STEPS + 2) * states * FLOAT32
+    return -(-rows // TILE_ROWS) * per_tile
 
 
 def _hadamard_width(n: int) -> int:
