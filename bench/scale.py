@@ -424,9 +424,7 @@ def report(done: dict[str, Any], work: Path) -> None:
     earlier = [name for name in ROWS if done.get(name, {}).get("from_doc")]
     if earlier:
         notes.append(f"- Measured by an earlier version of this script, whose records did not outlive its scratch "
-                     f"folder (figures rebuilt from this page's rounded table): {', '.join(f'`{m}`' for m in earlier)}."
-                     "  `quantize-*`, `correct-*` rows among them ran their bfloat16 float blocks' products in "
-                     "bfloat16 (about 8x slower here than the float32 products of today's code).")
+                     f"folder (figures rebuilt from this page's rounded table): {', '.join(f'`{m}`' for m in earlier)}.")
     missing = [name for name in ROWS if name not in done]
     if missing:
         notes.append(f"- Not measured yet (no finished run recorded): {', '.join(f'`{m}`' for m in missing)}.")

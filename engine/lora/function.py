@@ -16,7 +16,6 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine.quant.base import QuantizedWeight
 
@@ -44,15 +43,6 @@ def matmul_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     if device.type == "cpu" and compute_dtype in HALF_MATMUL_CHECKS and not cpu_has_half_matmul(compute_dtype):
         return torch.float32
     return compute_dtype
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` multiplying in :func:`matmul_dtype` of the weight's dtype and device, answered in ``x``'s
-    dtype: the products of float layers (and of tables read from disk) outside ModuLoRA's."""
-    dtype = matmul_dtype(weight.dtype, weight.device)
-    if dtype == weight.dtype:
-        return F.linear(x, weight, bias)
-    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
 
 
 class ModuLoRAFunction(torch.autograd.Function):

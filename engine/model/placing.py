@@ -1,13 +1,9 @@
-"""Moving a loaded model onto its compute device, streamed parts excepted, ready to compute there."""
+"""Moving a loaded model onto its compute device, streamed parts excepted."""
 
 from __future__ import annotations
 
-from types import MethodType
-
 import torch
 from torch import nn
-
-from engine.lora.function import HALF_MATMUL_CHECKS, cpu_has_half_matmul, linear
 
 
 def place(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -15,8 +11,7 @@ def place(model: nn.Module, device: torch.device | str) -> nn.Module:
     (blocks a streamer brings in, tables read from disk) stay where they are.
 
     Unlike ``model.to(device)`` this leaves placeholders alone, and a tensor shared by two modules (tied
-    embeddings) is moved once and stays shared.  On a CPU without half-precision GEMMs the float linear layers
-    multiply in float32 (:func:`float32_product_linear`), as the ModuLoRA layers do.
+    embeddings) is moved once and stays shared.
     """
     device = torch.device(device)
     moved: dict[int, torch.Tensor] = {}
@@ -30,20 +25,7 @@ def place(model: nn.Module, device: torch.device | str) -> nn.Module:
                     moved[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
                                          if isinstance(tensor, nn.Parameter) else data)
                 table[name] = moved[id(tensor)]
-    if device.type == "cpu" and not all(map(cpu_has_half_matmul, HALF_MATMUL_CHECKS)):
-        for module in model.modules():
-            if type(module) is nn.Linear:
-                module.forward = MethodType(float32_product_linear, module)
     return model
-
-
-def float32_product_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` through :func:`engine.lora.function.linear`: float32 products for a half-precision
-    weight on a CPU without half GEMMs, where torch's generic kernels are about 8x slower than upcasting (a
-    Llama-7B-shaped bfloat16 decoder block on 2 windows of 512 tokens: 26.6 s, 3.0 s with its linear layers
-    upcast).  Weights stay in their dtype (one layer's float32 copy is transient).  The decision is made per call,
-    so streamed blocks whose weights arrive later are covered too."""
-    return linear(x, self.weight, self.bias)
 
 
 def compute_device(model: nn.Module) -> torch.device:

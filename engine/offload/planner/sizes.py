@@ -93,16 +93,6 @@ def dequant_transient_bytes(shapes: ModelShapes, device: str, dtype: str, tokens
     return dequant_tile_numel(shapes, device) * (mm_dtype.itemsize + DEQUANT_TILE_EXTRA_BYTES) + upcast
 
 
-def float_product_transient_bytes(shapes: ModelShapes, device: str, dtype: str, tokens: int) -> int:
-    """A float linear layer's transient operands where half precision multiplies in float32
-    (``engine.lora.function.linear``): the largest layer's weight upcast, with its input and output."""
-    compute = getattr(torch, dtype)
-    mm_dtype = matmul_dtype(compute, torch.device(device))
-    if mm_dtype == compute:
-        return 0
-    return max(out * inp + tokens * (out + inp) for _, out, inp in shapes.block_linears) * mm_dtype.itemsize
-
-
 def activation_phases(i: PlanInputs) -> dict[str, int]:
     """Bytes of the step's activations: the checkpoints (one block input each, held until that block's backward),
     and the transient peaks, which come one after the other: the loss, then each block's recompute and backward."""

@@ -19,7 +19,7 @@ from engine.offload.planner.plan import Part
 from engine.offload.planner.sizes import (
     ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
     NORM_FLOAT32_COPIES, RECOMPUTE_FFN_COPIES, RECOMPUTE_HIDDEN_COPIES,
-    dequant_transient_bytes, float_product_transient_bytes, lora_params, packed_block_bytes,
+    dequant_transient_bytes, lora_params, packed_block_bytes,
 )
 from engine.offload.shapes import ModelShapes
 from engine.options import format_size
@@ -251,7 +251,7 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
     widest = max(inp for _, _, inp in s.block_linears)
     stats = max(sum(inp * inp for _, inp in group) for group in _groups(s)) * stb * (2 if i.asym else 1)
     forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
-               + batch_tokens * widest * stb + float_product_transient_bytes(s, "cpu", i.source_dtype, batch_tokens))
+               + batch_tokens * widest * stb)
     parts = [_framework(), *_outside(i, head=False),
              Part("one block's float weights", _block_float(i), "host"),
              Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens "
