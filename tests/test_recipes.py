@@ -101,7 +101,7 @@ MALFORMED: list[tuple[str, Any, list[str], str]] = [
     ("ranks-words", changed(evaluate__tasks=[{**BASE["evaluate"]["tasks"][0], "ranks": ["one"]}]), [],
      "evaluate.tasks[0].ranks[0]: expected an integer >= 1, got 'one'"),
     ("symmetric-string", changed(quantize__symmetric="true"), [], "quantize.symmetric: expected true or false"),
-    ("method-unknown", changed(quantize__method="awq"), [], "quantize.method: unknown quantization method 'awq'; allowed: fp4, hqq, nf4, optq, quip, rtn"),
+    ("method-unknown", changed(quantize__method="awq"), [], "quantize.method: unknown quantization method 'awq'; allowed: fp4, hqq, nf4, optq, qtip, quip, rtn"),
     ("format-unknown", changed(finetune__data__format="csv"), [], "finetune.data.format: expected one of"),
     # out of range
     ("bits-5", changed(quantize__bits=5), [], "quantize.bits: expected one of 2, 3, 4, 8, got 5"),
