@@ -12,7 +12,7 @@ LoRA of the same rank, trained on the same windows for the same steps
 ``tinyshakespeare``.  An ablation table varies one default at a time at the first
 bit width.  Prints the tables and writes ``docs/lrec.md`` and ``docs/lrec.png``.
 
-    python bench/lrec.py [--bits 2,3] [--methods rtn,optq,quip,quip-distill] [--no-ablations] [--work DIR]
+    python bench/lrec.py [--bits 2,3] [--methods rtn,optq,quip,quip-distill,qtip,qtip-distill] [--no-ablations] [--work DIR]
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ from _common import (
 )
 
 # candidate -> its `modulora quantize` method and options: each method's defaults (the best rounding settings
-# measured, docs/quality.md), and QuIP# with distillation (calibrated methods read train.txt, never valid.txt)
+# measured, docs/quality.md), and QuIP# and QTIP with distillation (calibrated methods read train.txt, never
+# valid.txt)
 QUANTIZERS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "rtn": ("rtn", ()),
     "optq": ("optq", ("--calib", TRAIN_TXT)),
     "quip": ("quip", ("--calib", TRAIN_TXT)),
     "quip-distill": ("quip", ("--calib", TRAIN_TXT, "--distill-steps", 300, "--distill-windows", 512)),
+    "qtip": ("qtip", ("--calib", TRAIN_TXT)),
+    "qtip-distill": ("qtip", ("--calib", TRAIN_TXT, "--distill-steps", 300, "--distill-windows", 512)),
 }
 # one change to the `modulora correct` defaults at a time
 ABLATIONS: list[tuple[str, tuple[str, ...]]] = [
