@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from _common import DOCS, REPO, SHARED, TRAIN_TXT, VALID_TXT, table, write_doc
+from engine.storage import atomic_write_bytes
 
 GIB = 1 << 30
 SHARD_BLOCKS = 4  # decoder blocks per checkpoint shard (about 1.6 GB at 7B)
@@ -371,7 +372,7 @@ def main() -> None:
         if name == "calibrate-2-workers":
             result["bit_identical_to_one_process"] = same_directories(work / "q7b2-optq", work / "q7b2-optq-ray")
         done[name] = result
-        RESULTS.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        atomic_write_bytes(RESULTS, "".join(json.dumps(r) + "\n" for r in done.values()).encode())  # hours of rows
         print(json.dumps(result), file=sys.stderr, flush=True)
     report(done, work)
 

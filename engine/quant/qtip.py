@@ -26,7 +26,8 @@ from engine.quant.e8p import DIM
 from engine.quant.quip import SCALE_DTYPE, BlockEncoder, QuipQuantizer, QuipWeight, ldlq, pack_signs
 from engine.quant.trellis import STATE_BITS, code_table, pack_symbols, trellis_decode, unpack_symbols, viterbi_encode
 
-TILE_ROWS = 32  # rows of one trellis sequence: 32 x 8 = 256 weights, QTIP's sequence length
+TILE_ROWS = 32  # rows of one trellis sequence
+TILE_SYMBOLS = TILE_ROWS * DIM  # the sequence's length: 256 weights, QTIP's
 BITS = (2, 3, 4)
 # bits -> target RMS of the scaled, rotated weight against the unit-variance code: at 3 bits, unit Gaussian data
 # scaled to RMS 1.11, 1.0 and 0.91 came back with mean squared errors 0.0208, 0.0190 and 0.0186 (a flat optimum)
@@ -35,15 +36,13 @@ DEFAULT_RMS: dict[int, float] = {2: 0.9, 3: 0.9, 4: 0.9}
 
 def trellis_block_encoder(bits: int, table: torch.Tensor) -> BlockEncoder:
     """A block ``[m, 8]``: each tile of :data:`TILE_ROWS` rows one trellis sequence; symbols ``[m, 8]``."""
-    period = TILE_ROWS * DIM
-
     def encode(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = target.reshape(-1)
-        whole = flat.numel() - flat.numel() % period
+        whole = flat.numel() - flat.numel() % TILE_SYMBOLS
         parts = [viterbi_encode(seqs, bits, table).reshape(-1)
-                 for seqs in (flat[:whole].view(-1, period), flat[whole:].view(1, -1)) if seqs.numel()]
+                 for seqs in (flat[:whole].view(-1, TILE_SYMBOLS), flat[whole:].view(1, -1)) if seqs.numel()]
         symbols = torch.cat(parts)
-        values = trellis_decode(symbols, bits, table.to(target.device), period)
+        values = trellis_decode(symbols, bits, table.to(target.device), TILE_SYMBOLS)
         return symbols.view(target.shape), values.view(target.shape).to(target.dtype)
 
     return encode
@@ -89,7 +88,7 @@ class TrellisWeight(QuipWeight):
         symbols = unpack_symbols(self.codes[t0:r1], self.bits)  # [r, blocks, 8]
         sequences = symbols.transpose(0, 1).reshape(symbols.shape[1], -1)  # per block: its tiles back to back
         table = code_table(STATE_BITS, self.codes.device)
-        values = trellis_decode(sequences, self.bits, table, TILE_ROWS * DIM)
+        values = trellis_decode(sequences, self.bits, table, TILE_SYMBOLS)
         decoded = values.view(symbols.shape[1], -1, DIM).transpose(0, 1).reshape(r1 - t0, -1)[r0 - t0:]
         return decoded * self.scale.float()[r0:r1, None]
 

@@ -82,9 +82,10 @@ def trellis_decode(symbols: torch.Tensor, bits: int, table: torch.Tensor, period
     state_bits = int(math.log2(table.numel()))
     window, steps = state_bits // bits, symbols.shape[-1]
     position = torch.arange(steps, device=symbols.device) % (period or steps)
-    state = symbols.long().clone()
+    symbols = symbols.long()
+    state = symbols.clone()
     for back in range(1, window):
-        earlier = torch.nn.functional.pad(symbols.long()[..., :-back], (back, 0))
+        earlier = torch.nn.functional.pad(symbols[..., :-back], (back, 0))
         state |= torch.where(position >= back, earlier, 0) << (bits * back)
     return table.to(symbols.device)[state]
 

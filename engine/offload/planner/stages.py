@@ -25,7 +25,6 @@ from engine.offload.shapes import ModelShapes
 from engine.options import format_size
 
 STAGES = ("load", "quantize", "calibrate", "correct", "finetune", "eval", "export")
-CALIBRATED = ("optq", "quip", "qtip")  # methods that need calibration statistics
 SOURCE_DTYPE_BYTES = {**DTYPE_BYTES, "float16": 2}
 CALIB_BATCH = 8  # windows per calibration forward pass (engine.model.calibrate)
 TRAIN_LOSS_TILE = 8192  # vocabulary entries per tile of the tiled losses (engine.train.losses)
@@ -210,15 +209,22 @@ def _quantizer_work(i: StageInputs, out: int, inp: int) -> int:
     return RTN_WEIGHT_COPIES * out * inp * FLOAT32
 
 
+def _calibrated(method: str) -> bool:
+    """Whether ``method`` needs calibration statistics, as its quantizer declares."""
+    from engine.quant import QUANTIZERS
+
+    return method in QUANTIZERS and QUANTIZERS[method].needs_calibration
+
+
 def _trellis_encoder_bytes(rows: int, bits: int) -> int:
     """QTIP's Viterbi pass over one block of 8 columns (``engine.quant.trellis.viterbi_encode``), all its rows'
     tiles at once: the pass's choices (uint8) and predecessors (int16) per step and state group, a few steps'
     squared errors against every state, and two rows of costs."""
-    from engine.quant.qtip import TILE_ROWS
+    from engine.quant.qtip import TILE_ROWS, TILE_SYMBOLS
     from engine.quant.trellis import ERROR_STEPS, STATE_BITS
 
-    steps, states = TILE_ROWS * 8, 1 << STATE_BITS
-    per_tile = steps * (states >> bits) * 3 + (ERROR_STEPS + 2) * states * FLOAT32
+    states = 1 << STATE_BITS
+    per_tile = TILE_SYMBOLS * (states >> bits) * 3 + (ERROR_STEPS + 2) * states * FLOAT32
     return -(-rows // TILE_ROWS) * per_tile
 
 
@@ -263,7 +269,7 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
 
 
 def _quantize(i: StageInputs) -> list[Part]:
-    if i.method not in CALIBRATED:
+    if not _calibrated(i.method):
         return [_framework(), Part("one block's float weights", _block_float(i), "host"),
                 Part(f"quantizing the largest layer ({i.method})", _quantizer_work(i, *_largest_linear(i.shapes)),
                      "host"), _written_block(i)]
