@@ -37,7 +37,7 @@ from engine.quant import Quantizer, make_quantizer
 from engine.pipelines.locking import holding_outputs
 from engine.pipelines.runs import RUN_SPEC, check_run_folder, record_run
 from engine.storage import SEAL, atomic_write_json
-from engine.train import Trainer, WorkerGroup, distillation_loss, loftq_init
+from engine.train import Trainer, WorkerGroup, distillation_loss, loftq_init, svd_init
 
 REPORT = "report.json"
 MANIFEST_ONLY = ("layers", "aliases", "size", "files", "format_version", SEAL)  # what the writer writes anew
@@ -97,31 +97,38 @@ def train_worker(spec: CorrectSpec, teacher_path: str, correction: dict[str, Any
 
 
 def initialise(spec: CorrectSpec, manifest: dict[str, Any], source: CheckpointSource, correction: dict[str, Any]) -> None:
-    """``OUT``: the student's blocks (re-quantized with LoftQ from the teacher's, one block at a time), its outside
-    tensors as they are, and the initial adapter."""
+    """``OUT``: the student's blocks (re-quantized with LoftQ from the teacher's, one block at a time; kept as they
+    are, the adapter fitted to their error, when the directory was distilled), its outside tensors as they are, and
+    the initial adapter."""
     out, lora = Path(spec.out), spec.lora
     stream = manifest["format_version"] == 2
     student, tokenizer, _ = load_quantized(spec.model, stream=stream)
     add_lora(student, lora.adapter_rank, lora.scale_alpha, seed=spec.train.seed, device=ADAPTER_INIT_DEVICE)
-    loftq = spec.init == "loftq"
-    quantizer = _requantizer(manifest) if loftq else None
+    fit = spec.init == "loftq"
+    requantize = fit and "distillation" not in manifest  # a distilled base keeps its tuned scales: SVD start only
+    quantizer = _requantizer(manifest) if requantize else None
     teacher = meta_model(source.config)
     runner = (_teacher_statistics(teacher, source, tokenizer, spec.calib, manifest)
-              if loftq and quantizer.needs_calibration else None)
+              if requantize and quantizer.needs_calibration else None)
     names, prefix = list(lora_layers(student)), blocks_prefix(student)
     writer = QuantizedWriter(out, student.config, tokenizer)
     try:
         for index in range(len(decoder_blocks(student))):
             block_names = [n for n in names if n.startswith(f"{prefix}.{index}.")]
-            if loftq:
+            if requantize:
                 load_block(teacher, index, source)
                 stats = sum_in_order(runner.call("block_stats", index, block_names)) if runner is not None else None
                 loftq_init(student, teacher, quantizer, spec.loftq_iters, stats, names=block_names)
                 if runner is not None:
                     runner.call("end_block", index)
                 release_block(teacher, index)
-            elif stream:
-                load_block_weights(student, spec.model, index)
+            else:
+                if stream:
+                    load_block_weights(student, spec.model, index)
+                if fit:
+                    load_block(teacher, index, source)
+                    svd_init(student, teacher, block_names)
+                    release_block(teacher, index)
             writer.write_block(student, index)
             if stream:
                 release_block_weights(student, index)

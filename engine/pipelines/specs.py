@@ -178,8 +178,8 @@ class CorrectSpec(Spec):
                                   optional=True)
     rank: int = setting(default_of(LoraSpec, "rank"), "int", "LoRA rank.", minimum=1)
     alpha: float | None = setting(None, "float", "LoRA alpha [2 x rank].", minimum=0.0, above=True, optional=True)
-    init: str = setting("loftq", "str", "Adapter initialisation: loftq (SVD of the quantization error) or zero.",
-                        choices=("loftq", "zero"))
+    init: str = setting("loftq", "str", "Adapter initialisation: loftq (SVD of the quantization error, the base "
+                        "re-quantized around it; a distilled base is kept) or zero.", choices=("loftq", "zero"))
     loftq_iters: int = setting(4, "int", "LoftQ alternations of quantize and SVD.", minimum=1)
     ce_weight: float = setting(1.0, "float", "Weight of cross-entropy next to KL.", minimum=0.0)
     limit: int | None = setting(None, "int", "Use at most this many windows.", minimum=1, optional=True)

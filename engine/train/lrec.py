@@ -12,7 +12,9 @@ recipe, Chai et al. 2023, sums the KL over a sequence and weighs the mean CE by
 ``loftq_init`` is the LoftQ-style SVD initialisation (Li et al. 2023):
 alternately quantize ``W - s B A`` and refit ``s B A`` to the residual with a
 rank-r SVD, so training starts from a base and adapter that already cancel
-most of the quantization error.
+most of the quantization error.  ``svd_init`` is its first half-step alone (the
+base kept), for a directory whose continuous parameters were distilled after
+rounding: re-quantizing would undo that tuning (measured in ``docs/lrec.md``).
 """
 
 from __future__ import annotations
@@ -62,12 +64,30 @@ def loftq_layer(
     qweight = None
     for _ in range(max(1, iters)):
         qweight = quantizer.quantize((w - scaling * b @ a).float(), stats)
-        residual = w - qweight.dequantize(torch.float64)
-        u, s, vh = top_singular(residual, rank)
-        root = (s[:rank] / scaling).sqrt()
-        b = u[:, :rank] * root
-        a = root[:, None] * vh[:rank]
+        a, b = residual_factors(w - qweight.dequantize(torch.float64), rank, scaling)
     return qweight, a.float(), b.float()
+
+
+def residual_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``scaling * B A`` the best rank-``rank`` approximation of ``residual`` (the singular values
+    split evenly between the two factors)."""
+    u, s, vh = top_singular(residual, rank)
+    root = (s[:rank] / scaling).sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root
+
+
+@torch.no_grad()
+def svd_init(student: nn.Module, teacher: nn.Module, names: list[str]) -> None:
+    """Keep the base of each adapted layer in ``names`` and start its adapter at the top singular directions of
+    ``W - dequant(base)``: LoftQ without re-quantizing, for a base whose scales were tuned after rounding (a
+    distilled directory), which re-quantizing would throw away."""
+    layers = lora_layers(student)
+    for name in names:
+        layer = layers[name]
+        residual = linear_weight(teacher.get_submodule(name)).double() - layer.base.dequantize(torch.float64)
+        a, b = residual_factors(residual, layer.rank, layer.scaling)
+        layer.lora_a.data.copy_(a)
+        layer.lora_b.data.copy_(b)
 
 
 EXACT_SVD_MAX = 1024  # above this smaller side, the top singular triplets come from a randomized SVD
