@@ -37,7 +37,7 @@ from engine.quant import Quantizer, make_quantizer
 from engine.pipelines.locking import holding_outputs
 from engine.pipelines.runs import RUN_SPEC, check_run_folder, record_run
 from engine.storage import SEAL, atomic_write_json
-from engine.train import Trainer, WorkerGroup, distillation_loss, loftq_init, svd_init
+from engine.train import Trainer, WorkerGroup, distillation_loss, loftq_init
 
 REPORT = "report.json"
 MANIFEST_ONLY = ("layers", "aliases", "size", "files", "format_version", SEAL)  # what the writer writes anew
@@ -115,20 +115,15 @@ def initialise(spec: CorrectSpec, manifest: dict[str, Any], source: CheckpointSo
     try:
         for index in range(len(decoder_blocks(student))):
             block_names = [n for n in names if n.startswith(f"{prefix}.{index}.")]
-            if requantize:
+            if stream and not requantize:
+                load_block_weights(student, spec.model, index)
+            if fit:
                 load_block(teacher, index, source)
                 stats = sum_in_order(runner.call("block_stats", index, block_names)) if runner is not None else None
                 loftq_init(student, teacher, quantizer, spec.loftq_iters, stats, names=block_names)
                 if runner is not None:
                     runner.call("end_block", index)
                 release_block(teacher, index)
-            else:
-                if stream:
-                    load_block_weights(student, spec.model, index)
-                if fit:
-                    load_block(teacher, index, source)
-                    svd_init(student, teacher, block_names)
-                    release_block(teacher, index)
             writer.write_block(student, index)
             if stream:
                 release_block_weights(student, index)

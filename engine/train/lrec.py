@@ -12,9 +12,9 @@ recipe, Chai et al. 2023, sums the KL over a sequence and weighs the mean CE by
 ``loftq_init`` is the LoftQ-style SVD initialisation (Li et al. 2023):
 alternately quantize ``W - s B A`` and refit ``s B A`` to the residual with a
 rank-r SVD, so training starts from a base and adapter that already cancel
-most of the quantization error.  ``svd_init`` is its first half-step alone (the
-base kept), for a directory whose continuous parameters were distilled after
-rounding: re-quantizing would undo that tuning (measured in ``docs/lrec.md``).
+most of the quantization error.  Without a quantizer it keeps the base and only
+fits the adapter to its error: for a directory whose continuous parameters were
+distilled after rounding, which re-quantizing would undo (``docs/lrec.md``).
 """
 
 from __future__ import annotations
@@ -76,20 +76,6 @@ def residual_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple
     return root[:, None] * vh[:rank], u[:, :rank] * root
 
 
-@torch.no_grad()
-def svd_init(student: nn.Module, teacher: nn.Module, names: list[str]) -> None:
-    """Keep the base of each adapted layer in ``names`` and start its adapter at the top singular directions of
-    ``W - dequant(base)``: LoftQ without re-quantizing, for a base whose scales were tuned after rounding (a
-    distilled directory), which re-quantizing would throw away."""
-    layers = lora_layers(student)
-    for name in names:
-        layer = layers[name]
-        residual = linear_weight(teacher.get_submodule(name)).double() - layer.base.dequantize(torch.float64)
-        a, b = residual_factors(residual, layer.rank, layer.scaling)
-        layer.lora_a.data.copy_(a)
-        layer.lora_b.data.copy_(b)
-
-
 EXACT_SVD_MAX = 1024  # above this smaller side, the top singular triplets come from a randomized SVD
 LOWRANK_OVERSAMPLE, LOWRANK_ITERS = 16, 2
 
@@ -106,20 +92,25 @@ def top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return u, s, v.T
 
 
+@torch.no_grad()
 def loftq_init(
     student: nn.Module,
     teacher: nn.Module,
-    quantizer: Quantizer,
+    quantizer: Quantizer | None,
     iters: int,
     stats: dict[str, LayerStats] | None = None,
     names: list[str] | None = None,
 ) -> None:
     """Re-quantize every adapted layer of ``student`` (or those in ``names``: one decoder block, whose teacher
-    weights are resident) from ``teacher``'s float weight with LoftQ."""
+    weights are resident) from ``teacher``'s float weight with LoftQ; with no ``quantizer``, keep each base and
+    start its adapter at the top singular directions of ``W - dequant(base)``."""
     layers = {n: m for n, m in lora_layers(student).items() if names is None or n in names}
     for name, layer in tqdm(layers.items(), desc="loftq init", unit="layer", leave=False):
         weight = linear_weight(teacher.get_submodule(name))
-        qweight, a, b = loftq_layer(weight, quantizer, layer.rank, layer.scaling, iters, stats and stats.get(name))
-        layer.base = qweight
+        if quantizer is None:
+            a, b = residual_factors(weight.double() - layer.base.dequantize(torch.float64), layer.rank, layer.scaling)
+        else:
+            layer.base, a, b = loftq_layer(weight, quantizer, layer.rank, layer.scaling, iters,
+                                           stats and stats.get(name))
         layer.lora_a.data.copy_(a)
         layer.lora_b.data.copy_(b)
