@@ -57,6 +57,15 @@ def test_every_format_dequantizes_on_cuda_as_on_cpu(weight, method, settings):
         torch.testing.assert_close(on_gpu.dequantize(dtype, rows=rows).cpu(), cpu[5:37], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("method", "bits"), [("quip", 2), ("quip", 3), ("quip", 4), ("qtip", 2), ("qtip", 3)])
+def test_codebook_formats_decode_on_cuda_as_on_cpu_bit_for_bit(weight, method, bits):
+    """QuIP#'s and QTIP's rotated weights through the Triton codebook kernels: the eager path's bits."""
+    qweight = _quantized(method, {"bits": bits, "tune_iters": 0}, weight)
+    on_gpu = place(copy.deepcopy(qweight), DEVICE)
+    for rows in (slice(None), slice(5, 37)):
+        assert torch.equal(on_gpu.rotated(rows).cpu(), qweight.rotated(rows))
+
+
 def test_gguf_quants_dequantize_on_cuda_as_on_cpu(weight):
     w = weight[:, :128].numpy()
     for qtype in ("Q4_0", "Q8_0", "Q5_1"):

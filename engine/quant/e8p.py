@@ -61,7 +61,7 @@ def source_set() -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _source_parity() -> torch.Tensor:
+def source_parity() -> torch.Tensor:
     """``sum(A[a]) mod 2`` (the sums are integers): the parity of the count of negative coordinates."""
     return (source_set().sum(-1).round().long() % 2).bool()
 
@@ -71,7 +71,7 @@ def e8p_decode(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.int32) & 0xFFFF
     a = c >> 8
     neg = ((c[..., None] >> torch.arange(DIM, dtype=torch.int32, device=c.device)) & 1).bool()
-    neg[..., 0] = (neg[..., 1:].sum(-1) % 2).bool() ^ _source_parity().to(c.device)[a]
+    neg[..., 0] = (neg[..., 1:].sum(-1) % 2).bool() ^ source_parity().to(c.device)[a]
     shift = torch.where((c & 1).bool(), 0.25, -0.25)
     return torch.where(neg, -1.0, 1.0) * source_set().to(c.device)[a] + shift[..., None]
 
@@ -94,7 +94,7 @@ MARGIN = 1e-3  # the bound must exceed the best exact distance by this to skip t
 def _shift_scores(y: torch.Tensor, a: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Exact squared distances from ``y = x - t`` ``[N, 8]`` to the best signed ``A[a]`` for every source
     vector (``a`` None: ``[N, 256]``) or for given ``a`` ``[N, K]``; with the sign flags behind each distance."""
-    src, parity = source_set().to(y.device), _source_parity().to(y.device)
+    src, parity = source_set().to(y.device), source_parity().to(y.device)
     mag, neg = y.abs(), y < 0
     chosen = src[None, :, :] if a is None else src[a]
     prods = mag[:, None, :] * chosen  # [N, 256 or K, 8]

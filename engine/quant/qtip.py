@@ -23,6 +23,7 @@ from engine.errors import EngineError
 from engine.options import Option
 from engine.quant.base import QuantizedWeight, register_format, register_quantizer
 from engine.quant.e8p import DIM
+from engine.quant.kernels import codebook_kernels
 from engine.quant.quip import SCALE_DTYPE, BlockEncoder, QuipQuantizer, QuipWeight, ldlq, pack_signs
 from engine.quant.trellis import STATE_BITS, code_table, pack_symbols, trellis_decode, unpack_symbols, viterbi_encode
 
@@ -84,6 +85,9 @@ class TrellisWeight(QuipWeight):
     def rotated(self, rows: slice = slice(None)) -> torch.Tensor:
         """``scale ⊙ decode(symbols)`` for stored ``rows`` (float32): the whole tiles they lie in are decoded."""
         r0, r1, _ = rows.indices(self.out_features)
+        kernels = codebook_kernels(self.codes.device)
+        if kernels is not None:
+            return kernels.trellis_rotated(self.codes, self.scale, self.bits, STATE_BITS, TILE_ROWS, r0, r1)
         t0 = r0 - r0 % TILE_ROWS
         symbols = unpack_symbols(self.codes[t0:r1], self.bits)  # [r, blocks, 8]
         sequences = symbols.transpose(0, 1).reshape(symbols.shape[1], -1)  # per block: its tiles back to back

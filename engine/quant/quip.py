@@ -50,6 +50,7 @@ from engine.quant.base import (
 )
 from engine.quant.e8p import DIM, e8_ball_decode, e8_ball_encode, e8p_decode, e8p_encode
 from engine.quant.hadamard import RandomHadamard, padded_size, random_signs
+from engine.quant.kernels import codebook_kernels
 
 # name -> (encode, decode, storage dtype of one code per 8 weights)
 Coder = Callable[[torch.Tensor], torch.Tensor]
@@ -251,6 +252,11 @@ class QuipWeight(QuantizedWeight):
 
     def rotated(self, rows: slice = slice(None)) -> torch.Tensor:
         """``scale ⊙ decode(codes)`` for stored ``rows``: the weight in the rotated basis (float32)."""
+        kernels = codebook_kernels(self.scale.device)
+        if kernels is not None:
+            r0, r1, _ = rows.indices(self.out_padded)
+            return kernels.quip_rotated([getattr(self, f"codes{i}") for i in range(len(self.stages))], self.stages,
+                                        self.scale, r0, r1)
         codes = [getattr(self, f"codes{i}")[rows] for i in range(len(self.stages))]
         decoded = rvq_decode(codes, self.stages).flatten(-2)
         scale = self.scale.float()

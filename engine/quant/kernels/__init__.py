@@ -2,7 +2,9 @@
 
 ``dequantize_groups`` (group-wise codes to floats) has two implementations with
 the same arguments and bit-identical results: the eager torch one (any device;
-the CPU path and the reference) and a Triton kernel (CUDA).  The backend is
+the CPU path and the reference) and a Triton kernel (CUDA).  The codebook formats
+(QuIP#'s lattice codes, QTIP's trellis symbols) decode eagerly in their own
+modules and through ``codebook_kernels`` on CUDA, bit for bit the same.  The backend is
 chosen by the tensors' device; ``MODULORA_KERNELS=eager`` forces the reference
 everywhere (to compare, or where Triton is missing).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import cache
+from types import ModuleType
 
 import torch
 
@@ -59,9 +62,22 @@ def groupwise_kernel(backend: str) -> DequantizeGroups:
     return eager.dequantize_groups
 
 
+def codebook_kernels(device: torch.device) -> ModuleType | None:
+    """The Triton kernels that decode QuIP#'s and QTIP's rotated weights, when ``device``'s backend is Triton;
+    ``None``: the formats' own eager decoding."""
+    if backend_for(device) != "triton":
+        return None
+    from engine.quant.kernels import triton_codebooks
+
+    return triton_codebooks
+
+
 def dequantize_groups(packed: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     """:func:`engine.quant.kernels.eager.dequantize_groups`, by the backend of ``packed``'s device."""
     return groupwise_kernel(backend_for(packed.device))(packed, *args, **kwargs)
 
 
-__all__ = ["BACKENDS", "DECLARED_GWEIGHTS", "backend_for", "declared_rate", "dequantize_groups", "groupwise_kernel"]
+__all__ = [
+    "BACKENDS", "DECLARED_GWEIGHTS", "backend_for", "codebook_kernels", "declared_rate", "dequantize_groups",
+    "groupwise_kernel",
+]
