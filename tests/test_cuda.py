@@ -9,6 +9,7 @@ on their own stream, overlapping the compute.
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quantize as gguf_quantize
 
-from conftest import QUANT_FORMATS, TRAIN_TXT, layer_stats
+from conftest import GGUF_MODEL, QUANT_FORMATS, TRAIN_TXT, VALID_TXT, layer_stats, modulora
 from engine.data import FormatSpec, build_examples
 from engine.lora import ModuLoRALinear
 from engine.model import adapter_state, add_lora, place, quantize_model
@@ -64,6 +65,21 @@ def test_codebook_formats_decode_on_cuda_as_on_cpu_bit_for_bit(weight, method, b
     on_gpu = place(copy.deepcopy(qweight), DEVICE)
     for rows in (slice(None), slice(5, 37)):
         assert torch.equal(on_gpu.rotated(rows).cpu(), qweight.rotated(rows))
+
+
+@pytest.mark.parametrize("method", ["optq", "quip"])
+def test_calibrated_quantize_on_cuda_gives_the_cpu_run_s_quality(tmp_path, capsys, method):
+    """``modulora quantize --calib`` on the GPU (forward passes, statistics and solves there): the model's
+    perplexity within 2% of the same command on the CPU (rounding decisions may differ in the last place)."""
+    ppl = {}
+    for run, device in enumerate(("cpu", DEVICE)):
+        out = tmp_path / f"{run}-{device}"
+        assert modulora("quantize", GGUF_MODEL, "--method", method, "--bits", 3, "--calib", TRAIN_TXT,
+                        "--calib-windows", 16, "--device", device, "--out", out) == 0
+        capsys.readouterr()
+        assert modulora("eval", out, "--data", VALID_TXT, "--limit", 64, "--json", "--device", device) == 0
+        ppl[run] = json.loads(capsys.readouterr().out)["ppl"]
+    assert ppl[1] == pytest.approx(ppl[0], rel=0.02)
 
 
 def test_gguf_quants_dequantize_on_cuda_as_on_cpu(weight):

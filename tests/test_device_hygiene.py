@@ -9,10 +9,16 @@ step (device and host tiers), the vocabulary-tiled loss, the backward and
 evaluation's forward; the disk tier's blocks are checked to arrive on the device
 (its reads are staged in host memory by design).  The trainer itself moves
 batches with ``.to(device)`` and is run on a GPU by ``tests/test_cuda.py``.
+
+Calibrated quantization (forward passes, statistics, Hessian solves, Viterbi
+searches) is data-dependent, so it cannot run on ``meta``; it runs on the CPU
+with ``meta`` as the *default* device instead: a tensor made without naming a
+device is then ``meta`` and fails the first operation that meets the model's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -59,6 +65,35 @@ def test_decoding_creates_nothing_off_the_inputs_device(weight, method, settings
             if on_meta.column_granule is not None:
                 assert on_meta.dequantize(dtype, cols=(0, on_meta.column_granule)).is_meta
     assert probe.strays == []
+
+
+CALIBRATED = [("optq", {"bits": 3, "group_size": 32, "act_order": True}), ("quip", {"bits": 3, "tune_iters": 0}),
+              ("qtip", {"bits": 2, "tune_iters": 0})]
+
+
+@pytest.mark.parametrize(("method", "settings"), CALIBRATED, ids=lambda v: str(v))
+def test_calibrated_quantization_names_the_device_of_everything_it_makes(float_model, method, settings):
+    """Sequential, asymmetric calibration of the shared model's first two blocks with ``meta`` as the default
+    device: it runs, and gives the bits of a run without the probe (two shards: their statistics are merged too).
+    It fails with a ``torch.zeros`` in the statistics' sum that names no device."""
+    from engine.data import calibration_windows, read_text
+    from engine.model import quantize_calibrated, target_linear_names
+
+    from conftest import TRAIN_TXT
+
+    windows = calibration_windows(float_model[1], read_text(TRAIN_TXT), 4, 64, 0)
+    names = [n for n in target_linear_names(float_model[0]) if n.startswith(("model.layers.0.", "model.layers.1."))]
+    results = []
+    for probe in (False, True):
+        model = copy.deepcopy(float_model[0])
+        quantizer = make_quantizer(method, **settings)
+        with torch.device("meta") if probe else contextlib.nullcontext():
+            quantize_calibrated(model, quantizer, windows, mode="sequential", asym_alpha=0.5, names=names,
+                                batch_size=2, shard_windows=2)
+        results.append(model.state_dict())
+    assert results[0].keys() == results[1].keys()
+    for key, tensor in results[1].items():
+        assert not tensor.is_meta and torch.equal(tensor, results[0][key]), key
 
 
 def test_the_probe_sees_a_tensor_made_on_the_cpu():

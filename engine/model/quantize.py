@@ -120,7 +120,7 @@ def quantize_model(
             raise EngineError(f"{name}: expected a linear layer, found {type(linear).__name__}")
         layer_stats = None if stats is None else stats[name]
         if layer_stats is not None and layer_stats.count == 0:
-            layer_stats = LayerStats.uninformative(in_features_of(linear))
+            layer_stats = LayerStats.uninformative(in_features_of(linear), linear_weight(linear).device)
         qweight = quantizer.quantize(linear_weight(linear), layer_stats)
         swap_linear(model, name, wrap(qweight, linear.bias))
     return names

@@ -143,7 +143,7 @@ def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor,
     """``W + alpha W (X - X_q)^T X_q (X_q^T X_q + ridge)^-1`` from ``stats.xtx = X_q^T X_q`` and
     ``cross = X_q^T X`` (see the module docstring), in the statistics' dtype."""
     h = stats.xtx
-    w = weight.detach().to(h.dtype).cpu()
+    w = weight.detach().to(device=h.device, dtype=h.dtype)
     shift = w @ (cross.T - h)  # W (X - X_q)^T X_q
     del cross  # the caller hands it over (popped from its dict): one Hessian-sized matrix fewer in the solve
     ridged = h.clone()

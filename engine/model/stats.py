@@ -1,7 +1,8 @@
 """Per-layer input statistics (:class:`LayerStats`): collected with forward hooks, merged, saved, loaded.
 
 Hessian-based quantizers (OPTQ, QuIP#) need, for every linear layer, the sum
-``X^T X`` of the inputs it sees on calibration text.  The sums carry twice the
+``X^T X`` of the inputs it sees on calibration text, summed on the device the
+activations are on (the GPU, when calibration runs there).  The sums carry twice the
 activations' precision (:func:`stats_dtype`: float64 for float32 activations,
 float32 for bfloat16 ones, so a 7B model's ``11008 x 11008`` sums take 485 MB,
 not 970), and shards are added in shard order (:func:`merge_stats`), so
@@ -40,13 +41,13 @@ def stats_dtype(activations: torch.dtype) -> torch.dtype:
 
 def _rows(args: tuple[Any, ...], in_features: int) -> torch.Tensor:
     x = args[0].detach()
-    return x.reshape(-1, in_features).to(device="cpu", dtype=stats_dtype(x.dtype))
+    return x.reshape(-1, in_features).to(dtype=stats_dtype(x.dtype))  # summed where the activations are
 
 
 def _add(total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``total + left^T right``, the sum made on first use in the rows' dtype."""
+    """``total + left^T right``, the sum made on first use in the rows' dtype and device."""
     if total is None or total.numel() == 0:
-        total = torch.zeros(left.shape[1], right.shape[1], dtype=left.dtype)
+        total = torch.zeros(left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
     return total.addmm_(left.T, right)
 
 

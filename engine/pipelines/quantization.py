@@ -74,7 +74,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
         model, tokenizer, manifest = load_gguf_quantized(spec.model)
         return save_quantized(model, tokenizer, spec.out, {k: manifest[k] for k in ("source_model", "quantizer")})
     quantizer = spec.quantizer()
-    device = _quantize_device(spec)
+    device = _quantize_device(spec, on_workers=runner_factory is not ShardRunner)
     source = open_source(spec.model)
     if spec.calib is not None:
         check_context(source.config, spec.calib.seq_len, "--calib-seq-len")
@@ -106,6 +106,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
         else:
             c = spec.calib
             load_outside_blocks(model, source, head=False)  # the calibration windows start at the embeddings
+            place(model, device)
             ids = text_ids(source.tokenizer(), read_text(c.file))
             windows = draw_windows(ids, c.windows, c.seq_len, c.seed)
             distill_windows = windows if c.distill_windows is None else draw_windows(
@@ -150,15 +151,16 @@ def _distill(spec: QuantizeSpec, source: CheckpointSource, windows: torch.Tensor
     return save_quantized(student, tokenizer, spec.out, info)
 
 
-def _quantize_device(spec: QuantizeSpec) -> torch.device:
-    """Where the blocks are quantized.  Calibration (OPTQ, QuIP#) keeps its statistics on the host, so those
-    methods quantize on the CPU: ``auto`` picks it, an explicit ``cuda`` is refused rather than ignored."""
+def _quantize_device(spec: QuantizeSpec, on_workers: bool) -> torch.device:
+    """Where the blocks are quantized: the command's device, the calibration's forward passes, statistics and
+    solves included.  Calibration shards on Ray workers (``modulora calibrate``) run on their CPUs in this
+    version: ``auto`` picks the CPU there, an explicit ``cuda`` is refused rather than ignored."""
     device = resolve_device(spec.device)
-    if spec.calib is not None and device.type != "cpu":
+    if on_workers and spec.calib is not None and device.type != "cpu":
         if spec.device != "auto":
-            raise EngineError(f"device {spec.device!r}: calibrated quantization ({spec.method}) runs on the CPU in "
-                              "this version; use --device cpu (or auto)")
-        log.warning("calibrated quantization (%s) runs on the CPU", spec.method)
+            raise EngineError(f"device {spec.device!r}: calibration on Ray workers runs on their CPUs in this "
+                              "version; use --device cpu (or auto), or `modulora quantize` for one GPU")
+        log.warning("calibration on Ray workers runs on their CPUs")
         return torch.device("cpu")
     return device
 

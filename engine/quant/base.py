@@ -15,6 +15,7 @@ See ``docs/custom_quantizer.md`` for a worked example of a user's own quantizer.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -168,6 +169,19 @@ def lcm_granule(unit: int) -> int:
     return math.lcm(TILE_ALIGN, unit)
 
 
+
+def host_constant(make: Callable[..., Any]) -> Callable[..., Any]:
+    """``make``'s table, made once per arguments on the host whatever the default device (a GPU run, or the
+    hygiene tests' ``meta``), and moved by each caller to the device it computes on."""
+
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(make)
+    def cached(*args: Any) -> Any:
+        with torch.device("cpu"):
+            return make(*args)
+
+    return cached
+
 @dataclass
 class LayerStats:
     """Input statistics of one linear layer: ``xtx = sum_i x_i x_i^T`` over ``count`` rows.
@@ -193,10 +207,10 @@ class LayerStats:
         return LayerStats(self.xtx + other.xtx, self.count + other.count)
 
     @staticmethod
-    def uninformative(in_features: int) -> LayerStats:
+    def uninformative(in_features: int, device: torch.device | str = "cpu") -> LayerStats:
         """``H = I`` for a layer that saw no calibration rows (an expert no token was routed to): every input
         direction weighs the same, so a Hessian quantizer has no error to feed forward and rounds to nearest."""
-        return LayerStats(torch.eye(in_features, dtype=torch.float64), 2)
+        return LayerStats(torch.eye(in_features, dtype=torch.float64, device=device), 2)
 
 
 class Quantizer(ABC):

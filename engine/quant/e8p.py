@@ -31,9 +31,10 @@ left out), 256 points, 8 bits per 8 weights; encoded by brute force.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
 
 import torch
+
+from engine.quant.base import host_constant
 
 DIM = 8
 
@@ -48,7 +49,7 @@ _NORM12_HALVES = (
 )  # fmt: skip
 
 
-@lru_cache(maxsize=None)
+@host_constant
 def source_set() -> torch.Tensor:
     """The 256 × 8 source set ``A`` (float32): the 227 of norm² <= 10 (lexicographic), then the 29 of norm² 12."""
     halves = torch.tensor([0.5, 1.5, 2.5])
@@ -60,7 +61,7 @@ def source_set() -> torch.Tensor:
     return torch.cat([ball, norm12])
 
 
-@lru_cache(maxsize=None)
+@host_constant
 def source_parity() -> torch.Tensor:
     """``sum(A[a]) mod 2`` (the sums are integers): the parity of the count of negative coordinates."""
     return (source_set().sum(-1).round().long() % 2).bool()
@@ -158,7 +159,7 @@ def _encode_full(x: torch.Tensor) -> torch.Tensor:
     return best_code
 
 
-@lru_cache(maxsize=None)
+@host_constant
 def e8_ball() -> torch.Tensor:
     """The 256 × 8 one-bit E8 codebook: origin, 112 integer and 128 half-integer roots, 15 of ``±2 e_i``."""
     points = [torch.zeros(DIM)]

@@ -19,11 +19,11 @@ factor, a dense ``m × m`` product for the Paley factor).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 
 from engine.errors import EngineError
+from engine.quant.base import host_constant
 
 
 def _is_prime(q: int) -> bool:
@@ -57,7 +57,7 @@ def _paley(m: int) -> torch.Tensor | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@host_constant
 def factorization(n: int) -> tuple[int, torch.Tensor] | None:
     """``(2^k, B)`` with ``n = 2^k · len(B)`` and ``B`` a Hadamard base (``[[1]]`` or Paley), smallest base first."""
     if n < 1:
@@ -82,7 +82,7 @@ def padded_size(n: int, multiple: int = 1) -> int:
 
 def _sylvester_rows(rows: torch.Tensor, power: int) -> torch.Tensor:
     """Rows of the Sylvester matrix of order ``power``: ``S[a, b] = (-1)^popcount(a & b)``."""
-    bits = rows[:, None] & torch.arange(power)[None, :]
+    bits = rows[:, None] & torch.arange(power, device=rows.device)[None, :]
     parity = torch.zeros_like(bits)
     while bool(bits.any()):
         parity ^= bits & 1
@@ -131,7 +131,7 @@ def fast_hadamard(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
 
 def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` random ±1 values (float32) from ``generator``."""
-    return 1.0 - 2.0 * torch.randint(0, 2, (n,), generator=generator).to(torch.float32)
+    return 1.0 - 2.0 * torch.randint(0, 2, (n,), generator=generator, device=generator.device).to(torch.float32)
 
 
 class RandomHadamard:
@@ -147,11 +147,11 @@ class RandomHadamard:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``pad(x) Tᵀ`` along the last dimension: ``[..., n] -> [..., n_pad]``."""
         x = torch.nn.functional.pad(x, (0, self.n_pad - self.n))
-        return fast_hadamard(x * self.signs.to(x.dtype)) * self.norm
+        return fast_hadamard(x * self.signs.to(x)) * self.norm
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """``(y T)[..., :n]``: undoes :meth:`forward` (``[..., n_pad] -> [..., n]``)."""
-        x = fast_hadamard(y, transpose=True) * self.signs.to(y.dtype) * self.norm
+        x = fast_hadamard(y, transpose=True) * self.signs.to(y) * self.norm
         return x[..., : self.n]
 
     def inverse_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:

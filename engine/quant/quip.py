@@ -335,7 +335,7 @@ def rotated_hessian(stats: LayerStats, transform: RandomHadamard) -> torch.Tenso
     ``H``'s size alive (a 7B ``down_proj``: 485 MB, not 2.4 GB of temporaries).
     """
     n, n_pad = stats.xtx.shape[0], transform.n_pad
-    buffer = torch.zeros(n_pad, n_pad, dtype=stats.xtx.dtype)
+    buffer = torch.zeros(n_pad, n_pad, dtype=stats.xtx.dtype, device=stats.xtx.device)
     for r0 in range(0, n, ROTATE_ROWS):
         r1 = min(r0 + ROTATE_ROWS, n)
         buffer[r0:r1] = transform.forward(stats.hessian_rows(r0, r1))
@@ -383,7 +383,7 @@ class QuipQuantizer(Quantizer):
         w[:, stats.xtx.diagonal() == 0] = 0.0  # dead inputs: their weights never matter
 
         gen = torch.Generator().manual_seed(layer_seed(weight, self.seed))
-        in_t = RandomHadamard(n, random_signs(padded_size(n, DIM), gen).to(dt))
+        in_t = RandomHadamard(n, random_signs(padded_size(n, DIM), gen).to(w))  # host-drawn: the same on any device
         w_rot = in_t.forward(w)
         del w
         h_rot = rotated_hessian(stats, in_t)
@@ -391,7 +391,7 @@ class QuipQuantizer(Quantizer):
         h_rot.diagonal().add_(self.damp * mean_diag if mean_diag > 0 else 1.0)
         out_signs = None
         if self.incoherence == "both":
-            out_signs = random_signs(padded_size(m), gen)
+            out_signs = random_signs(padded_size(m), gen).to(w_rot.device)
             w_rot = RandomHadamard(m, out_signs.to(dt)).forward(w_rot.T).T
             square = w_rot.square().mean().reshape(1, 1)
         else:
