@@ -15,7 +15,9 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
   packed results are sent to the workers once per group (one ``ray.put``);
 * a worker that dies is replaced: the new one replays the calls that changed
   its state (blocks begun and ended, layers installed) and the lost call is
-  asked again.
+  asked again;
+* with ``--device cuda`` each worker asks Ray for a GPU (or a share of one) and
+  computes there, handing back host tensors; the driver's sums stay on its CPU.
 
     modulora calibrate MODEL --method optq --bits 3 --calib train.txt --workers 2 --out q3
 """
@@ -32,9 +34,10 @@ from torch import nn
 from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
-    CalibrationShard, ShardRunner, Wrap, linear_weight, load_block, load_outside_blocks, meta_model, open_source,
-    release_block, shard_spans, swap_linear,
+    CalibrationShard, ShardRunner, Wrap, decoder_blocks, linear_weight, load_block, load_outside_blocks, meta_model,
+    open_source, place, release_block, shard_spans, swap_linear,
 )
+from engine.placement import resolve_device
 from engine.procstat import keep_heap_bounded
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
 from engine.quant import LayerStats, Quantizer, weight_from_state
@@ -47,15 +50,18 @@ LayerState = tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]
 
 
 class ShardWorker:
-    """A Ray actor: the float model and a run of calibration shards, kept in step with the driver."""
+    """A Ray actor: the float model and a run of calibration shards, kept in step with the driver.  It computes
+    on ``device`` (the GPU Ray gave it, for ``cuda``) and hands back host tensors."""
 
     def __init__(self, model_source: str, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
-                 asym: bool, threads: int) -> None:
+                 asym: bool, threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(threads)
         keep_heap_bounded()
+        self.device = torch.device(device)
         source = open_source(model_source)
         self.model = meta_model(source.config)
         load_outside_blocks(self.model, source, head=False)  # the windows start at the input embeddings
+        place(self.model, self.device)
         self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
 
@@ -64,22 +70,38 @@ class ShardWorker:
         released after its ``end_block``."""
         if method == "begin_block":
             load_block(self.model, args[0], self.source)
-        results = [getattr(shard, method)(*args) for shard in self.shards]
+            place(decoder_blocks(self.model)[args[0]], self.device)
+        results = [on_host(getattr(shard, method)(*args)) for shard in self.shards]
         if method == "end_block":
             release_block(self.model, args[0])
         return results
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, quantizer: Quantizer) -> tuple[dict, dict]:
         """One layer's packed tensors and manifest (workers quantize a group's layers in parallel)."""
-        qweight = quantizer.quantize(weight, stats)
-        return dict(qweight.state_dict()), qweight.manifest()
+        stats = LayerStats(stats.xtx.to(self.device), stats.count)
+        qweight = quantizer.quantize(weight.to(self.device), stats)
+        return on_host(dict(qweight.state_dict())), qweight.manifest()
 
     def install(self, layers: dict[str, LayerState]) -> None:
         for name, state in layers.items():
-            swap_linear(self.model, name, packed_layer(state))
+            swap_linear(self.model, name, place(packed_layer(state), self.device))
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def on_host(value: Any) -> Any:
+    """``value`` (a shard's result: statistics, tensors, and containers of them) with its tensors on the host,
+    so the driver needs no GPU to receive them."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, LayerStats):
+        return LayerStats(value.xtx.cpu(), value.count)
+    if isinstance(value, dict):
+        return {key: on_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_host(item) for item in value)
+    return value
 
 
 def packed_layer(state: LayerState) -> ModuLoRALinear:
@@ -92,14 +114,15 @@ class RayShardRunner(ShardRunner):
     """The calibration shards of ``windows`` on ``workers`` Ray actors (fewer if there are fewer shards)."""
 
     def __init__(self, model_source: str, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int,
-                 workers: int, threads: int = 1) -> None:
+                 workers: int, threads: int = 1, device: str = "cpu") -> None:
         import ray
 
         spans = shard_spans(len(windows), shard_windows)
         n = max(1, min(workers, len(spans)))
         per_worker = [spans[i * len(spans) // n : (i + 1) * len(spans) // n] for i in range(n)]
-        self._actor = ray.remote(num_cpus=threads)(ShardWorker)
-        self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads) for spans_i in per_worker]
+        self._actor = ray.remote(num_cpus=threads, num_gpus=worker_gpus(device, n))(ShardWorker)
+        self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads, device)
+                            for spans_i in per_worker]
         self.workers = [self._actor.remote(*args) for args in self._spawn_args]
         self.journal: list[tuple[str, tuple[Any, ...]]] = []  # state-changing calls, replayed by replacements
 
@@ -158,19 +181,32 @@ class RayShardRunner(ShardRunner):
         return names
 
 
-def runner_factory(model_source: str, workers: int, threads: int) -> Any:
+def worker_gpus(device: str, workers: int) -> float:
+    """The GPUs each calibration worker asks Ray for: none on the CPU; on ``cuda`` one each, or an even share of
+    the cluster's GPUs when there are fewer than workers."""
+    if device != "cuda":
+        return 0
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        raise EngineError("device 'cuda': the Ray cluster has no GPU; use --device cpu")
+    return min(1.0, gpus / workers)
+
+
+def runner_factory(model_source: str, workers: int, threads: int, device: str = "cpu") -> Any:
     """The ``runner_factory`` that ``quantize_calibrated`` calls, with the model's source bound in."""
 
     def make(model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int) -> RayShardRunner:
-        return RayShardRunner(model_source, windows, batch_size, asym, shard_windows, workers, threads)
+        return RayShardRunner(model_source, windows, batch_size, asym, shard_windows, workers, threads, device)
 
     return make
 
 
-def on_ray(model_source: str, workers: int, threads: int, address: str | None) -> dict[str, Any]:
-    """``quantize``'s arguments that put calibration on Ray workers: their runner, and the session they need (a
-    local Ray sized for them unless ``address`` names a cluster)."""
-    return {"runner_factory": runner_factory(model_source, workers, threads),
+def on_ray(model_source: str, workers: int, threads: int, address: str | None, device: str = "cpu") -> dict[str, Any]:
+    """``quantize``'s arguments that put calibration on Ray workers (computing on ``device``): their runner, and
+    the session they need (a local Ray sized for them unless ``address`` names a cluster)."""
+    return {"runner_factory": runner_factory(model_source, workers, threads, device),
             "session": lambda: ray_session(address, num_cpus=None if address else workers * threads)}
 
 
@@ -178,7 +214,7 @@ def _calibrate(workers: int, address: str | None, threads: int, model: str, **gi
     spec = quantize_spec(model, given)
     if spec.calib is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
-    manifest = quantize(spec, **on_ray(model, workers, threads, address))
+    manifest = quantize(spec, **on_ray(model, workers, threads, address, resolve_device(spec.device).type))
     click.echo(f"{spec.out}: {len(manifest['layers'])} layers, {manifest['size']['bits_per_weight']:.3f} bits/weight, "
                f"{manifest['quantize_seconds']:.1f} s on {workers} Ray worker(s)")
 

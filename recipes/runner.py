@@ -34,6 +34,7 @@ import click
 
 from engine.errors import EngineError
 from engine.pipelines import correct, evaluate, export, finetune, plan, quantize
+from engine.placement import resolve_device
 from engine.procstat import PeakRss, status_bytes
 from engine.storage import atomic_write_bytes, atomic_write_json, output_lock
 
@@ -142,7 +143,8 @@ def run_quantize(ctx: Context, out: Path, resume: bool) -> dict[str, Any]:
     if workers:
         from cluster.calibrate import on_ray
 
-        manifest = quantize(spec, **on_ray(spec.model, workers, cluster["threads"], cluster.get("address")))
+        manifest = quantize(spec, **on_ray(spec.model, workers, cluster["threads"], cluster.get("address"),
+                                           resolve_device(spec.device).type))
     else:
         manifest = quantize(spec)
     return {"bits_per_weight": manifest["size"]["bits_per_weight"], "model_bytes": manifest["size"]["model_bytes"],

@@ -17,7 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quantize as gguf_quantize
 
-from conftest import GGUF_MODEL, QUANT_FORMATS, TRAIN_TXT, VALID_TXT, layer_stats, modulora
+from conftest import GGUF_MODEL, QUANT_FORMATS, TRAIN_TXT, VALID_TXT, directory_tensors, layer_stats, modulora
 from engine.data import FormatSpec, build_examples
 from engine.lora import ModuLoRALinear
 from engine.model import adapter_state, add_lora, place, quantize_model
@@ -80,6 +80,17 @@ def test_calibrated_quantize_on_cuda_gives_the_cpu_run_s_quality(tmp_path, capsy
         assert modulora("eval", out, "--data", VALID_TXT, "--limit", 64, "--json", "--device", device) == 0
         ppl[run] = json.loads(capsys.readouterr().out)["ppl"]
     assert ppl[1] == pytest.approx(ppl[0], rel=0.02)
+
+
+@pytest.mark.slow
+def test_ray_calibration_on_gpu_workers_equals_one_gpu_process(tmp_path):
+    """``modulora calibrate --device cuda``: each Ray worker computes on a GPU (a share of one here) and the
+    packed weights are those of ``modulora quantize --device cuda`` bit for bit."""
+    optq = ["--method", "optq", "--bits", 3, "--calib", TRAIN_TXT, "--calib-windows", 64, "--device", DEVICE]
+    assert modulora("quantize", GGUF_MODEL, *optq, "--out", tmp_path / "one") == 0
+    assert modulora("calibrate", GGUF_MODEL, *optq, "--workers", 2, "--out", tmp_path / "ray") == 0
+    one, ray = directory_tensors(tmp_path / "one"), directory_tensors(tmp_path / "ray")
+    assert one.keys() == ray.keys() and [k for k in one if not torch.equal(one[k], ray[k])] == []
 
 
 def test_gguf_quants_dequantize_on_cuda_as_on_cpu(weight):

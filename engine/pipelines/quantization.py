@@ -47,7 +47,6 @@ from engine.model import (
     save_quantized,
     target_linear_names,
 )
-from engine.errors import EngineError
 from engine.offload import stream_checkpoint
 from engine.options import as_plain
 from engine.placement import resolve_device
@@ -152,17 +151,10 @@ def _distill(spec: QuantizeSpec, source: CheckpointSource, windows: torch.Tensor
 
 
 def _quantize_device(spec: QuantizeSpec, on_workers: bool) -> torch.device:
-    """Where the blocks are quantized: the command's device, the calibration's forward passes, statistics and
-    solves included.  Calibration shards on Ray workers (``modulora calibrate``) run on their CPUs in this
-    version: ``auto`` picks the CPU there, an explicit ``cuda`` is refused rather than ignored."""
-    device = resolve_device(spec.device)
-    if on_workers and spec.calib is not None and device.type != "cpu":
-        if spec.device != "auto":
-            raise EngineError(f"device {spec.device!r}: calibration on Ray workers runs on their CPUs in this "
-                              "version; use --device cpu (or auto), or `modulora quantize` for one GPU")
-        log.warning("calibration on Ray workers runs on their CPUs")
-        return torch.device("cpu")
-    return device
+    """Where the driver quantizes the blocks: the command's device (the calibration's forward passes, statistics
+    and solves included), or the CPU when calibration shards run on Ray workers (``modulora calibrate``), which
+    compute on the command's device themselves and hand back host tensors."""
+    return torch.device("cpu") if on_workers and spec.calib is not None else resolve_device(spec.device)
 
 
 def _source(model: str) -> str:
