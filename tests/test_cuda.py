@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, quantize as gguf_quantize
 from conftest import GGUF_MODEL, QUANT_FORMATS, TRAIN_TXT, VALID_TXT, directory_tensors, layer_stats, modulora
 from engine.data import FormatSpec, build_examples
 from engine.lora import ModuLoRALinear
-from engine.model import adapter_state, add_lora, place, quantize_model
+from engine.model import adapter_state, add_lora, open_source, place, quantize_model
 from engine.offload import BlockStreamer, make_store, offload_vocab_tables
 from engine.quant import GGUFWeight, RTNQuantizer, make_quantizer
 from engine.train import Trainer, TrainSpec
@@ -91,6 +91,38 @@ def test_ray_calibration_on_gpu_workers_equals_one_gpu_process(tmp_path):
     assert modulora("calibrate", GGUF_MODEL, *optq, "--workers", 2, "--out", tmp_path / "ray") == 0
     one, ray = directory_tensors(tmp_path / "one"), directory_tensors(tmp_path / "ray")
     assert one.keys() == ray.keys() and [k for k in one if not torch.equal(one[k], ray[k])] == []
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads the CUDA allocator's peak")
+def test_planned_device_peak_of_a_calibrated_quantize_is_the_allocator_s(tmp_path, capsys):
+    """``modulora plan --stage quantize --device cuda`` against ``torch.cuda.max_memory_allocated`` over
+    ``modulora quantize --calib --device cuda`` on a 1024-wide bfloat16 Llama block (the stage planner's 15%;
+    the CUDA runtime's assumed share is not the allocator's and is left out)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.offload.planner.sizes import CUDA_RUNTIME_BYTES
+
+    checkpoint = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=1,
+                                  num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                                  tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(checkpoint)
+    open_source(GGUF_MODEL).tokenizer().save_pretrained(checkpoint)
+    calib = ["--method", "optq", "--bits", 3, "--group-size", 64, "--calib-windows", 16, "--calib-seq-len", 256]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    assert modulora("quantize", checkpoint, *calib, "--calib", TRAIN_TXT, "--device", "cuda",
+                    "--out", tmp_path / "q") == 0
+    measured = torch.cuda.max_memory_allocated() - before
+    capsys.readouterr()
+    assert modulora("plan", "--stage", "quantize", "--model", checkpoint / "config.json", "--source-dtype",
+                    "bfloat16", "--device", "cuda", "--device-mem", "24GiB", "--host-mem", "64GiB", *calib,
+                    "--json") == 0
+    planned = json.loads(capsys.readouterr().out)["device_peak_bytes"] - CUDA_RUNTIME_BYTES
+    print(f"calibrated quantize on cuda: allocator peak {measured / 2**20:.1f} MiB, planned {planned / 2**20:.1f} MiB")
+    assert planned == pytest.approx(measured, rel=0.15)
 
 
 def test_gguf_quants_dequantize_on_cuda_as_on_cpu(weight):

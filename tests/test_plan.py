@@ -284,6 +284,70 @@ def test_cli_plan_bad_input_is_one_line_exit_2(capsys, change, needle):
     assert len(lines) == 1 and lines[0].startswith("modulora: error:") and needle in lines[0], err
 
 
+
+# ---- the other stages on a GPU (modulora plan --stage ... --device cuda) -------------------------------------------
+
+LLAMA7B_BLOCK_LINEAR = 4 * 4096 * 4096 + 3 * 4096 * 11008  # q, k, v, o; gate, up, down (the LLaMA paper's shapes)
+LLAMA7B_BLOCK_FLOAT = (LLAMA7B_BLOCK_LINEAR + 2 * 4096) * 2  # and two RMS norms, in bfloat16
+
+
+def stage_json(capsys: pytest.CaptureFixture[str], device: str, *args: str) -> dict[str, Any]:
+    memory = ["--device-mem", "24GiB"] if device == "cuda" else []
+    code, out, err = modulora_in_process(capsys, "plan", "--model", "llama-7b", "--source-dtype", "bfloat16",
+                                         "--device", device, "--host-mem", "64GiB", *memory, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def part_nbytes(report: dict[str, Any], where: str) -> int:
+    return sum(part["nbytes"] for part in report["parts"] if part["where"] == where)
+
+
+def test_quantizing_on_a_gpu_puts_the_block_and_the_quantizer_on_the_device(capsys):
+    """RTN on a 7B shape: the device holds the block's bfloat16 weights, the quantizer's five float32 copies of
+    the largest layer (down_proj) and the CUDA runtime; the host keeps what the CPU plan has but the quantizer's
+    work (the block is read there on its way to the device, its packed weights written from there)."""
+    cpu = stage_json(capsys, "cpu", "--stage", "quantize", "--method", "rtn", "--bits", "3")
+    cuda = stage_json(capsys, "cuda", "--stage", "quantize", "--method", "rtn", "--bits", "3")
+    work = 5 * 11008 * 4096 * 4
+    assert cuda["device_peak_bytes"] == GIB + LLAMA7B_BLOCK_FLOAT + work
+    assert cuda["host_peak_bytes"] == cpu["host_peak_bytes"] - work
+    assert "device_peak_bytes" not in cpu and part_nbytes(cpu, "device") == 0
+
+
+def test_calibrating_on_a_gpu_keeps_the_windows_on_the_device_and_says_when_it_is_short(capsys):
+    """Calibrated OPTQ (GPTAQ's float twin, 32 windows of 512 tokens): the windows' hidden states (quantized,
+    float and advancing, bfloat16), both copies of the block and the input embeddings are device memory; a 4 GiB
+    device is refused naming device memory, while the host is untouched."""
+    calib = ["--stage", "quantize", "--method", "optq", "--bits", "3", "--calib-windows", "32",
+             "--calib-seq-len", "512"]
+    cuda = stage_json(capsys, "cuda", *calib)
+    on_device = {part["name"].split(" (")[0]: part["nbytes"] for part in cuda["parts"] if part["where"] == "device"}
+    assert on_device["hidden states of 32 windows x 512 tokens"] == 3 * 32 * 512 * 4096 * 2
+    assert on_device["one block's float weights"] == on_device["the block's float twin"] == LLAMA7B_BLOCK_FLOAT
+    assert on_device["input embeddings"] == 32000 * 4096 * 2
+    assert cuda["fits"] and cuda["device_peak_bytes"] == sum(on_device.values())
+    code, out, err = modulora_in_process(capsys, "plan", "--model", "llama-7b", "--source-dtype", "bfloat16",
+                                         "--device", "cuda", "--device-mem", "4GiB", "--host-mem", "64GiB", *calib)
+    assert code == 0, err
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("does not fit: device memory over by") and "host memory" not in verdict, out
+
+
+def test_ray_calibration_on_gpus_plans_each_worker_s_device_and_the_driver_s_cpu(capsys):
+    """``modulora calibrate --workers 2 --device cuda``: each worker's device holds its half of the windows; the
+    driver quantizes on its CPU, as in a CPU run, so its host peak is the CPU plan's."""
+    calib = ["--stage", "calibrate", "--method", "optq", "--bits", "3", "--calib-windows", "32",
+             "--calib-seq-len", "512", "--workers", "2"]
+    cpu, cuda = stage_json(capsys, "cpu", *calib), stage_json(capsys, "cuda", *calib)
+    assert cuda["host_peak_bytes"] == cpu["host_peak_bytes"] and part_nbytes(cuda, "device") == 0
+    worker_device = sum(p["nbytes"] for p in cuda["worker_parts"] if p["where"] == "device")
+    assert cuda["device_peak_bytes"] == worker_device > 0
+    hidden = next(p["nbytes"] for p in cuda["worker_parts"] if p["name"].startswith("hidden states"))
+    assert hidden == 3 * 16 * 512 * 4096 * 2  # 16 windows each
+    assert cuda["worker_peak_bytes"] == 530 * MIB + LLAMA7B_BLOCK_FLOAT  # the framework, a block read on its way
+    assert cpu["worker_peak_bytes"] == worker_device - GIB + 530 * MIB
+
 if __name__ == "__main__":
     print(json.dumps(measure_step(json.loads(sys.argv[1]))))
 

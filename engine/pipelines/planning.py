@@ -13,7 +13,8 @@ def plan(spec: PlanSpec) -> Plan | StagePlan:
     shapes = model_shapes(load_config(spec.model))
     if spec.stage == "finetune":
         return make_plan(plan_inputs(spec, shapes))
-    return stage_plan(stage_inputs(spec, shapes), spec.hardware.host_mem)
+    h = spec.hardware
+    return stage_plan(stage_inputs(spec, shapes), h.host_mem, h.device_mem if h.device != "cpu" else None)
 
 
 def plan_inputs(spec: PlanSpec, shapes: ModelShapes) -> PlanInputs:
@@ -40,5 +41,5 @@ def stage_inputs(spec: PlanSpec, shapes: ModelShapes) -> StageInputs:
         source_dtype=spec.source_dtype, compute_dtype=spec.dtype, calib_windows=spec.calib_windows,
         calib_seq_len=spec.calib_seq_len, asym=asym, workers=spec.workers, rank=spec.rank, seq_len=spec.seq_len,
         batch=spec.batch, tier=spec.tier, prefetch=spec.prefetch, distill=spec.distill_steps > 0,
-        distill_windows=spec.distill_windows or spec.calib_windows,
+        distill_windows=spec.distill_windows or spec.calib_windows, device=spec.hardware.device,
     )

@@ -5,19 +5,27 @@ Every stage handles one decoder block at a time, so its peak is what stays for t
 the tensors outside the blocks it keeps, the calibration windows' hidden states) plus one block's float weights
 plus the largest transient of the block's work.  Sizes are exact from the shapes; the transients count the
 tensors the code holds at that moment (named with the code below), and were checked against a 7B-shaped
-checkpoint (``bench/scale.py``, ``docs/scale.md``).  Planned for a CPU: every part is host memory.
+checkpoint (``bench/scale.py``, ``docs/scale.md``).
+
+On a CPU every part is host memory.  On a GPU (``device`` cuda) the stage's computation and what it reads in for
+it are device memory, as the commands place them (the block at work, the calibration windows' hidden states and
+statistics, the quantizer's matrices, the activations, the model's float tensors, resident packed weights), beside
+the CUDA runtime's assumed share; the host keeps the framework, what is staged on its way in (a block read from
+the checkpoint, disk reads) and what is written out.  Ray calibration workers are planned on the command's device;
+their driver quantizes on its CPU.  The GPU figures are not measured (no GPU here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.errors import EngineError
 from engine.offload.planner.inputs import DTYPE_BYTES
 from engine.offload.planner.plan import Part
 from engine.offload.planner.sizes import (
-    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
+    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, CUDA_RUNTIME_BYTES, FLOAT32,
+    FRAMEWORK_HOST_BYTES,
     NORM_FLOAT32_COPIES, RECOMPUTE_FFN_COPIES, RECOMPUTE_HIDDEN_COPIES,
     dequant_transient_bytes, lora_params, packed_block_bytes,
 )
@@ -83,43 +91,70 @@ class StageInputs:
     prefetch: int
     distill: bool = False  # quantize: the rounded model's continuous parameters then distilled (--distill-steps)
     distill_windows: int = 0  # the windows it trains on: their teacher log-probabilities are kept
+    device: str = "cpu"  # where the stage computes: cpu (one memory) or cuda
+
+    @property
+    def compute(self) -> str:
+        """The memory that holds the stage's computation: the host on a CPU, else the device."""
+        return "host" if self.device == "cpu" else "device"
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """A stage's parts at its peak (all in host memory), and the peak of each process it runs in."""
+    """A stage's parts at its peak, and the peak of each memory of each process it runs in."""
 
     inputs: StageInputs
     parts: tuple[Part, ...]
     host_mem: int
     worker_parts: tuple[Part, ...] = ()  # calibrate: one Ray worker's parts (the driver's are ``parts``)
+    device_mem: int | None = None  # one device's memory (a GPU stage)
 
     @property
     def host_peak(self) -> int:
-        return sum(part.nbytes for part in self.parts if part.where != "disk")
+        return _sum(self.parts, "host")
+
+    @property
+    def device_peak(self) -> int:
+        """The device of the process that computes: the command's, or each Ray worker's."""
+        return _sum(self.worker_parts or self.parts, "device")
 
     @property
     def worker_peak(self) -> int:
-        return sum(part.nbytes for part in self.worker_parts)
+        """One Ray worker's host memory."""
+        return _sum(self.worker_parts, "host")
+
+    def overflows(self) -> dict[str, int]:
+        """Bytes over each memory's size, for the memories that are over."""
+        over = {"host memory": self.host_peak + self.inputs.workers * self.worker_peak - self.host_mem}
+        if self.device_peak:
+            over["device memory"] = self.device_peak - (self.device_mem or 0)
+        return {name: value for name, value in over.items() if value > 0}
 
     @property
     def fits(self) -> bool:
-        return self.host_peak + self.inputs.workers * self.worker_peak <= self.host_mem
+        return not self.overflows()
 
     def verdict(self) -> str:
-        total = self.host_peak + (self.inputs.workers * self.worker_peak if self.worker_parts else 0)
         if self.fits:
             return "fits"
-        largest = sorted(self.parts, key=lambda p: -p.nbytes)[:3]
-        return (f"does not fit: memory over by {format_size(total - self.host_mem)} ({format_size(total)} needed); "
-                f"largest: {', '.join(f'{p.name} {format_size(p.nbytes)}' for p in largest)}")
+        needed = {"host memory": self.host_mem, "device memory": self.device_mem or 0}
+        problems = []
+        for name, over in self.overflows().items():
+            where = "host" if name == "host memory" else "device"
+            largest = sorted((p for p in (*self.parts, *self.worker_parts) if p.where == where),
+                             key=lambda p: -p.nbytes)[:3]
+            problems.append(f"{name} over by {format_size(over)} ({format_size(needed[name] + over)} needed); "
+                            f"largest: {', '.join(f'{p.name} {format_size(p.nbytes)}' for p in largest)}")
+        return f"does not fit: {'; '.join(problems)}"
 
     def to_json(self) -> dict[str, Any]:
         i = self.inputs
         return {
             "stage": i.stage,
+            "device": i.device,
             "parts": [vars(part) for part in self.parts],
             "host_peak_bytes": self.host_peak,
+            **({"device_peak_bytes": self.device_peak} if i.device != "cpu" else {}),
             **({"worker_parts": [vars(p) for p in self.worker_parts], "worker_peak_bytes": self.worker_peak,
                 "workers": i.workers} if self.worker_parts else {}),
             "fits": self.fits,
@@ -135,23 +170,33 @@ class StagePlan:
             if label:
                 lines.append(label.rstrip(": "))
             lines += [f"  {part.name:<{width}}  {format_size(part.nbytes):>10}  {part.where}" for part in parts]
-        lines.append(f"peak memory {format_size(self.host_peak)}"
+        lines.append(f"peak {'host ' if self.device_peak else ''}memory {format_size(self.host_peak)}"
                      + (f" (driver), {format_size(self.worker_peak)} per worker" if self.worker_parts else ""))
+        if self.device_peak:
+            lines.append(f"peak device memory {format_size(self.device_peak)}"
+                         + (" per worker" if self.worker_parts else "")
+                         + f" of {format_size(self.device_mem or 0)} (CUDA runtime assumed, not measured)")
         lines.append(self.verdict())
         return "\n".join(lines)
 
 
-def stage_plan(i: StageInputs, host_mem: int) -> StagePlan:
+def stage_plan(i: StageInputs, host_mem: int, device_mem: int | None = None) -> StagePlan:
     """The parts of ``i.stage`` at its peak (``finetune`` is planned by :func:`~engine.offload.planner.make_plan`)."""
     if i.stage not in STAGES or i.stage == "finetune":
         raise EngineError(f"stage {i.stage!r} is not planned here; stages: {', '.join(STAGES)}")
     if i.stage == "calibrate":
-        driver = [_framework(), *_outside(i, head=True, note="read at the end, to be written"),
-                  Part("one block's float weights (read to quantize)", _block_float(i), "host"),
-                  _largest_quantize(i, driver=True), _written_block(i)]
-        return StagePlan(i, tuple(driver), host_mem, tuple(_calibration_parts(i, i.calib_windows // i.workers)))
+        driver = replace(i, device="cpu")  # the driver quantizes the workers' statistics on its CPU
+        parts = [_framework(), *_outside(driver, head=True, note="read at the end, to be written"),
+                 Part("one block's float weights (read to quantize)", _block_float(i), "host"),
+                 _largest_quantize(driver, driver=True), _written_block(i)]
+        return StagePlan(i, tuple(parts), host_mem, tuple(_calibration_parts(i, i.calib_windows // i.workers)),
+                         device_mem)
     builders = {"load": _load, "quantize": _quantize, "correct": _correct, "eval": _eval, "export": _export}
-    return StagePlan(i, tuple(builders[i.stage](i)), host_mem)
+    return StagePlan(i, tuple(builders[i.stage](i)), host_mem, device_mem=device_mem)
+
+
+def _sum(parts: tuple[Part, ...], where: str) -> int:
+    return sum(part.nbytes for part in parts if part.where == where)
 
 
 # ---- the parts ----------------------------------------------------------------------------------------------------
@@ -160,13 +205,26 @@ def _framework() -> Part:
     return Part("runtime: framework (imports, kernels)", FRAMEWORK_HOST_BYTES, "host")
 
 
+def _runtime(i: StageInputs) -> list[Part]:
+    """The process's own memory: the framework on the host, and on a GPU the CUDA context and workspaces."""
+    cuda = [Part("runtime: CUDA context and workspaces (assumed)", CUDA_RUNTIME_BYTES, "device")]
+    return [_framework(), *(cuda if i.compute == "device" else [])]
+
+
+def _staged_block(i: StageInputs) -> list[Part]:
+    """On a GPU, a block read from the checkpoint passes through the host on its way to the device."""
+    if i.compute == "host":
+        return []
+    return [Part(f"one block's float weights, read on the host ({i.source_dtype})", _block_float(i), "host")]
+
+
 def _outside(i: StageInputs, head: bool, note: str = "") -> list[Part]:
     """The float tensors outside the blocks (in the source dtype): all of them, or the input embeddings alone."""
     s, b = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
     embeddings = s.vocab_size * s.hidden_size
     nbytes = (s.outside_params if head else embeddings) * b
     what = "float tensors outside the blocks" if head else "input embeddings"
-    return [Part(f"{what} ({i.source_dtype}{', ' + note if note else ''})", nbytes, "host")]
+    return [Part(f"{what} ({i.source_dtype}{', ' + note if note else ''})", nbytes, i.compute)]
 
 
 def _block_float(i: StageInputs) -> int:
@@ -245,7 +303,7 @@ def _largest_quantize(i: StageInputs, driver: bool = False) -> Part:
             align = (ALIGN_HESSIAN_COPIES * inp * inp + ALIGN_WEIGHT_COPIES * out * inp) * stb if i.asym else 0
             best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
     where = "on the driver, from the workers' statistics" if driver else "with its statistics"
-    return Part(f"quantizing the largest group of layers ({i.method}, {where})", best, "host")
+    return Part(f"quantizing the largest group of layers ({i.method}, {where})", best, i.compute)
 
 
 def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
@@ -258,21 +316,21 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
     stats = max(sum(inp * inp for _, inp in group) for group in _groups(s)) * stb * (2 if i.asym else 1)
     forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
                + batch_tokens * widest * stb)
-    parts = [_framework(), *_outside(i, head=False),
-             Part("one block's float weights", _block_float(i), "host"),
+    c = i.compute
+    parts = [*_runtime(i), *_staged_block(i), *_outside(i, head=False),
+             Part("one block's float weights", _block_float(i), c),
+             *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
              Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens "
-                  f"({carried} carried + 1 advancing)", (carried + 1) * tokens * s.hidden_size * a, "host"),
-             Part("statistics of the largest group, and a forward pass", stats + forward, "host")]
-    if i.asym:
-        parts.insert(3, Part("the block's float twin (GPTAQ)", _block_float(i), "host"))
+                  f"({carried} carried + 1 advancing)", (carried + 1) * tokens * s.hidden_size * a, c),
+             Part("statistics of the largest group, and a forward pass", stats + forward, c)]
     return parts
 
 
 def _quantize(i: StageInputs) -> list[Part]:
     if not _calibrated(i.method):
-        return [_framework(), Part("one block's float weights", _block_float(i), "host"),
+        return [*_runtime(i), *_staged_block(i), Part("one block's float weights", _block_float(i), i.compute),
                 Part(f"quantizing the largest layer ({i.method})", _quantizer_work(i, *_largest_linear(i.shapes)),
-                     "host"), _written_block(i)]
+                     i.compute), _written_block(i)]
     parts = _calibration_parts(i, i.calib_windows)
     stats = parts.pop()  # one process: the statistics' forward pass and the quantizer come one after the other
     work = _largest_quantize(i)
@@ -294,23 +352,33 @@ def _distill(i: StageInputs) -> list[Part]:
     activations = (s.n_blocks * tokens * (RECOMPUTE_HIDDEN_COPIES * s.hidden_size + RECOMPUTE_FFN_COPIES
                                           * s.intermediate_size) * FLOAT32 + DISTILL_LOGIT_COPIES * tokens
                    * s.vocab_size * FLOAT32)
-    return [_framework(),
+    c = i.compute
+    return [*_runtime(i),
             Part(f"packed decoder weights ({s.n_blocks} blocks)",
-                 s.n_blocks * packed_block_bytes(s, i.bits, i.group_size), "host"),
-            Part("float tensors trained: weights, gradients, Adam moments (float32)", 4 * floats * FLOAT32, "host"),
+                 s.n_blocks * packed_block_bytes(s, i.bits, i.group_size), c),
+            Part("float tensors trained: weights, gradients, Adam moments (float32)", 4 * floats * FLOAT32, c),
             Part(f"teacher log-probabilities ({i.distill_windows} windows, float16)",
                  i.distill_windows * i.calib_seq_len * s.vocab_size * 2, "host"),
-            Part(f"forward and backward of {DISTILL_MICRO_WINDOWS} windows (estimate)", activations, "host")]
+            Part(f"forward and backward of {DISTILL_MICRO_WINDOWS} windows (estimate)", activations, c)]
 
 
 def _packed_resident(i: StageInputs) -> list[Part]:
+    """The packed decoder weights where the tier keeps them, and the blocks streamed from there in flight (on a
+    GPU the host and disk tiers copy each block to the device; the disk's reads are staged on the host)."""
     s = i.shapes
     packed = packed_block_bytes(s, i.bits, i.group_size)
+    streamed = i.tier == "disk" or (i.tier == "host" and i.compute == "device")
+    home = {"disk": "disk", "host": "host"}.get(i.tier, i.compute)
+    name = f"packed decoder weights ({s.n_blocks} blocks{', read in place' if i.tier == 'disk' else ''})"
+    parts = [Part(name, s.n_blocks * packed, home)]
+    if streamed:
+        parts.append(Part(f"buffers: streamed blocks in flight ({2 + i.prefetch})", (2 + i.prefetch) * packed,
+                          i.compute))
+    if i.tier == "disk" and i.compute == "device":
+        parts.append(Part("buffers: disk reads staged for the device", (2 + i.prefetch) * packed, "host"))
     if i.tier == "disk":
-        return [Part(f"packed decoder weights ({s.n_blocks} blocks, read in place)", s.n_blocks * packed, "disk"),
-                Part(f"buffers: streamed blocks in flight ({2 + i.prefetch})", (2 + i.prefetch) * packed, "host"),
-                Part("runtime: disk streaming (prefetch thread, reads)", CPU_DISK_STREAMING_BYTES, "host")]
-    return [Part(f"packed decoder weights ({s.n_blocks} blocks)", s.n_blocks * packed, "host")]
+        parts.append(Part("runtime: disk streaming (prefetch thread, reads)", CPU_DISK_STREAMING_BYTES, "host"))
+    return parts
 
 
 def _float_params(i: StageInputs) -> list[Part]:
@@ -318,12 +386,12 @@ def _float_params(i: StageInputs) -> list[Part]:
     reads in place."""
     s, b = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
     on_disk = s.disk_vocab_params if i.tier == "disk" else 0
-    return [Part("float params outside the blocks", (s.outside_params - on_disk) * b, "host"),
-            Part("float params inside the blocks", s.n_blocks * s.block_other_params * b, "host")]
+    return [Part("float params outside the blocks", (s.outside_params - on_disk) * b, i.compute),
+            Part("float params inside the blocks", s.n_blocks * s.block_other_params * b, i.compute)]
 
 
 def _load(i: StageInputs) -> list[Part]:
-    return [_framework(), *_float_params(i), *_packed_resident(i)]
+    return [*_runtime(i), *_float_params(i), *_packed_resident(i)]
 
 
 def _forward_block(i: StageInputs, tokens: int) -> int:
@@ -332,16 +400,20 @@ def _forward_block(i: StageInputs, tokens: int) -> int:
     s, a = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
     norms = (0 if i.source_dtype == "float32" else NORM_FLOAT32_COPIES["bfloat16"]) * tokens * s.hidden_size * FLOAT32
     return (tokens * (RECOMPUTE_HIDDEN_COPIES * s.hidden_size + RECOMPUTE_FFN_COPIES * s.intermediate_size) * a
-            + norms + dequant_transient_bytes(s, "cpu", i.source_dtype, tokens))
+            + norms + dequant_transient_bytes(s, i.device, i.source_dtype, tokens))
 
 
 def _eval(i: StageInputs) -> list[Part]:
     s, tokens = i.shapes, i.batch * i.seq_len
     logits = tokens * s.vocab_size * EVAL_LOGIT_BYTES
-    return [_framework(), *_float_params(i), *_packed_resident(i),
+    return [*_runtime(i), *_float_params(i), *_packed_resident(i),
             Part("activations: the larger of a block's forward and the logits", max(_forward_block(i, tokens), logits),
-                 "host"),
-            Part("runtime: scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "host")]
+                 i.compute), *_cpu_scratch(i)]
+
+
+def _cpu_scratch(i: StageInputs) -> list[Part]:
+    """A CPU step's allocations beyond its tensors (on a GPU, part of the CUDA runtime's share)."""
+    return [Part("runtime: scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "host")] if i.compute == "host" else []
 
 
 def _correct(i: StageInputs) -> list[Part]:
@@ -351,28 +423,34 @@ def _correct(i: StageInputs) -> list[Part]:
     params = lora_params(s, i.rank)
     teacher_block = _block_float(i)
     tiles = tokens * TRAIN_LOSS_TILE * FLOAT32 * 4  # teacher and student tiles, their softmaxes
-    return [_framework(), *_float_params(i), *_packed_resident(i),
-            Part("LoRA weights, gradients, Adam moments (float32)", params * (2 * FLOAT32 + ADAM_MOMENT_BYTES), "host"),
+    c = i.compute
+    staged = ([Part(f"teacher: float blocks read on the host ({1 + i.prefetch})", (1 + i.prefetch) * teacher_block,
+                    "host")] if c == "device" else [])
+    return [*_runtime(i), *_float_params(i), *_packed_resident(i),
+            Part("LoRA weights, gradients, Adam moments (float32)", params * (2 * FLOAT32 + ADAM_MOMENT_BYTES), c),
             Part(f"teacher: float blocks in flight ({2 + i.prefetch}, {i.source_dtype})", (2 + i.prefetch) * teacher_block,
-                 "host"),
-            Part("teacher: final hidden states", tokens * s.hidden_size * a, "host"),
-            Part("activations: block checkpoints", s.n_blocks * tokens * s.hidden_size * a, "host"),
+                 c), *staged,
+            Part("teacher: final hidden states", tokens * s.hidden_size * a, c),
+            Part("activations: block checkpoints", s.n_blocks * tokens * s.hidden_size * a, c),
             Part("activations: a block's recompute, or the loss's vocabulary tiles",
-                 max(_forward_block(i, tokens), tiles), "host"),
-            Part("runtime: scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "host")]
+                 max(_forward_block(i, tokens), tiles), c), *_cpu_scratch(i)]
 
 
 def _export(i: StageInputs) -> list[Part]:
-    """The merged model written one block at a time: each linear dequantized and merged with its adapter."""
+    """The merged model written one block at a time: each linear dequantized and merged with its adapter (on a GPU
+    there: the block's packed weights and the merge on the device, the rest of the model and the writes on the
+    host)."""
     s = i.shapes
     out, inp = _largest_linear(s)
     merged = (s.linear_params_per_block + s.block_other_params) * SOURCE_DTYPE_BYTES[i.compute_dtype]
-    return [_framework(), *_float_params(i),
+    packed = packed_block_bytes(s, i.bits, i.group_size)
+    on_device = [Part("one block's packed weights, on the device", packed, "device")] if i.compute == "device" else []
+    return [*_runtime(i), *_float_params(replace(i, device="cpu")),
             Part("LoRA weights (float32)", lora_params(s, i.rank) * FLOAT32, "host"),
-            Part("one block's packed weights", packed_block_bytes(s, i.bits, i.group_size), "host"),
+            Part("one block's packed weights", packed, "host"), *on_device,
             Part(f"one block merged ({i.compute_dtype}), and safetensors' serialized copy", WRITE_COPIES * merged,
                  "host"),
             Part("merging the largest layer (float32 dequantized weight and its LoRA product)",
-                 2 * out * inp * FLOAT32, "host"),
+                 2 * out * inp * FLOAT32, i.compute),
             Part("the vocabulary tables copied to the merged model",
                  s.disk_vocab_params * SOURCE_DTYPE_BYTES[i.compute_dtype], "host")]
