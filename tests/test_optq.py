@@ -92,6 +92,29 @@ def test_clip_search_with_diagonal_hessian_is_independent_rounding():
         assert torch.equal(unpacked_codes(q)[:, c0 : c0 + 32].float(), codes)
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(37, 64), (3000, 64), (200, 33)])
+def test_clip_search_picks_each_row_s_first_least_error_shrink(rows, cols):
+    """Against the search written out one candidate at a time: every shrink's range, its rounding, the
+    importance-weighted error, and the first shrink with the least error per row (ties included: rows of equal
+    values).  The shapes try all candidates in one batch, many batches, and a batch that ends short."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[::5, 3] *= 30.0  # outliers worth clipping
+    w[1::7] = 0.01  # flat rows: every shrink gives the same error
+    importance = torch.rand(cols, generator=g) + 0.1
+    errors, params = [], []
+    for shrink in CLIP_SHRINKS:
+        scale, zero = range_params(shrink * w.amin(dim=1), shrink * w.amax(dim=1), 3, False)
+        codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 7)
+        errors.append(((w - scale[:, None] * (codes - zero[:, None])) ** 2 * importance).sum(dim=1))
+        params.append((scale, zero))
+    first = torch.stack(errors).argmin(dim=0)  # torch's argmin gives the first minimum
+    scale, zero = searched_ranges(w, importance, 3, False, CLIP_SHRINKS)
+    assert torch.equal(scale, torch.stack([params[k][0][r] for r, k in enumerate(first.tolist())]))
+    assert torch.equal(zero, torch.stack([params[k][1][r] for r, k in enumerate(first.tolist())]))
+    assert (first > 0).any() and (first == 0).any()  # some rows clipped, some not
+
+
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 @pytest.mark.parametrize("group", [32, 48, -1])
 def test_matches_float64_obs_reference(block_size, group):
