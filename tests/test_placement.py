@@ -68,16 +68,46 @@ def test_a_recipes_hardware_device_reaches_every_stage(tmp_path):
 
 
 class MatmulDtypes(TorchDispatchMode):
-    """The dtypes of every matrix product's operands run under it."""
+    """The dtypes of every matrix product's operands run under it, and the largest operand."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[torch.dtype] = set()
+        self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
-            self.seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            operands = [a for a in args if isinstance(a, torch.Tensor)]
+            self.seen.update(a.dtype for a in operands)
+            self.largest = max(self.largest, *(a.numel() for a in operands))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(cpu_has_half_matmul(torch.bfloat16), reason="this CPU has bfloat16 GEMMs: products stay bfloat16")
+def test_a_placed_bfloat16_model_s_float_layers_multiply_in_bounded_float32_chunks(monkeypatch):
+    """A loaded bfloat16 float model placed on such a CPU (a calibration pass, a teacher): every product of its
+    float linear layers runs in float32, no operand larger than the chunk, and answers in bfloat16 what float64
+    math gives to bfloat16's precision; with gradients the product stays torch's own."""
+    from engine.lora import function
+    from engine.model import load_float_model, place
+
+    model, _ = load_float_model(GGUF_MODEL, dtype=torch.bfloat16)
+    place(model, "cpu")
+    monkeypatch.setattr(function, "PRODUCT_CHUNK", 4096)  # the shared model's layers span several chunks
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), MatmulDtypes() as products:
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and products.seen == {torch.float32} and products.largest <= 4096
+
+    layer = place(torch.nn.Linear(300, 170, dtype=torch.bfloat16), "cpu")
+    x = torch.randn(3, 50, 300, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = layer(x)
+    want = x.double() @ layer.weight.double().T + layer.bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-6)  # a bfloat16 rounding of the result
+    with MatmulDtypes() as products:
+        layer(x.requires_grad_()).float().sum().backward()
+    assert products.seen == {torch.bfloat16}
 
 
 @pytest.mark.skipif(cpu_has_half_matmul(torch.bfloat16), reason="this CPU has bfloat16 GEMMs: products stay bfloat16")

@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engine.quant.base import QuantizedWeight
 
@@ -43,6 +44,30 @@ def matmul_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     if device.type == "cpu" and compute_dtype in HALF_MATMUL_CHECKS and not cpu_has_half_matmul(compute_dtype):
         return torch.float32
     return compute_dtype
+
+
+# float32 elements of one upcast operand of a float layer's product (16 MiB): bounds what the upcast adds to a
+# pass's memory (a whole 7B layer's float32 copy and its input's, 0.4 GiB, broke a 4 GiB quantize budget).
+PRODUCT_CHUNK = 1 << 22
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a float layer, answered in ``x``'s dtype.  Without gradients, where :func:`matmul_dtype`
+    upcasts (half precision on a CPU without half GEMMs: 8x faster), the product runs in float32 chunks of the
+    weight's rows and the input's tokens of at most :data:`PRODUCT_CHUNK` elements each; with gradients it is
+    torch's own product (its saved operands stay in the layer's dtype)."""
+    dtype = matmul_dtype(weight.dtype, weight.device)
+    if dtype == weight.dtype or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.linear(x, weight, bias)
+    rows, tokens = (max(1, PRODUCT_CHUNK // weight.shape[1]),) * 2
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[0], weight.shape[0])
+    for r0 in range(0, weight.shape[0], rows):
+        w = weight[r0 : r0 + rows].to(dtype)
+        b = None if bias is None else bias[r0 : r0 + rows].to(dtype)
+        for t0 in range(0, flat.shape[0], tokens):
+            out[t0 : t0 + tokens, r0 : r0 + rows] = F.linear(flat[t0 : t0 + tokens].to(dtype), w, b)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class ModuLoRAFunction(torch.autograd.Function):

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
+from engine.lora.function import linear
 from engine.model import vocab_table_names
 from engine.storage import atomic_save_safetensors, safetensors_header
 
@@ -102,7 +102,7 @@ class DiskHead(DiskTable):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         tile_rows = max(1, HEAD_TILE_BYTES // self.row_bytes)
-        return torch.cat([F.linear(hidden, tile) for _, tile in self.weight_tiles(tile_rows)], dim=-1)
+        return torch.cat([linear(hidden, tile) for _, tile in self.weight_tiles(tile_rows)], dim=-1)
 
 
 def disk_vocab_tables(model: nn.Module) -> dict[str, nn.Module]:
