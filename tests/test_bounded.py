@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TRAIN_TXT, VALID_TXT, directory_tensors, modulora
 from engine.data import calibration_windows, read_text
+from engine.lora.function import cpu_has_half_matmul
 from engine.model import (
     build, decoder_blocks, load_float_model, load_quantized, open_source, quantize_calibrated, quantize_model,
     save_quantized,
@@ -43,9 +44,16 @@ def test_sharded_checkpoint_is_read_tensor_by_tensor_in_its_dtype(checkpoint):
     model, _ = load_float_model(checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        logits, expected = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    if cpu_has_half_matmul(torch.bfloat16):
+        assert torch.equal(logits, expected)
+    else:  # the linear layers multiply in float32 here (test_placement), transformers' in bfloat16: the same
+        # model up to a few bfloat16 roundings of logits about 13 in size (ulp 0.0625)
+        torch.testing.assert_close(logits, expected, atol=0.25, rtol=0.02)
 
 
 class BlockWatch:

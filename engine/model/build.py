@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from engine.errors import EngineError
 from engine.model.experts import split_experts
+from engine.model.placing import place
 from engine.model.quantize import decoder_blocks, replace_module
 from engine.model.source import CheckpointSource
 from engine.quant.base import QuantizedWeight
@@ -135,12 +136,13 @@ def _check_materialised(module: nn.Module, source: CheckpointSource, prefix: str
 
 
 def load_resident(source: CheckpointSource, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The whole model materialised (for a model that fits in memory: evaluation of a float model)."""
+    """The whole model materialised on the CPU, ready to compute there (:func:`~engine.model.placing.place`), for
+    a model that fits in memory: evaluation of a float model."""
     model = meta_model(source.config)
     load_outside_blocks(model, source, dtype)
     for index in range(len(decoder_blocks(model))):
         load_block(model, index, source, dtype)
-    return model
+    return place(model, "cpu")
 
 
 def check_materialised(model: nn.Module, path: Path, leave: set[str]) -> None:
