@@ -172,6 +172,7 @@ class OPTQQuantizer(Quantizer):
         order = perm if self.static_groups and perm is not None else torch.arange(in_f, device=w.device)
         group_of = (order // G).tolist()
         codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
+        update = torch.empty(out_f, self.block_size, device=w.device)  # one column's spread error, reused
         i1 = 0
         while i1 < in_f:
             i2 = _block_end(i1, self.block_size, G, in_f)
@@ -189,7 +190,7 @@ class OPTQQuantizer(Quantizer):
                 q = quantize_codes(block[:, i], scale, zero, self.bits)
                 codes[:, col] = q.to(torch.uint8)
                 err = (block[:, i] - scale * (q - zero)) / u[col, col]
-                block[:, i:] -= err.unsqueeze(1) * u[col, col:i2].unsqueeze(0)
+                block[:, i:] -= torch.mul(err.unsqueeze(1), u[col, col:i2].unsqueeze(0), out=update[:, : i2 - col])
                 errors[:, i] = err
             w[:, i2:] -= errors @ u[i1:i2, i2:]
             i1 = i2
