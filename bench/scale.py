@@ -407,14 +407,15 @@ def report(done: dict[str, Any], work: Path) -> None:
                          f"(`quantize-optq-2-blocks`, one thread like each worker) are {same}.")
         if name == "finetune-65b-disk" and plan:
             parts = {part["name"].split(" (")[0]: part["nbytes"] / GIB for part in plan["parts"]}
-            backward = sum(parts[k] for k in ("buffers: streamed blocks in flight", "activations: block checkpoints",
-                                              "activations: peak of one block's backward"))
+            backward = sum(v for k, v in parts.items() if k in ("buffers: streamed blocks in flight",
+                                                                  "activations: block checkpoints")
+                           or k.startswith("activations: peak of"))  # the step's largest activation phase
             notes.append(f"- `{name}`: planned {planned_peak - peak:.2f} GiB above the measurement.  The row takes "
                          "one step (the issue's setting).  Adam's moments are made at that step, after the "
                          "backward has released its streamed blocks.  So in this run they never meet the backward's "
                          "peak.  From the second step on they would, and the planner gives that later peak: the "
                          f"moments ({parts['optimizer: Adam moments']:.2f} GiB) together with the backward's blocks "
-                         f"in flight, block checkpoints and one block's backward ({backward:.2f} GiB).  The gap "
+                         f"in flight, block checkpoints and the step's largest activation phase ({backward:.2f} GiB).  The gap "
                          "matches the backward's part, as this explanation predicts.  A two-step run was not "
                          "measured.")
         if ROWS[name]["inputs"] in ("ckpt7b-2", "q7b2-rtn"):
