@@ -415,8 +415,9 @@ def report(done: dict[str, Any], work: Path) -> None:
                          "backward has released its streamed blocks.  So in this run they never meet the backward's "
                          "peak.  From the second step on they would, and the planner gives that later peak: the "
                          f"moments ({parts['optimizer: Adam moments']:.2f} GiB) together with the backward's blocks "
-                         f"in flight, block checkpoints and the step's largest activation phase ({backward:.2f} GiB).  The gap "
-                         "matches the backward's part, as this explanation predicts.  A two-step run was not "
+                         f"in flight, block checkpoints and the step's largest activation phase ({backward:.2f} "
+                         "GiB).  The gap matches the backward's part, as this explanation predicts.  A two-step run "
+                         "was not "
                          "measured.")
         if ROWS[name]["inputs"] in ("ckpt7b-2", "q7b2-rtn"):
             notes.append(f"- `{name}`: {r['wall_s'] / 2:.0f} s per 7B-shaped block (2 blocks); 32 blocks would "

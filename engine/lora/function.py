@@ -59,14 +59,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtype = matmul_dtype(weight.dtype, weight.device)
     if dtype == weight.dtype or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
-    rows, tokens = (max(1, PRODUCT_CHUNK // weight.shape[1]),) * 2
+    step = max(1, PRODUCT_CHUNK // weight.shape[1])  # weight rows, and input tokens, per chunk
     flat = x.reshape(-1, x.shape[-1])
     out = flat.new_empty(flat.shape[0], weight.shape[0])
-    for r0 in range(0, weight.shape[0], rows):
-        w = weight[r0 : r0 + rows].to(dtype)
-        b = None if bias is None else bias[r0 : r0 + rows].to(dtype)
-        for t0 in range(0, flat.shape[0], tokens):
-            out[t0 : t0 + tokens, r0 : r0 + rows] = F.linear(flat[t0 : t0 + tokens].to(dtype), w, b)
+    for r0 in range(0, weight.shape[0], step):
+        w = weight[r0 : r0 + step].to(dtype)
+        b = None if bias is None else bias[r0 : r0 + step].to(dtype)
+        for t0 in range(0, flat.shape[0], step):
+            out[t0 : t0 + step, r0 : r0 + step] = F.linear(flat[t0 : t0 + step].to(dtype), w, b)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

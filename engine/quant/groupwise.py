@@ -72,9 +72,12 @@ def range_params(
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round ``w`` to codes against broadcastable ``scale``/``zero``."""
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, (1 << bits) - 1)
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Round ``w`` to codes against broadcastable ``scale``/``zero``, into ``out`` when given (in place there)."""
+    if out is None:
+        return torch.clamp(torch.round(w.float() / scale) + zero, 0, (1 << bits) - 1)
+    return torch.div(w.float(), scale, out=out).round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
 @register_format

@@ -81,8 +81,7 @@ def searched_ranges(
 
     Clipping a few outliers buys a finer grid for all other weights; ``importance``
     (the Hessian diagonal) says which columns' errors matter.  The candidates are
-    tried a few at a time in one buffer, each operation in place (the same
-    arithmetic as :func:`~engine.quant.groupwise.quantize_codes`).
+    tried a few at a time in one buffer, each operation in place.
     """
     w = w.float()
     w_min, w_max = w.amin(dim=1), w.amax(dim=1)
@@ -93,9 +92,7 @@ def searched_ranges(
         shrink = torch.tensor(shrinks[c0 : c0 + step], dtype=w.dtype, device=w.device).unsqueeze(1)  # [S, 1]
         scale, zero = range_params(shrink * w_min, shrink * w_max, bits, symmetric)  # [S, rows]
         s, z, out = scale.unsqueeze(-1), zero.unsqueeze(-1), buffer[: len(shrink)]
-        torch.div(w, s, out=out)
-        out.round_().add_(z).clamp_(0, (1 << bits) - 1)  # the codes
-        out.sub_(z).mul_(s)
+        quantize_codes(w, s, z, bits, out=out).sub_(z).mul_(s)
         err = torch.sub(w, out, out=out).square_().mul_(importance).sum(dim=-1)
         pick = err.argmin(dim=0, keepdim=True)  # the first minimum
         err, scale, zero = err.gather(0, pick)[0], scale.gather(0, pick)[0], zero.gather(0, pick)[0]

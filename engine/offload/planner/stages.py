@@ -137,13 +137,13 @@ class StagePlan:
     def verdict(self) -> str:
         if self.fits:
             return "fits"
-        needed = {"host memory": self.host_mem, "device memory": self.device_mem or 0}
+        size = {"host memory": self.host_mem, "device memory": self.device_mem or 0}
         problems = []
         for name, over in self.overflows().items():
             where = "host" if name == "host memory" else "device"
             largest = sorted((p for p in (*self.parts, *self.worker_parts) if p.where == where),
                              key=lambda p: -p.nbytes)[:3]
-            problems.append(f"{name} over by {format_size(over)} ({format_size(needed[name] + over)} needed); "
+            problems.append(f"{name} over by {format_size(over)} ({format_size(size[name] + over)} needed); "
                             f"largest: {', '.join(f'{p.name} {format_size(p.nbytes)}' for p in largest)}")
         return f"does not fit: {'; '.join(problems)}"
 
