@@ -50,10 +50,10 @@ OPTQ_HESSIAN_COPIES = 2
 # factor), beside the statistics.
 QUIP_WEIGHT_COPIES = 3
 QUIP_HESSIAN_COPIES = 2
-# GPTAQ's alignment (engine.model.sequential.aligned_weight): the ridged copy and its LU factor beside the
-# statistics, the weight and its shift in the statistics' dtype.
-ALIGN_HESSIAN_COPIES = 2
-ALIGN_WEIGHT_COPIES = 2
+# GPTAQ's alignment (engine.model.sequential.aligned_weight): beside the group's statistics, the cross statistics
+# of the layers not yet aligned (one becomes the layer's shift in place, then its LU factor takes its place), and
+# the weight, its shift and the correction in the statistics' dtype.
+ALIGN_WEIGHT_COPIES = 3
 # One calibration forward pass of a block (CALIB_BATCH windows): its [T, hidden] and [T, ffn] tensors in the
 # model's dtype (as the training recompute's, without gradients), and the layer input upcast to the statistics'
 # dtype by the recording hook.
@@ -299,8 +299,9 @@ def _largest_quantize(i: StageInputs, driver: bool = False) -> Part:
     best = 0
     for group in _groups(i.shapes):
         stats = sum(inp * inp for _, inp in group) * stb
-        for out, inp in group:
-            align = (ALIGN_HESSIAN_COPIES * inp * inp + ALIGN_WEIGHT_COPIES * out * inp) * stb if i.asym else 0
+        for j, (out, inp) in enumerate(group):
+            crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
+            align = crosses + ALIGN_WEIGHT_COPIES * out * inp * stb if i.asym else 0
             best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
     where = "on the driver, from the workers' statistics" if driver else "with its statistics"
     return Part(f"quantizing the largest group of layers ({i.method}, {where})", best, i.compute)
