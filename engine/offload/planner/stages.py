@@ -54,11 +54,13 @@ QUIP_HESSIAN_COPIES = 2
 # of the layers not yet aligned (one becomes the layer's shift in place, then its LU factor takes its place), and
 # the weight, its shift and the correction in the statistics' dtype.
 ALIGN_WEIGHT_COPIES = 3
-# One calibration forward pass of a block (CALIB_BATCH windows): its [T, hidden] and [T, ffn] tensors in the
-# model's dtype (as the training recompute's, without gradients), and the layer input upcast to the statistics'
-# dtype by the recording hook.
-CALIB_FORWARD_HIDDEN = RECOMPUTE_HIDDEN_COPIES
-CALIB_FORWARD_FFN = RECOMPUTE_FFN_COPIES
+# One calibration forward pass of a block (CALIB_BATCH windows), without gradients, so a tensor is freed once the
+# next is made from it.  At its widest, the MLP's product being made: SiLU(gate), up and the product ([T, ffn]) beside
+# the residual stream, the norm's output and the attention's output ([T, hidden]), in the model's dtype (the
+# attention's q, k, v and output come to fewer bytes at Llama's shapes); and the widest layer's input upcast to the
+# statistics' dtype by the recording hook (twice with GPTAQ: the float twin's waits for the quantized block's).
+CALIB_FORWARD_HIDDEN = 3
+CALIB_FORWARD_FFN = 3
 # Distillation: windows per forward (engine.train.distill.MICRO_WINDOWS), and float32 [T, vocab] tensors alive at
 # its backward (logits, log-softmax, their gradients).
 DISTILL_MICRO_WINDOWS = 4
@@ -314,16 +316,18 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
     tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
     carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
     widest = max(inp for _, _, inp in s.block_linears)
-    stats = max(sum(inp * inp for _, inp in group) for group in _groups(s)) * stb * (2 if i.asym else 1)
+    stats = max(sum(inp * inp for _, inp in group) for group in _groups(s)) * stb * carried
+    advancing = tokens * s.hidden_size * a  # the next block's input, made once the block's statistics are used
     forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
-               + batch_tokens * widest * stb)
+               + carried * batch_tokens * widest * stb)
     c = i.compute
     parts = [*_runtime(i), *_staged_block(i), *_outside(i, head=False),
              Part("one block's float weights", _block_float(i), c),
              *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
-             Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens "
-                  f"({carried} carried + 1 advancing)", (carried + 1) * tokens * s.hidden_size * a, c),
-             Part("statistics of the largest group, and a forward pass", stats + forward, c)]
+             Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens ({carried} carried)",
+                  carried * tokens * s.hidden_size * a, c),
+             Part("statistics of the largest group (or the advancing hidden states), and a forward pass",
+                  max(stats, advancing) + forward, c)]
     return parts
 
 
