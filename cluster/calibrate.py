@@ -24,6 +24,7 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -44,6 +45,7 @@ from engine.quant import LayerStats, Quantizer, weight_from_state
 
 from cluster.runtime import ray_session
 
+log = logging.getLogger(__name__)
 STATEFUL_CALLS = ("begin_block", "end_block")  # what a replacement worker must replay (with installs)
 
 LayerState = tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]  # tensors, manifest, bias
@@ -119,6 +121,10 @@ class RayShardRunner(ShardRunner):
 
         spans = shard_spans(len(windows), shard_windows)
         n = max(1, min(workers, len(spans)))
+        if n < workers:  # a shard is the unit of data parallelism: spare workers would only hold a block
+            log.warning("%d calibration windows make %d shard(s) of at most %d windows: %d of the %d Ray workers "
+                        "hold them; pass at least %d windows to use them all", len(windows), len(spans),
+                        shard_windows, n, workers, workers * shard_windows)
         per_worker = [spans[i * len(spans) // n : (i + 1) * len(spans) // n] for i in range(n)]
         self._actor = ray.remote(num_cpus=threads, num_gpus=worker_gpus(device, n))(ShardWorker)
         self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads, device)
@@ -214,6 +220,9 @@ def _calibrate(workers: int, address: str | None, threads: int, model: str, **gi
     spec = quantize_spec(model, given)
     if spec.calib is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
+    # The driver's own arithmetic (the shard sums, GPTAQ's alignment) with the workers' threads: a product's bits
+    # depend on how many threads made it, and the weights must be a one-process run's with that many.
+    torch.set_num_threads(threads)
     manifest = quantize(spec, **on_ray(model, workers, threads, address, resolve_device(spec.device).type))
     click.echo(f"{spec.out}: {len(manifest['layers'])} layers, {manifest['size']['bits_per_weight']:.3f} bits/weight, "
                f"{manifest['quantize_seconds']:.1f} s on {workers} Ray worker(s)")

@@ -79,3 +79,15 @@ def test_ray_calibration_needs_calibration_data(tmp_path):
     proc = modulora("calibrate", GGUF_MODEL, "--method", "optq", "--out", tmp_path / "x")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and err.strip().count("\n") == 0 and "--calib" in err
+
+
+def test_workers_beyond_the_shards_are_named(tmp_path):
+    """32 windows are one 32-window shard: of 3 workers asked for, the command says only 1 holds windows, and the
+    weights are still the one process's (it sums the same single shard)."""
+    args = [a if a != "64" else "32" for a in OPTQ]
+    finish(modulora("quantize", GGUF_MODEL, *args, *MODES["independent"], "--out", tmp_path / "one"))
+    proc = modulora("calibrate", GGUF_MODEL, *args, *MODES["independent"], "--workers", "3", "--out", tmp_path / "ray")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "32 calibration windows make 1 shard(s) of at most 32 windows: 1 of the 3 Ray workers" in err
+    assert_same(tmp_path / "one", tmp_path / "ray")
