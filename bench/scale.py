@@ -403,8 +403,14 @@ def report(done: dict[str, Any], work: Path) -> None:
                          + "; no block is copied (the disk tier reads the quantized directory in place).")
         if "bit_identical_to_one_process" in r:
             same = "bit for bit the same" if r["bit_identical_to_one_process"] else "**not** the same"
-            notes.append(f"- `{name}`: the packed weights of the 2 Ray workers and of the one process "
-                         f"(`quantize-optq-2-blocks`, one thread like each worker) are {same}.")
+            notes.append(f"- `{name}`: the packed weights of the Ray run and of the one process "
+                         f"(`quantize-optq-2-blocks`, one thread like each worker) are {same}.  32 windows are one "
+                         "32-window shard, so one worker held them all (the command warns).  The driver and that "
+                         "worker are over the one process's peak: besides one process's tensors, each holds what "
+                         "Ray moves between them (a tensor costs its sender the object store's pages it writes, "
+                         "and its receiver the pages it maps and a copy; all count in RSS), and the worker "
+                         "quantizes the layers sent to it while it keeps the block, its float twin and the "
+                         "windows.  The planner now counts both.")
         if name == "finetune-65b-disk" and plan:
             parts = {part["name"].split(" (")[0]: part["nbytes"] / GIB for part in plan["parts"]}
             backward = sum(v for k, v in parts.items() if k in ("buffers: streamed blocks in flight",

@@ -221,9 +221,14 @@ def _calibrate(workers: int, address: str | None, threads: int, model: str, **gi
     if spec.calib is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
     # The driver's own arithmetic (the shard sums, GPTAQ's alignment) with the workers' threads: a product's bits
-    # depend on how many threads made it, and the weights must be a one-process run's with that many.
+    # depend on how many threads made it, and the weights must be a one-process run's with that many.  Restored
+    # after: the command may run inside a longer-lived process (recipes, tests).
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    manifest = quantize(spec, **on_ray(model, workers, threads, address, resolve_device(spec.device).type))
+    try:
+        manifest = quantize(spec, **on_ray(model, workers, threads, address, resolve_device(spec.device).type))
+    finally:
+        torch.set_num_threads(previous)
     click.echo(f"{spec.out}: {len(manifest['layers'])} layers, {manifest['size']['bits_per_weight']:.3f} bits/weight, "
                f"{manifest['quantize_seconds']:.1f} s on {workers} Ray worker(s)")
 

@@ -335,18 +335,30 @@ def test_calibrating_on_a_gpu_keeps_the_windows_on_the_device_and_says_when_it_i
 
 
 def test_ray_calibration_on_gpus_plans_each_worker_s_device_and_the_driver_s_cpu(capsys):
-    """``modulora calibrate --workers 2 --device cuda``: each worker's device holds its half of the windows; the
-    driver quantizes on its CPU, as in a CPU run, so its host peak is the CPU plan's."""
-    calib = ["--stage", "calibrate", "--method", "optq", "--bits", "3", "--calib-windows", "32",
+    """``modulora calibrate --workers 2 --device cuda`` with 64 windows (two 32-window shards): each worker's device
+    holds its half of the windows and quantizes the layers sent to it; the driver aligns on its CPU, as in a CPU
+    run, so its host peak is the CPU plan's.  What Ray moves stays host memory: the statistics a worker hands back
+    and those it receives back to quantize (a copy and the object store's pages)."""
+    calib = ["--stage", "calibrate", "--method", "optq", "--bits", "3", "--calib-windows", "64",
              "--calib-seq-len", "512", "--workers", "2"]
     cpu, cuda = stage_json(capsys, "cpu", *calib), stage_json(capsys, "cuda", *calib)
     assert cuda["host_peak_bytes"] == cpu["host_peak_bytes"] and part_nbytes(cuda, "device") == 0
     worker_device = sum(p["nbytes"] for p in cuda["worker_parts"] if p["where"] == "device")
     assert cuda["device_peak_bytes"] == worker_device > 0
     hidden = next(p["nbytes"] for p in cuda["worker_parts"] if p["name"].startswith("hidden states"))
-    assert hidden == 2 * 16 * 512 * 4096 * 2  # 16 windows each, quantized and float
-    assert cuda["worker_peak_bytes"] == 530 * MIB + LLAMA7B_BLOCK_FLOAT  # the framework, a block read on its way
-    assert cpu["worker_peak_bytes"] == worker_device - GIB + 530 * MIB
+    assert hidden == 2 * 32 * 512 * 4096 * 2  # 32 windows each, quantized and float
+    down = 11008 * 11008 * 4  # down_proj's float32 sums: the largest group and the largest layer's statistics
+    # the framework, a block read on its way, down_proj's sums handed back (quantized and cross), and received
+    assert cuda["worker_peak_bytes"] == 530 * MIB + LLAMA7B_BLOCK_FLOAT + 2 * down + 2 * down
+    assert cpu["worker_peak_bytes"] == worker_device - GIB - down + 530 * MIB + 4 * down  # no copy to a device
+
+
+def test_ray_calibration_workers_hold_whole_shards(capsys):
+    """32 windows are one shard: one worker holds them all, however many are asked for."""
+    one = stage_json(capsys, "cpu", "--stage", "calibrate", "--method", "optq", "--bits", "3", "--calib-windows", "32",
+                     "--calib-seq-len", "512", "--workers", "2")
+    hidden = next(p["nbytes"] for p in one["worker_parts"] if p["name"].startswith("hidden states of 32 windows"))
+    assert hidden == 2 * 32 * 512 * 4096 * 2
 
 if __name__ == "__main__":
     print(json.dumps(measure_step(json.loads(sys.argv[1]))))

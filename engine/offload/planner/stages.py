@@ -11,8 +11,9 @@ On a CPU every part is host memory.  On a GPU (``device`` cuda) the stage's comp
 it are device memory, as the commands place them (the block at work, the calibration windows' hidden states and
 statistics, the quantizer's matrices, the activations, the model's float tensors, resident packed weights), beside
 the CUDA runtime's assumed share; the host keeps the framework, what is staged on its way in (a block read from
-the checkpoint, disk reads) and what is written out.  Ray calibration workers are planned on the command's device;
-their driver quantizes on its CPU.  The GPU figures are not measured (no GPU here).
+the checkpoint, disk reads) and what is written out.  Ray calibration workers are planned on the command's device,
+where they gather statistics and quantize the layers sent to them; their driver aligns on its CPU.  The GPU figures
+are not measured (no GPU here).
 """
 
 from __future__ import annotations
@@ -187,12 +188,7 @@ def stage_plan(i: StageInputs, host_mem: int, device_mem: int | None = None) -> 
     if i.stage not in STAGES or i.stage == "finetune":
         raise EngineError(f"stage {i.stage!r} is not planned here; stages: {', '.join(STAGES)}")
     if i.stage == "calibrate":
-        driver = replace(i, device="cpu")  # the driver quantizes the workers' statistics on its CPU
-        parts = [_framework(), *_outside(driver, head=True, note="read at the end, to be written"),
-                 Part("one block's float weights (read to quantize)", _block_float(i), "host"),
-                 _largest_quantize(driver, driver=True), _written_block(i)]
-        return StagePlan(i, tuple(parts), host_mem, tuple(_calibration_parts(i, i.calib_windows // i.workers)),
-                         device_mem)
+        return StagePlan(i, tuple(_ray_driver(i)), host_mem, tuple(_ray_worker(i)), device_mem)
     builders = {"load": _load, "quantize": _quantize, "correct": _correct, "eval": _eval, "export": _export}
     return StagePlan(i, tuple(builders[i.stage](i)), host_mem, device_mem=device_mem)
 
@@ -294,7 +290,7 @@ def _hadamard_width(n: int) -> int:
     return padded_size(n, 8)
 
 
-def _largest_quantize(i: StageInputs, driver: bool = False) -> Part:
+def _largest_quantize(i: StageInputs) -> Part:
     """The largest moment of quantizing a group of layers: its statistics (and, with GPTAQ, its alignment) beside
     the quantizer's work on the group's largest layer."""
     stb = _stats_bytes(i)
@@ -305,8 +301,7 @@ def _largest_quantize(i: StageInputs, driver: bool = False) -> Part:
             crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
             align = crosses + ALIGN_WEIGHT_COPIES * out * inp * stb if i.asym else 0
             best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
-    where = "on the driver, from the workers' statistics" if driver else "with its statistics"
-    return Part(f"quantizing the largest group of layers ({i.method}, {where})", best, i.compute)
+    return Part(f"quantizing the largest group of layers ({i.method}, with its statistics)", best, i.compute)
 
 
 def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
@@ -329,6 +324,50 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
              Part("statistics of the largest group (or the advancing hidden states), and a forward pass",
                   max(stats, advancing) + forward, c)]
     return parts
+
+
+def _worker_windows(i: StageInputs) -> int:
+    """The most windows one Ray worker holds: whole shards (the unit of data parallelism), spread over at most
+    as many workers as there are shards (cluster.calibrate.RayShardRunner)."""
+    from engine.model.stats import SHARD_WINDOWS
+
+    shards = -(-i.calib_windows // SHARD_WINDOWS)
+    used = max(1, min(i.workers, shards))
+    return min(i.calib_windows, -(-shards // used) * SHARD_WINDOWS)
+
+
+def _ray_driver(i: StageInputs) -> list[Part]:
+    """``modulora calibrate``'s driver, on its CPU: it receives each group's statistics, aligns the weights
+    (GPTAQ) and sends each layer's weight and statistics to a worker to quantize.  A tensor Ray moves costs its
+    sender the object store's shared-memory pages it writes, and its receiver the pages it maps and a copy: all in
+    their RSS."""
+    d, stb = replace(i, device="cpu"), _stats_bytes(i)
+    received = max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * stb * (2 if i.asym else 1)
+    align = max(n * n + ALIGN_WEIGHT_COPIES * out * n for _, out, n in i.shapes.block_linears) * stb if i.asym else 0
+    sent = max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * stb
+    return [_framework(), *_outside(d, head=True, note="read at the end, to be written"),
+            Part("one block's float weights (read to align and send)", _block_float(i), "host"),
+            Part("the largest group's statistics, received (a copy and Ray's pages)", 2 * received, "host"),
+            Part("their alignment (GPTAQ: the solve's factor, the weight, its shift and correction)", align, "host"),
+            Part("the group's statistics sent to the workers (Ray's pages)", sent, "host"),
+            _written_block(i)]
+
+
+def _ray_worker(i: StageInputs) -> list[Part]:
+    """One Ray worker: its windows' calibration (as one process's), the statistics it handed back (their pages
+    stay in its RSS), and quantizing the largest layer sent to it, with its statistics received back on the host
+    (and moved to the device, on a GPU)."""
+    stb = _stats_bytes(i)
+    moved = 1 if i.compute == "device" else 0
+    parts = _calibration_parts(i, _worker_windows(i))
+    stats = parts.pop()
+    out, inp = max(((o, n) for _, o, n in i.shapes.block_linears),
+                   key=lambda shape: (2 + moved) * shape[1] ** 2 * stb + _quantizer_work(i, *shape))
+    quantize = [Part("the largest layer's statistics, received (a copy and Ray's pages)", 2 * inp * inp * stb, "host"),
+                Part(f"quantizing it ({i.method})", moved * inp * inp * stb + _quantizer_work(i, out, inp), i.compute)]
+    handed = max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * stb * (2 if i.asym else 1)
+    return [*parts, Part("statistics handed back (Ray's pages)", handed, "host"),
+            *(quantize if sum(p.nbytes for p in quantize) > stats.nbytes else [stats])]
 
 
 def _quantize(i: StageInputs) -> list[Part]:
