@@ -311,7 +311,7 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
     tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
     carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
     widest = max(inp for _, _, inp in s.block_linears)
-    stats = max(sum(inp * inp for _, inp in group) for group in _groups(s)) * stb * carried
+    stats = _largest_group_stats(i) * carried
     advancing = tokens * s.hidden_size * a  # the next block's input, made once the block's statistics are used
     forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
                + carried * batch_tokens * widest * stb)
@@ -324,6 +324,11 @@ def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
              Part("statistics of the largest group (or the advancing hidden states), and a forward pass",
                   max(stats, advancing) + forward, c)]
     return parts
+
+
+def _largest_group_stats(i: StageInputs) -> int:
+    """The ``X^T X`` sums of the block's largest group of layers (those calibrated on one input), in bytes."""
+    return max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * _stats_bytes(i)
 
 
 def _worker_windows(i: StageInputs) -> int:
@@ -342,9 +347,9 @@ def _ray_driver(i: StageInputs) -> list[Part]:
     sender the object store's shared-memory pages it writes, and its receiver the pages it maps and a copy: all in
     their RSS."""
     d, stb = replace(i, device="cpu"), _stats_bytes(i)
-    received = max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * stb * (2 if i.asym else 1)
+    sent = _largest_group_stats(i)
+    received = sent * (2 if i.asym else 1)  # and their cross statistics (GPTAQ)
     align = max(n * n + ALIGN_WEIGHT_COPIES * out * n for _, out, n in i.shapes.block_linears) * stb if i.asym else 0
-    sent = max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * stb
     return [_framework(), *_outside(d, head=True, note="read at the end, to be written"),
             Part("one block's float weights (read to align and send)", _block_float(i), "host"),
             Part("the largest group's statistics, received (a copy and Ray's pages)", 2 * received, "host"),
@@ -365,7 +370,7 @@ def _ray_worker(i: StageInputs) -> list[Part]:
                    key=lambda shape: (2 + moved) * shape[1] ** 2 * stb + _quantizer_work(i, *shape))
     quantize = [Part("the largest layer's statistics, received (a copy and Ray's pages)", 2 * inp * inp * stb, "host"),
                 Part(f"quantizing it ({i.method})", moved * inp * inp * stb + _quantizer_work(i, out, inp), i.compute)]
-    handed = max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * stb * (2 if i.asym else 1)
+    handed = _largest_group_stats(i) * (2 if i.asym else 1)
     return [*parts, Part("statistics handed back (Ray's pages)", handed, "host"),
             *(quantize if sum(p.nbytes for p in quantize) > stats.nbytes else [stats])]
 
