@@ -36,7 +36,7 @@ from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
     CalibrationShard, ShardRunner, Wrap, decoder_blocks, linear_weight, load_block, load_outside_blocks, meta_model,
-    open_source, place, release_block, shard_spans, swap_linear,
+    open_source, place, release_block, swap_linear, worker_spans,
 )
 from engine.placement import resolve_device
 from engine.procstat import keep_heap_bounded
@@ -119,14 +119,12 @@ class RayShardRunner(ShardRunner):
                  workers: int, threads: int = 1, device: str = "cpu") -> None:
         import ray
 
-        spans = shard_spans(len(windows), shard_windows)
-        n = max(1, min(workers, len(spans)))
-        if n < workers:  # a shard is the unit of data parallelism: spare workers would only hold a block
+        per_worker = worker_spans(len(windows), shard_windows, workers)
+        if len(per_worker) < workers:  # spare workers would only hold a block
             log.warning("%d calibration windows make %d shard(s) of at most %d windows: %d of the %d Ray workers "
-                        "hold them; pass at least %d windows to use them all", len(windows), len(spans),
-                        shard_windows, n, workers, workers * shard_windows)
-        per_worker = [spans[i * len(spans) // n : (i + 1) * len(spans) // n] for i in range(n)]
-        self._actor = ray.remote(num_cpus=threads, num_gpus=worker_gpus(device, n))(ShardWorker)
+                        "hold them; pass at least %d windows to use them all", len(windows), len(per_worker),
+                        shard_windows, len(per_worker), workers, workers * shard_windows)
+        self._actor = ray.remote(num_cpus=threads, num_gpus=worker_gpus(device, len(per_worker)))(ShardWorker)
         self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads, device)
                             for spans_i in per_worker]
         self.workers = [self._actor.remote(*args) for args in self._spawn_args]

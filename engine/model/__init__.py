@@ -27,7 +27,9 @@ from engine.model.quantize import (
 from engine.model.sequential import BlockLifecycle, CalibrationShard, ShardRunner, Wrap, sum_in_order
 from engine.model.source import CheckpointSource, GGUFSource, SafetensorsSource, open_source
 from engine.model.state import model_size, quantized_layers, unique_state
-from engine.model.stats import SHARD_WINDOWS, collect_stats, load_stats, merge_stats, save_stats, shard_spans
+from engine.model.stats import (
+    SHARD_WINDOWS, collect_stats, load_stats, merge_stats, save_stats, shard_spans, worker_spans,
+)
 
 __all__ = [
     "BLOCKS",
@@ -88,6 +90,7 @@ __all__ = [
     "save_stats",
     "set_active_rank",
     "shard_spans",
+    "worker_spans",
     "sum_in_order",
     "target_linear_names",
     "unique_state",

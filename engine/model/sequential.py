@@ -150,7 +150,7 @@ def aligned_weight(weight: torch.Tensor, stats: LayerStats, cross: torch.Tensor,
     h = stats.xtx
     w = weight.detach().to(device=h.device, dtype=h.dtype)
     shift = w @ cross.sub_(h.T).T  # W (X - X_q)^T X_q: the same operands, element for element, as W (cross^T - h)
-    del cross
+    del cross  # the caller popped it from its dict: freed here, before the solve
     ridge = ALIGN_DAMP * h.diagonal().mean()
     diagonal = h.diagonal().clone()
     h.diagonal().add_(ridge)

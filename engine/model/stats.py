@@ -125,6 +125,14 @@ def shard_spans(n_windows: int, shard_windows: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_windows, n_windows)) for start in range(0, n_windows, shard_windows)]
 
 
+def worker_spans(n_windows: int, shard_windows: int, workers: int) -> list[list[tuple[int, int]]]:
+    """Each worker's contiguous run of shards (:func:`shard_spans`): a shard is the unit of data parallelism, so
+    there are at most as many runs as shards, however many workers are asked for."""
+    spans = shard_spans(n_windows, shard_windows)
+    n = max(1, min(workers, len(spans)))
+    return [spans[i * len(spans) // n : (i + 1) * len(spans) // n] for i in range(n)]
+
+
 @torch.no_grad()
 def collect_stats(
     model: nn.Module,

@@ -332,13 +332,10 @@ def _largest_group_stats(i: StageInputs) -> int:
 
 
 def _worker_windows(i: StageInputs) -> int:
-    """The most windows one Ray worker holds: whole shards (the unit of data parallelism), spread over at most
-    as many workers as there are shards (cluster.calibrate.RayShardRunner)."""
-    from engine.model.stats import SHARD_WINDOWS
+    """The most windows one Ray worker holds: its run of whole shards (engine.model.stats.worker_spans)."""
+    from engine.model.stats import SHARD_WINDOWS, worker_spans
 
-    shards = -(-i.calib_windows // SHARD_WINDOWS)
-    used = max(1, min(i.workers, shards))
-    return min(i.calib_windows, -(-shards // used) * SHARD_WINDOWS)
+    return max(run[-1][1] - run[0][0] for run in worker_spans(i.calib_windows, SHARD_WINDOWS, i.workers))
 
 
 def _ray_driver(i: StageInputs) -> list[Part]:
