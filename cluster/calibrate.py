@@ -8,35 +8,41 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
   reads each decoder block from the checkpoint when the driver starts it and
   releases it after (never a whole float model), and holds a contiguous run of
   the calibration shards; the windows go through Ray's object store once;
-* shard statistics come back per shard and the driver sums them in shard
-  order, exactly as one process does, so the weights are bit-identical;
-* the layers of a group are quantized in parallel, spread over the same
-  workers (actors hold their CPUs, so separate tasks could starve), and the
-  packed results are sent to the workers once per group (one ``ray.put``);
+* a group's statistics stay on the workers: each worker sums its own shards,
+  and the sum travels from worker to worker in shard order (``(s0 + s1) + s2``,
+  exactly as one process adds them, so the weights are bit-identical), in
+  pieces small enough to ride inside Ray's messages (the object store would
+  keep every piece's shared-memory pages in both processes' RSS);
+* the worker a layer falls to aligns it (GPTAQ) and quantizes it, so the
+  layers of a group are quantized in parallel and only packed layers reach the
+  driver, which sends a group's to every worker once (one ``ray.put``);
 * a worker that dies is replaced: the new one replays the calls that changed
-  its state (blocks begun and ended, layers installed) and the lost call is
-  asked again;
+  its state (blocks begun and ended, layers installed), and the group at work
+  starts over;
 * with ``--device cuda`` each worker asks Ray for a GPU (or a share of one) and
-  computes there, handing back host tensors; the driver's sums stay on its CPU.
+  computes there, handing back host tensors.
 
     modulora calibrate MODEL --method optq --bits 3 --calib train.txt --workers 2 --out q3
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import os
 from typing import Any
 
 import click
+import numpy as np
 import torch
 from torch import nn
 
 from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
-    CalibrationShard, ShardRunner, Wrap, decoder_blocks, linear_weight, load_block, load_outside_blocks, meta_model,
-    open_source, place, release_block, swap_linear, worker_spans,
+    CalibrationShard, ShardRunner, Wrap, aligned_weight, decoder_blocks, linear_weight, load_block, load_outside_blocks,
+    meta_model, open_source, place, quantized_weight, release_block, swap_linear, worker_spans,
 )
 from engine.placement import resolve_device
 from engine.procstat import keep_heap_bounded
@@ -47,13 +53,18 @@ from cluster.runtime import ray_session
 
 log = logging.getLogger(__name__)
 STATEFUL_CALLS = ("begin_block", "end_block")  # what a replacement worker must replay (with installs)
+RETRIES = 3  # times a group starts over after a worker died
 
 LayerState = tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]  # tensors, manifest, bias
 
 
 class ShardWorker:
-    """A Ray actor: the float model and a run of calibration shards, kept in step with the driver.  It computes
-    on ``device`` (the GPU Ray gave it, for ``cuda``) and hands back host tensors."""
+    """A Ray actor: the model's embeddings, the block at work and a run of calibration shards, kept in step with
+    the driver.  It computes on ``device`` (the GPU Ray gave it, for ``cuda``) and hands back host tensors.
+
+    A group's statistics stay here: :meth:`collect` makes each shard's and keeps them; the chain of
+    :class:`RayShardRunner` adds them up worker after worker (:meth:`send` to :meth:`receive`) and the worker a
+    layer falls to aligns and quantizes it (:meth:`quantize`), so only packed layers go back to the driver."""
 
     def __init__(self, model_source: str, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
                  asym: bool, threads: int, device: str = "cpu") -> None:
@@ -66,6 +77,8 @@ class ShardWorker:
         place(self.model, self.device)
         self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
+        self.terms: dict[tuple[str, str], list[torch.Tensor]] = {}  # (layer, field): this worker's shards' sums
+        self.forwarded: set[tuple[str, str]] = set()  # sums received whole, for the layers this worker quantizes
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """``method`` on every shard; a block is read from the checkpoint before its ``begin_block`` and
@@ -76,20 +89,99 @@ class ShardWorker:
         results = [on_host(getattr(shard, method)(*args)) for shard in self.shards]
         if method == "end_block":
             release_block(self.model, args[0])
+            gc.collect()  # see install
         return results
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats, quantizer: Quantizer) -> tuple[dict, dict]:
-        """One layer's packed tensors and manifest (workers quantize a group's layers in parallel)."""
-        stats = LayerStats(stats.xtx.to(self.device), stats.count)
-        qweight = quantizer.quantize(weight.to(self.device), stats)
-        return on_host(dict(qweight.state_dict())), qweight.manifest()
+    def collect(self, method: str, index: int, names: list[str]) -> dict[str, tuple[int, dict[str, tuple]]]:
+        """Make and keep the shards' statistics ``method`` of ``names``; per layer, the rows this worker saw and
+        the shape and element size of each sum it holds (``xtx``, and ``cross`` with GPTAQ)."""
+        parts = [getattr(shard, method)(index, names) for shard in self.shards]
+        self.terms, self.forwarded = {}, set()
+        summary = {}
+        for name in names:
+            seen = [(stats[name], cross.get(name)) for stats, cross in parts if stats[name].count]
+            self.terms[name, "xtx"] = [s.xtx for s, _ in seen]
+            if seen and seen[0][1] is not None:
+                self.terms[name, "cross"] = [c for _, c in seen]
+            summary[name] = (sum(s.count for s, _ in seen),
+                             {field: (tuple(terms[0].shape), terms[0].element_size()) for field in FIELDS
+                              if (terms := self.terms.get((name, field)))})
+        return summary
+
+    def send(self, name: str, field: str, start: int, pieces: int) -> np.ndarray | tuple[np.ndarray, ...]:
+        """``pieces`` pieces of this worker's sum of ``(name, field)``, flat from element ``start`` (each small
+        enough for Ray to carry inside its messages: the object store would keep their pages in both RSS)."""
+        flat = self._settled(name, field).view(-1)
+        step = piece_elements(flat.element_size())
+        sent = tuple(flat[start + k * step : start + (k + 1) * step].cpu().numpy() for k in range(pieces))
+        return sent if pieces > 1 else sent[0]  # one return value per piece (Ray's num_returns)
+
+    def receive(self, name: str, field: str, shape: tuple[int, ...], start: int, *pieces: np.ndarray) -> None:
+        """Add the sum of the workers before this one, in pieces from element ``start``, before this worker's
+        own shards' sums (a left fold in shard order: ``(prefix + a) + b``)."""
+        prefix = torch.from_numpy(np.concatenate(pieces)).to(self.device)
+        terms = self.terms.setdefault((name, field), [])
+        if not terms:  # the total, forwarded to the worker that quantizes the layer
+            terms.append(torch.empty(shape, dtype=prefix.dtype, device=self.device))
+            self.forwarded.add((name, field))
+        stop = start + prefix.numel()
+        target = terms[0].view(-1)[start:stop]
+        target.copy_(prefix) if (name, field) in self.forwarded else target.add_(prefix)  # a + p: p + a's bits
+        for term in terms[1:]:
+            target.add_(term.view(-1)[start:stop])
+        if stop == terms[0].numel():  # the last piece: the other shards' sums are in
+            del terms[1:]
+
+    def _settled(self, name: str, field: str, pop: bool = False) -> torch.Tensor:
+        """This worker's sum of ``(name, field)``: its shards' sums added in order, once; with ``pop`` the
+        worker lets go of it (the caller's reference is then the only one)."""
+        terms = self.terms.pop((name, field)) if pop else self.terms[name, field]
+        for term in terms[1:]:
+            terms[0].add_(term)
+        del terms[1:]
+        return terms[0]
+
+    def drop(self, name: str) -> None:
+        for field in FIELDS:
+            self.terms.pop((name, field), None)
+
+    def quantize(self, counts: dict[str, int], quantizer: Quantizer, asym_alpha: float) -> dict[str, tuple[dict, dict]]:
+        """The packed tensors and manifest of each layer in ``counts`` (its total rows), from the summed
+        statistics this worker holds: aligned first when there are cross statistics (GPTAQ), as one process
+        does (:func:`engine.model.calibrate_group`).  The worker's own model keeps its float layers until the
+        driver installs the group."""
+        packed = {}
+        for name, count in counts.items():
+            linear = self.model.get_submodule(name)
+            stats = LayerStats(self._settled(name, "xtx", pop=True) if count else torch.empty(0), count)
+            weight = None
+            if asym_alpha and (name, "cross") in self.terms:  # given up to the alignment, which overwrites it
+                weight = aligned_weight(linear_weight(linear), stats, self._settled(name, "cross", pop=True),
+                                        asym_alpha)
+            qweight = quantized_weight(name, linear, quantizer, stats, weight)
+            del stats, weight
+            packed[name] = (on_host(dict(qweight.state_dict())), qweight.manifest())
+        return packed
 
     def install(self, layers: dict[str, LayerState]) -> None:
         for name, state in layers.items():
             swap_linear(self.model, name, place(packed_layer(state), self.device))
+        # Ray's deserialized payload is left in reference cycles that only a full collection frees (a 4-block
+        # hidden-1024 run: 50-230 objects, 2-10 MB after each group, 45 MB by the end of each block).
+        gc.collect()
 
     def pid(self) -> int:
         return os.getpid()
+
+
+FIELDS = ("xtx", "cross")  # a layer's sums: X_q^T X_q, and X_q^T X with GPTAQ
+PIECE_BYTES = 96 << 10  # under Ray's 100 KiB max_direct_call_object_size: carried in messages, not the object store
+PIECES_PER_CALL = 32
+CALLS_IN_FLIGHT = 4  # pieces in flight are held by the driver: a few calls' worth
+
+
+def piece_elements(element_size: int) -> int:
+    return PIECE_BYTES // element_size
 
 
 def on_host(value: Any) -> Any:
@@ -113,7 +205,13 @@ def packed_layer(state: LayerState) -> ModuLoRALinear:
 
 
 class RayShardRunner(ShardRunner):
-    """The calibration shards of ``windows`` on ``workers`` Ray actors (fewer if there are fewer shards)."""
+    """The calibration shards of ``windows`` on ``workers`` Ray actors (fewer if there are fewer shards).
+
+    A group's statistics never leave the workers whole: each worker sums its own shards, the sum travels
+    worker to worker in shard order, in pieces small enough to ride in Ray's messages (the object store would
+    keep every piece's pages in both processes' RSS), and the worker a layer falls to quantizes it.  The sums
+    are the one process's, bit for bit (:meth:`ShardRunner.stats`).
+    """
 
     def __init__(self, model_source: str, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int,
                  workers: int, threads: int = 1, device: str = "cpu") -> None:
@@ -122,8 +220,9 @@ class RayShardRunner(ShardRunner):
         per_worker = worker_spans(len(windows), shard_windows, workers)
         if len(per_worker) < workers:  # spare workers would only hold a block
             log.warning("%d calibration windows make %d shard(s) of at most %d windows: %d of the %d Ray workers "
-                        "hold them; pass at least %d windows to use them all", len(windows), len(per_worker),
-                        shard_windows, len(per_worker), workers, workers * shard_windows)
+                        "hold them; pass at least %d windows (or --shard-windows %d) to use them all", len(windows),
+                        len(per_worker), shard_windows, len(per_worker), workers, workers * shard_windows,
+                        max(1, len(windows) // workers))
         self._actor = ray.remote(num_cpus=threads, num_gpus=worker_gpus(device, len(per_worker)))(ShardWorker)
         self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads, device)
                             for spans_i in per_worker]
@@ -137,6 +236,20 @@ class RayShardRunner(ShardRunner):
         self.workers[index] = worker = self._actor.remote(*self._spawn_args[index])
         for method, args in self.journal:
             ray.get(getattr(worker, method).remote(*args))
+
+    def _heal(self) -> bool:
+        """Revive every worker that died; whether there was one."""
+        import ray
+
+        dead = []
+        for index, worker in enumerate(self.workers):
+            try:
+                ray.get(worker.pid.remote())
+            except ray.exceptions.RayActorError:
+                dead.append(index)
+        for index in dead:
+            self._revive(index)
+        return bool(dead)
 
     def _gather(self, requests: list[tuple[int, str, tuple[Any, ...]]]) -> list[Any]:
         """Run ``(worker index, method, args)`` requests in parallel; a worker that died meanwhile is
@@ -162,27 +275,73 @@ class RayShardRunner(ShardRunner):
             self.journal.append(("call", (method, *args)))
         return [result for results in per_worker for result in results]  # shard order
 
-    def quantize(
-        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None,
-        install: bool = True,
+    def calibrate(
+        self, model: nn.Module, quantizer: Quantizer, index: int, names: list[str], method: str, asym_alpha: float,
+        wrap: Wrap | None,
     ) -> list[str]:
-        """Quantize ``names`` on the workers in parallel; with ``install`` (sequential calibration: the next
-        group's inputs go through them) the packed layers go to every worker too."""
+        """Quantize ``names`` of block ``index`` on the workers and put the packed layers in the driver's
+        ``model``; sequential calibration (``group_stats``) installs them on every worker too, since the next
+        group's inputs go through them.  A worker that dies meanwhile is replaced and the group starts over."""
         import ray
 
         if wrap is not None:
             raise EngineError("Ray calibration installs plain ModuLoRA layers; a custom wrap runs in one process")
-        requests = [(k % len(self.workers), "quantize", (linear_weight(model.get_submodule(n)), stats[n], quantizer))
-                    for k, n in enumerate(names)]
-        layers = {n: (*packed, model.get_submodule(n).bias) for n, packed in zip(names, self._gather(requests))}
+        for attempt in range(RETRIES + 1):
+            try:
+                packed = self._calibrate_on_workers(quantizer, index, names, method, asym_alpha)
+                break
+            except ray.exceptions.RayError:
+                if attempt == RETRIES or not self._heal():
+                    raise
+        layers = {n: (*packed[n], model.get_submodule(n).bias) for n in names}
         for name, state in layers.items():
             swap_linear(model, name, packed_layer(state))
-        if not install:
-            return names
-        layers_ref = ray.put(layers)
-        self._on_all("install", layers_ref)
-        self.journal.append(("install", (layers_ref,)))
+        if method == "group_stats":
+            layers_ref = ray.put(layers)
+            self._on_all("install", layers_ref)
+            self.journal.append(("install", (layers_ref,)))
         return names
+
+    def _calibrate_on_workers(self, quantizer: Quantizer, index: int, names: list[str], method: str,
+                              asym_alpha: float) -> dict[str, tuple[dict, dict]]:
+        """Each layer's packed tensors and manifest: its statistics made on every worker, summed along the chain
+        of the workers that saw rows (in shard order), handed to the worker the layer falls to and used there."""
+        import ray
+
+        summaries = ray.get([w.collect.remote(method, index, names) for w in self.workers])
+        last = len(self.workers) - 1
+        owner = {name: (last - j) % len(self.workers) for j, name in enumerate(names)}  # the chain ends at `last`
+        for name in names:
+            chain = [w for w, summary in enumerate(summaries) if summary[name][0]]  # the workers that saw rows
+            holder = chain[0] if chain else owner[name]
+            for after in [*chain[1:], *([owner[name]] if chain and owner[name] != chain[-1] else [])]:
+                for field, (shape, element_size) in summaries[holder][name][1].items():
+                    self._pass_on(holder, after, name, field, shape, element_size)
+                ray.get(self.workers[holder].drop.remote(name))
+                holder = after
+        counts = {name: sum(summary[name][0] for summary in summaries) for name in names}
+        per_worker = [{n: counts[n] for n in names if owner[n] == w} for w in range(len(self.workers))]
+        results = ray.get([self.workers[w].quantize.remote(mine, quantizer, asym_alpha)
+                           for w, mine in enumerate(per_worker) if mine])
+        return {name: layer for result in results for name, layer in result.items()}
+
+    def _pass_on(self, sender: int, receiver: int, name: str, field: str, shape: tuple[int, ...],
+                 element_size: int) -> None:
+        """Add worker ``sender``'s sum of ``(name, field)`` into ``receiver``'s, piece by piece."""
+        import ray
+
+        numel = math.prod(shape)
+        step = piece_elements(element_size)
+        in_flight = []
+        for start in range(0, numel, step * PIECES_PER_CALL):
+            pieces = min(PIECES_PER_CALL, -(-(numel - start) // step))
+            refs = self.workers[sender].send.options(num_returns=pieces).remote(name, field, start, pieces)
+            refs = refs if pieces > 1 else [refs]
+            in_flight.append(self.workers[receiver].receive.remote(name, field, shape, start, *refs))
+            del refs
+            if len(in_flight) >= CALLS_IN_FLIGHT:
+                ray.get(in_flight.pop(0))
+        ray.get(in_flight)
 
 
 def worker_gpus(device: str, workers: int) -> float:
@@ -218,15 +377,7 @@ def _calibrate(workers: int, address: str | None, threads: int, model: str, **gi
     spec = quantize_spec(model, given)
     if spec.calib is None:
         raise EngineError("modulora calibrate needs calibration data: pass --calib FILE")
-    # The driver's own arithmetic (the shard sums, GPTAQ's alignment) with the workers' threads: a product's bits
-    # depend on how many threads made it, and the weights must be a one-process run's with that many.  Restored
-    # after: the command may run inside a longer-lived process (recipes, tests).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        manifest = quantize(spec, **on_ray(model, workers, threads, address, resolve_device(spec.device).type))
-    finally:
-        torch.set_num_threads(previous)
+    manifest = quantize(spec, **on_ray(model, workers, threads, address, resolve_device(spec.device).type))
     click.echo(f"{spec.out}: {len(manifest['layers'])} layers, {manifest['size']['bits_per_weight']:.3f} bits/weight, "
                f"{manifest['quantize_seconds']:.1f} s on {workers} Ray worker(s)")
 

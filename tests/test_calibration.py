@@ -146,6 +146,21 @@ def test_sequential_order_and_inputs(float_model, windows):
         quantize_calibrated(copy.deepcopy(model), log, windows, mode="independent", asym_alpha=0.5)
 
 
+def test_independent_calibration_hands_each_layer_one_float_pass_s_statistics(float_model, windows):
+    """Independent mode on 12 windows in shards of 5, block by block (each shard's statistics added into the sum
+    in place, the next block's inputs kept from the statistics' own forward pass): every layer gets, bit for bit,
+    the statistics of one pass of the whole float model summed shard by shard (``collect_stats``)."""
+    model, _ = float_model
+    log = StatsLog()
+    done = quantize_calibrated(copy.deepcopy(model), log, windows, mode="independent", asym_alpha=0.0,
+                               shard_windows=5)
+    expected = collect_stats(model, windows, shard_windows=5)
+    assert sorted(done) == sorted(expected) and len(log.seen) == len(done)
+    for name, seen in zip(done, log.seen):
+        assert seen.count == expected[name].count == windows.numel()
+        assert torch.equal(seen.xtx, expected[name].xtx), name
+
+
 def test_aligned_weight_is_the_ridge_least_squares_fit():
     """``aligned_weight`` (alpha=1) solves min ||X W^T - X_q V^T||^2 + ridge ||V - W||^2, here by lstsq."""
     g = torch.Generator().manual_seed(0)

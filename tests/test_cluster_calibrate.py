@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow  # Ray clusters and subprocesses
 
 OPTQ = ["--method", "optq", "--bits", "3", "--group-size", "32", "--act-order", "--calib", str(TRAIN_TXT),
         "--calib-windows", "64"]
-MODES = {"sequential": ["--calib-mode", "sequential", "--asym-alpha", "0.5"], "independent": ["--calib-mode", "independent"]}
+# Sequential: 2 shards, one per worker; independent: 4 shards of 16 windows, two per worker, so a worker adds the
+# sum of the shards before it to its own two.
+MODES = {"sequential": ["--calib-mode", "sequential", "--asym-alpha", "0.5"],
+         "independent": ["--calib-mode", "independent", "--shard-windows", "16"]}
 # One torch thread everywhere: the single process and the Ray workers then run the same kernels.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
@@ -85,8 +88,9 @@ def test_workers_beyond_the_shards_are_named(tmp_path):
     """32 windows are one 32-window shard: of 3 workers asked for, the command says only 1 holds windows, and the
     weights are still the one process's (it sums the same single shard)."""
     args = [a if a != "64" else "32" for a in OPTQ]
-    finish(modulora("quantize", GGUF_MODEL, *args, *MODES["independent"], "--out", tmp_path / "one"))
-    proc = modulora("calibrate", GGUF_MODEL, *args, *MODES["independent"], "--workers", "3", "--out", tmp_path / "ray")
+    finish(modulora("quantize", GGUF_MODEL, *args, "--calib-mode", "independent", "--out", tmp_path / "one"))
+    proc = modulora("calibrate", GGUF_MODEL, *args, "--calib-mode", "independent", "--workers", "3",
+                    "--out", tmp_path / "ray")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "32 calibration windows make 1 shard(s) of at most 32 windows: 1 of the 3 Ray workers" in err

@@ -334,31 +334,45 @@ def test_calibrating_on_a_gpu_keeps_the_windows_on_the_device_and_says_when_it_i
     assert verdict.startswith("does not fit: device memory over by") and "host memory" not in verdict, out
 
 
-def test_ray_calibration_on_gpus_plans_each_worker_s_device_and_the_driver_s_cpu(capsys):
-    """``modulora calibrate --workers 2 --device cuda`` with 64 windows (two 32-window shards): each worker's device
-    holds its half of the windows and quantizes the layers sent to it; the driver aligns on its CPU, as in a CPU
-    run, so its host peak is the CPU plan's.  What Ray moves stays host memory: the statistics a worker hands back
-    and those it receives back to quantize (a copy and the object store's pages)."""
+def test_ray_calibration_plans_each_worker_as_one_process_of_its_windows_and_a_driver_without_statistics(capsys):
+    """``modulora calibrate --workers 2`` with 64 windows (two 32-window shards, one per worker): the statistics
+    are summed and used on the workers, so each worker is planned as a one-process quantize of its 32 windows but
+    for the block it does not write, and the driver holds no statistics, on its CPU (a GPU run's driver too: its
+    host peak is the CPU run's), while each worker's device holds its windows, quantized and float."""
     calib = ["--stage", "calibrate", "--method", "optq", "--bits", "3", "--calib-windows", "64",
              "--calib-seq-len", "512", "--workers", "2"]
-    cpu, cuda = stage_json(capsys, "cpu", *calib), stage_json(capsys, "cuda", *calib)
+    alone = ["--stage", "quantize", "--method", "optq", "--bits", "3", "--calib-windows", "32", "--calib-seq-len", "512"]
+    plans = {}
+    for device in ("cpu", "cuda"):
+        ray, one = stage_json(capsys, device, *calib), stage_json(capsys, device, *alone)
+        written = [p for p in one["parts"] if p["name"].startswith("one block's packed weights, written")]
+        assert len(written) == 1 and ray["worker_parts"] == [p for p in one["parts"] if p not in written]
+        assert not [p["name"] for p in ray["parts"] if "statistics" in p["name"] and "Ray's messages" not in p["name"]]
+        plans[device] = ray
+    cpu, cuda = plans["cpu"], plans["cuda"]
     assert cuda["host_peak_bytes"] == cpu["host_peak_bytes"] and part_nbytes(cuda, "device") == 0
-    worker_device = sum(p["nbytes"] for p in cuda["worker_parts"] if p["where"] == "device")
-    assert cuda["device_peak_bytes"] == worker_device > 0
     hidden = next(p["nbytes"] for p in cuda["worker_parts"] if p["name"].startswith("hidden states"))
-    assert hidden == 2 * 32 * 512 * 4096 * 2  # 32 windows each, quantized and float
-    down = 11008 * 11008 * 4  # down_proj's float32 sums: the largest group and the largest layer's statistics
-    # the framework, a block read on its way, down_proj's sums handed back (quantized and cross), and received
-    assert cuda["worker_peak_bytes"] == 530 * MIB + LLAMA7B_BLOCK_FLOAT + 2 * down + 2 * down
-    assert cpu["worker_peak_bytes"] == worker_device - GIB - down + 530 * MIB + 4 * down  # no copy to a device
+    assert hidden == 2 * 32 * 512 * 4096 * 2  # 32 windows each, quantized and float, bfloat16
+    assert cuda["device_peak_bytes"] == sum(p["nbytes"] for p in cuda["worker_parts"] if p["where"] == "device")
 
 
 def test_ray_calibration_workers_hold_whole_shards(capsys):
-    """32 windows are one shard: one worker holds them all, however many are asked for."""
-    one = stage_json(capsys, "cpu", "--stage", "calibrate", "--method", "optq", "--bits", "3", "--calib-windows", "32",
-                     "--calib-seq-len", "512", "--workers", "2")
-    hidden = next(p["nbytes"] for p in one["worker_parts"] if p["name"].startswith("hidden states of 32 windows"))
-    assert hidden == 2 * 32 * 512 * 4096 * 2
+    """32 windows are one 32-window shard: one worker holds them all, however many are asked for; in 16-window
+    shards each of two workers holds one.  One process with two shards holds their sum and one shard's statistics
+    (down_proj's float32 sums and GPTAQ's cross statistics: twice 2 x 11008^2 x 4 bytes)."""
+    calib = ["--method", "optq", "--bits", "3", "--calib-windows", "32", "--calib-seq-len", "512"]
+
+    def hidden(plan: dict[str, Any]) -> int:
+        return next(p["nbytes"] for p in plan["worker_parts"] if p["name"].startswith("hidden states"))
+
+    assert hidden(stage_json(capsys, "cpu", "--stage", "calibrate", *calib, "--workers", "2")) == 2 * 32 * 512 * 4096 * 2
+    halves = stage_json(capsys, "cpu", "--stage", "calibrate", *calib, "--workers", "2", "--calib-shard-windows", "16")
+    assert hidden(halves) == 2 * 16 * 512 * 4096 * 2
+
+    plan = stage_json(capsys, "cpu", "--stage", "quantize", *calib, "--calib-shard-windows", "16")
+    held = next(p["nbytes"] for p in plan["parts"] if p["name"].startswith("statistics of the largest group, 2 shards'"))
+    assert 4 * 11008**2 * 4 < held < 4 * 11008**2 * 4 + GIB  # and one forward pass of 8 windows
+
 
 if __name__ == "__main__":
     print(json.dumps(measure_step(json.loads(sys.argv[1]))))

@@ -22,9 +22,9 @@ from engine.model.gguf_quantized import gguf_linears, is_quantized_gguf, load_gg
 from engine.model.loading import load_float_model
 from engine.model.placing import compute_device, place
 from engine.model.quantize import (
-    decoder_blocks, linear_share, linear_weight, quantize_model, replace_module, swap_linear, target_linear_names, vocab_table_names,
+    decoder_blocks, linear_share, linear_weight, quantize_model, quantized_weight, replace_module, swap_linear, target_linear_names, vocab_table_names,
 )
-from engine.model.sequential import BlockLifecycle, CalibrationShard, ShardRunner, Wrap, sum_in_order
+from engine.model.sequential import BlockLifecycle, CalibrationShard, ShardRunner, Wrap, aligned_weight, fold_into
 from engine.model.source import CheckpointSource, GGUFSource, SafetensorsSource, open_source
 from engine.model.state import model_size, quantized_layers, unique_state
 from engine.model.stats import (
@@ -59,6 +59,9 @@ __all__ = [
     "ShardRunner",
     "Wrap",
     "adapter_state",
+    "aligned_weight",
+    "fold_into",
+    "quantized_weight",
     "add_lora",
     "collect_stats",
     "decoder_blocks",
@@ -91,7 +94,6 @@ __all__ = [
     "set_active_rank",
     "shard_spans",
     "worker_spans",
-    "sum_in_order",
     "target_linear_names",
     "unique_state",
     "vocab_table_names",

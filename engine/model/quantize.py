@@ -116,11 +116,18 @@ def quantize_model(
         raise EngineError(f"quantizer {quantizer.name!r} needs calibration statistics (--calib FILE)")
     for name in tqdm(names, desc=f"quantize ({quantizer.name})", unit="layer", leave=False):
         linear = model.get_submodule(name)
-        if not isinstance(linear, LINEAR_TYPES):
-            raise EngineError(f"{name}: expected a linear layer, found {type(linear).__name__}")
-        layer_stats = None if stats is None else stats[name]
-        if layer_stats is not None and layer_stats.count == 0:
-            layer_stats = LayerStats.uninformative(in_features_of(linear), linear_weight(linear).device)
-        qweight = quantizer.quantize(linear_weight(linear), layer_stats)
+        qweight = quantized_weight(name, linear, quantizer, None if stats is None else stats[name])
         swap_linear(model, name, wrap(qweight, linear.bias))
     return names
+
+
+def quantized_weight(
+    name: str, linear: nn.Module, quantizer: Quantizer, stats: LayerStats | None, weight: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """``quantizer``'s packing of linear layer ``name``'s weight, or of ``weight`` in its place (an aligned copy);
+    a layer that saw no calibration rows gets statistics that weigh every input alike."""
+    if not isinstance(linear, LINEAR_TYPES):
+        raise EngineError(f"{name}: expected a linear layer, found {type(linear).__name__}")
+    if stats is not None and stats.count == 0:
+        stats = LayerStats.uninformative(in_features_of(linear), linear_weight(linear).device)
+    return quantizer.quantize(linear_weight(linear) if weight is None else weight, stats)

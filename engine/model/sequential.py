@@ -175,7 +175,7 @@ class CalibrationShard:
 
     The shard keeps its windows' activations at the current block and computes
     statistics from them (a group's, sequential; the whole block's, independent),
-    then advances them through the block.  The driver sums the shards'
+    then advances them through the block.  The runner sums the shards'
     statistics in shard order, so the result does not depend on how many
     processes held the shards (see :class:`ShardRunner`).  Whoever holds the
     shards brings each block in before :meth:`begin_block` and may release it
@@ -189,6 +189,7 @@ class CalibrationShard:
         self._calls: list[BlockCall] | None = None
         self.float_hidden: list[torch.Tensor] | None = None
         self.float_block: nn.Module | None = None
+        self._advanced: list[BlockCall] | None = None  # the next block's activations, made by block_stats
 
     @property
     def calls(self) -> list[BlockCall]:
@@ -207,12 +208,16 @@ class CalibrationShard:
             self.float_block = copy.deepcopy(self.blocks[index])
 
     @torch.no_grad()
-    def block_stats(self, index: int, names: list[str]) -> dict[str, LayerStats]:
-        """Independent mode: the statistics of every named layer of block ``index`` on the current activations."""
+    def block_stats(self, index: int, names: list[str]) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
+        """Independent mode: the statistics of every named layer of block ``index`` on the current activations
+        (no cross statistics).  The block's outputs, made on the way, are the next block's activations: kept
+        for :meth:`end_block`, so the layers may be quantized in between."""
+        outputs = []
         with recording_inputs(self.model, names) as stats:
             for call in self.calls:
-                _run(self.blocks[index], call)
-        return stats
+                outputs.append(_run(self.blocks[index], call))
+        self._advanced = [_with_hidden(call, out) for call, out in zip(self.calls, outputs)]
+        return stats, {}
 
     @torch.no_grad()
     def group_stats(self, index: int, group: list[str]) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
@@ -230,21 +235,54 @@ class CalibrationShard:
 
     @torch.no_grad()
     def end_block(self, index: int) -> None:
-        """Advance the activations through block ``index`` (quantized, sequential; float, independent), and the
-        float twin's."""
+        """Advance the activations through block ``index`` (quantized, sequential; float, independent: the outputs
+        :meth:`block_stats` made), and the float twin's."""
         block = self.blocks[index]
         if self.float_block is not None:
             self.float_hidden = [_run(self.float_block, _with_hidden(c, h)) for c, h in zip(self.calls, self.float_hidden)]
             self.float_block = None
-        self._calls = [_with_hidden(call, _run(block, call)) for call in self.calls]
+        advanced, self._advanced = self._advanced, None
+        self._calls = advanced or [_with_hidden(call, _run(block, call)) for call in self.calls]
+
+
+Statistics = tuple[dict[str, LayerStats], dict[str, torch.Tensor]]  # a shard's: X_q^T X_q per layer, X_q^T X
+
+
+def fold_into(total: Statistics, part: Statistics) -> Statistics:
+    """``total`` plus the next shard's ``part``, added into ``total``'s own tensors (the sum of shards is a left
+    fold in shard order, and ``a.add_(b)`` has the bits of ``a + b``); a layer that saw no rows in one of them
+    (an expert no token was routed to) keeps the other's sums."""
+    stats, cross = total
+    for name, s in part[0].items():
+        if stats[name].count == 0:
+            stats[name] = s
+        elif s.count:
+            stats[name].xtx.add_(s.xtx)
+            stats[name].count += s.count
+    for name, c in part[1].items():
+        cross[name].add_(c)
+    return total
+
+
+def calibrate_group(
+    model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats],
+    cross: dict[str, torch.Tensor], asym_alpha: float, wrap: Wrap | None,
+) -> list[str]:
+    """Quantize ``names`` in place from their summed statistics, each weight first aligned to the float model's
+    output when it has cross statistics (asymmetric calibration; ``cross`` is used up)."""
+    for name in list(cross):
+        linear = model.get_submodule(name)
+        set_linear_weight(linear, aligned_weight(linear_weight(linear), stats[name], cross.pop(name), asym_alpha))
+    return quantize_model(model, quantizer, names, stats, wrap)
 
 
 class ShardRunner:
     """Runs :class:`CalibrationShard` methods over every shard and quantizes layers: here, in this process.
 
-    The Ray runner (``cluster.calibrate``) implements the same three methods
-    with shards on workers and layers quantized in parallel; the driver loop in
-    :func:`quantize_blockwise` is shared, so both give the same weights.
+    The Ray runner (``cluster.calibrate``) implements :meth:`call` and
+    :meth:`calibrate` with shards on workers and layers quantized there in
+    parallel; the driver loop in :func:`quantize_blockwise` is shared, and
+    both sum the shards in shard order, so both give the same weights.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, asym: bool, shard_windows: int) -> None:
@@ -255,22 +293,23 @@ class ShardRunner:
         """``method(*args)`` on every shard, results in shard order."""
         return [getattr(shard, method)(*args) for shard in self.shards]
 
-    def quantize(
-        self, model: nn.Module, quantizer: Quantizer, names: list[str], stats: dict[str, LayerStats], wrap: Wrap | None,
-        install: bool = True,
+    def stats(self, method: str, index: int, names: list[str]) -> Statistics:
+        """The statistics ``method`` (``group_stats`` or ``block_stats``) of ``names`` summed over the shards,
+        each added as soon as it is made: the sum and one shard's statistics are alive, however many shards."""
+        total: Statistics | None = None
+        for shard in self.shards:
+            part = getattr(shard, method)(index, names)
+            total = part if total is None else fold_into(total, part)
+        return total
+
+    def calibrate(
+        self, model: nn.Module, quantizer: Quantizer, index: int, names: list[str], method: str, asym_alpha: float,
+        wrap: Wrap | None,
     ) -> list[str]:
-        """Quantize ``names`` of the driver's ``model`` in place and, with ``install``, make every shard's model
-        agree (the shards share ``model`` here)."""
-        return quantize_model(model, quantizer, names, stats, wrap)
-
-
-def sum_in_order(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-key sums of shard results, added in shard order (float sums depend on the order)."""
-    total = dict(parts[0])
-    for part in parts[1:]:
-        for key, value in part.items():
-            total[key] = total[key].merge(value) if isinstance(value, LayerStats) else total[key] + value
-    return total
+        """Quantize ``names`` of block ``index`` of the driver's ``model`` in place, from the shards' statistics
+        ``method`` (the shards share ``model``, so they see the packed layers too)."""
+        stats, cross = self.stats(method, index, names)
+        return calibrate_group(model, quantizer, names, stats, cross if asym_alpha else {}, asym_alpha, wrap)
 
 
 @torch.no_grad()
@@ -298,22 +337,15 @@ def quantize_blockwise(
         block_names = [n for n in names if n.startswith(f"{prefix}.{index}.")]
         lifecycle.load(index)
         runner.call("begin_block", index)
-        if not sequential:
-            stats = sum_in_order(runner.call("block_stats", index, block_names)) if block_names else {}
-            runner.call("end_block", index)
-            done += runner.quantize(model, quantizer, block_names, stats, wrap, install=False) if block_names else []
-            lifecycle.done(index)
-            continue
-        for group in runner.call("groups", index, block_names)[0] if block_names else []:
-            partials = runner.call("group_stats", index, group)
-            stats = sum_in_order([p[0] for p in partials])
-            cross = sum_in_order([p[1] for p in partials]) if asym_alpha else {}
-            del partials  # the sums can share the shards' matrices: drop them, so each is freed once it is used
-            for name in list(cross):
-                linear = model.get_submodule(name)
-                set_linear_weight(linear, aligned_weight(linear_weight(linear), stats[name], cross.pop(name), asym_alpha))
-            done += runner.quantize(model, quantizer, group, stats, wrap)
-            del stats
+        if not block_names:
+            groups = []
+        elif sequential:  # each group on the output of the quantized groups before it
+            groups = runner.call("groups", index, block_names)[0]
+        else:  # every layer on the float block's inputs, whose outputs block_stats keeps for end_block
+            groups = [block_names]
+        for group in groups:
+            method = "group_stats" if sequential else "block_stats"
+            done += runner.calibrate(model, quantizer, index, group, method, asym_alpha, wrap)
         runner.call("end_block", index)
         lifecycle.done(index)
     outside = sorted(set(names) - set(done))

@@ -24,7 +24,7 @@ from engine.export import save_adapter
 from engine.model import (
     SHARD_WINDOWS, CheckpointSource, ShardRunner, QuantizedWriter, add_lora, blocks_prefix, check_context, decoder_blocks, is_quantized_dir,
     load_block, load_block_weights, load_outside_blocks, load_quantized, lora_layers, meta_model, model_size,
-    open_source, read_manifest, release_block, release_block_weights, sum_in_order,
+    open_source, read_manifest, release_block, release_block_weights,
 )
 from engine.offload import stream_checkpoint
 from engine.options import as_plain
@@ -119,7 +119,7 @@ def initialise(spec: CorrectSpec, manifest: dict[str, Any], source: CheckpointSo
                 load_block_weights(student, spec.model, index)
             if fit:
                 load_block(teacher, index, source)
-                stats = sum_in_order(runner.call("block_stats", index, block_names)) if runner is not None else None
+                stats = runner.stats("block_stats", index, block_names)[0] if runner is not None else None
                 loftq_init(student, teacher, quantizer, spec.loftq_iters, stats, names=block_names)
                 if runner is not None:
                     runner.call("end_block", index)
@@ -151,4 +151,4 @@ def _teacher_statistics(teacher: Any, source: CheckpointSource, tokenizer: PreTr
     windows = calibration_windows(tokenizer, read_text(calib), recorded["windows"], recorded["seq_len"],
                                   recorded["seed"])
     load_outside_blocks(teacher, source)
-    return ShardRunner(teacher, windows, STATS_BATCH, False, SHARD_WINDOWS)
+    return ShardRunner(teacher, windows, STATS_BATCH, False, recorded.get("shard_windows", SHARD_WINDOWS))

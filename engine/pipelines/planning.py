@@ -42,4 +42,5 @@ def stage_inputs(spec: PlanSpec, shapes: ModelShapes) -> StageInputs:
         calib_seq_len=spec.calib_seq_len, asym=asym, workers=spec.workers, rank=spec.rank, seq_len=spec.seq_len,
         batch=spec.batch, tier=spec.tier, prefetch=spec.prefetch, distill=spec.distill_steps > 0,
         distill_windows=spec.distill_windows or spec.calib_windows, device=spec.hardware.device,
+        shard_windows=spec.calib_shard_windows,
     )

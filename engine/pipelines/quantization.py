@@ -112,7 +112,8 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
                 ids, c.distill_windows, c.seq_len, c.seed + 1)  # drawn (or refused) up front
             with session():
                 quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
-                                    runner_factory=runner_factory, lifecycle=BlockLifecycle(load, done))
+                                    shard_windows=c.shard_windows, runner_factory=runner_factory,
+                                    lifecycle=BlockLifecycle(load, done))
             info["calibration"] = {**as_plain(c), "file": str(Path(c.file).resolve()), "sha256": sha256_file(c.file),
                                    "asym_alpha": c.asym}
         info["quantize_seconds"] = time.perf_counter() - start

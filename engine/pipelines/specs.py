@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.data import FORMATS, FormatSpec
-from engine.model import MODES, is_quantized_dir, is_quantized_gguf
+from engine.model import MODES, SHARD_WINDOWS, is_quantized_dir, is_quantized_gguf
 from engine.offload import TIERS
 from engine.offload.planner import SOURCE_DTYPE_BYTES, STAGES
 from engine.options import SettingError, Spec, default_of, setting
@@ -267,6 +267,9 @@ class CalibSpec(Spec):
     asym_alpha: float | None = setting(None, "float", "Pull each layer towards the float model's output (GPTAQ), "
                                        f"0 to 1 [{SEQUENTIAL_ASYM_ALPHA} sequential, 0 independent].",
                                        minimum=0.0, maximum=1.0, optional=True)
+    shard_windows: int = setting(SHARD_WINDOWS, "int", "Calibration windows per statistics shard; shards are "
+                                 "summed in order, so the weights depend on this, never on how many Ray workers "
+                                 "hold the shards (a shard is the unit of their data parallelism).", minimum=1)
     seed: int = setting(0, "int", "Seed of the windows and of a randomized method.", minimum=0)
     distill_steps: int = setting(0, "int", "After rounding, steps tuning the continuous parameters (embeddings, "
                                  "norms, head, row scales) towards the float model (QuIP#'s fine-tuning); 0: none.",
@@ -371,6 +374,8 @@ class PlanSpec(Spec):
                                  minimum=2)
     calib_mode: str = setting(default_of(CalibSpec, "mode"), "str", "Calibration mode (sequential adds GPTAQ's "
                               "float twin).", choices=MODES)
+    calib_shard_windows: int = setting(default_of(CalibSpec, "shard_windows"), "int", "Calibration windows per "
+                                       "statistics shard (quantize, calibrate).", minimum=1)
     distill_steps: int = setting(default_of(CalibSpec, "distill_steps"), "int", "Distillation steps after "
                                  "rounding (quantize).", minimum=0)
     distill_windows: int | None = setting(None, "int", "Windows the distillation trains on (quantize) [the "

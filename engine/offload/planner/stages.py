@@ -12,8 +12,8 @@ it are device memory, as the commands place them (the block at work, the calibra
 statistics, the quantizer's matrices, the activations, the model's float tensors, resident packed weights), beside
 the CUDA runtime's assumed share; the host keeps the framework, what is staged on its way in (a block read from
 the checkpoint, disk reads) and what is written out.  Ray calibration workers are planned on the command's device,
-where they gather statistics and quantize the layers sent to them; their driver aligns on its CPU.  The GPU figures
-are not measured (no GPU here).
+where they gather and sum the statistics and quantize the layers that fall to them; their driver, on its CPU, holds
+no statistics.  The GPU figures are not measured (no GPU here).
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ CALIB_FORWARD_FFN = 3
 # its backward (logits, log-softmax, their gradients).
 DISTILL_MICRO_WINDOWS = 4
 DISTILL_LOGIT_COPIES = 4
+# modulora calibrate's driver: what passing statistics between Ray workers in pieces inside its messages adds to
+# its RSS (cluster/calibrate.py; measured between two actors: 1 to 4 GiB passed in calls of 1.5 to 6 MiB, 4 in
+# flight, grew the driver by 175 to 250 MiB).
+RAY_MESSAGE_BYTES = 256 << 20
 # Writing a block file: the block's packed tensors, and safetensors' serialized copy of them.
 WRITE_COPIES = 2
 # Perplexity (engine.eval.perplexity): the model's float32 logits, their float64 copy and its log-softmax.
@@ -95,6 +99,7 @@ class StageInputs:
     distill: bool = False  # quantize: the rounded model's continuous parameters then distilled (--distill-steps)
     distill_windows: int = 0  # the windows it trains on: their teacher log-probabilities are kept
     device: str = "cpu"  # where the stage computes: cpu (one memory) or cuda
+    shard_windows: int | None = None  # calibration windows per statistics shard [engine.model.stats.SHARD_WINDOWS]
 
     @property
     def compute(self) -> str:
@@ -304,26 +309,35 @@ def _largest_quantize(i: StageInputs) -> Part:
     return Part(f"quantizing the largest group of layers ({i.method}, with its statistics)", best, i.compute)
 
 
-def _calibration_parts(i: StageInputs, windows: int) -> list[Part]:
+def _calibration_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
     """What a holder of ``windows`` calibration windows keeps: the input embeddings, the block at work (and its
-    float twin), the windows' hidden states, and the larger of a forward pass with its statistics."""
-    s, a, stb = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype], _stats_bytes(i)
+    float twin), the windows' hidden states, and the larger of a forward pass with the statistics of ``held``
+    shards."""
+    s, a = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
     tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
     carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
     widest = max(inp for _, _, inp in s.block_linears)
-    stats = _largest_group_stats(i) * carried
+    stats = _largest_group_stats(i) * carried * held
     advancing = tokens * s.hidden_size * a  # the next block's input, made once the block's statistics are used
     forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
-               + carried * batch_tokens * widest * stb)
+               + carried * batch_tokens * widest * _stats_bytes(i))
     c = i.compute
-    parts = [*_runtime(i), *_staged_block(i), *_outside(i, head=False),
-             Part("one block's float weights", _block_float(i), c),
-             *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
-             Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens ({carried} carried)",
-                  carried * tokens * s.hidden_size * a, c),
-             Part("statistics of the largest group (or the advancing hidden states), and a forward pass",
-                  max(stats, advancing) + forward, c)]
-    return parts
+    shards = f", {held} shards'" if held > 1 else ""
+    return [*_runtime(i), *_staged_block(i), *_outside(i, head=False),
+            Part("one block's float weights", _block_float(i), c),
+            *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
+            Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens ({carried} carried)",
+                 carried * tokens * s.hidden_size * a, c),
+            Part(f"statistics of the largest group{shards} (or the advancing hidden states), and a forward pass",
+                 max(stats, advancing) + forward, c)]
+
+
+def _calibrated_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
+    """A holder of calibration windows that also quantizes: the statistics' forward pass and the quantizer come
+    one after the other, so the larger is the peak."""
+    parts = _calibration_parts(i, windows, held)
+    stats, work = parts.pop(), _largest_quantize(i)
+    return [*parts, stats if stats.nbytes > work.nbytes else work]
 
 
 def _largest_group_stats(i: StageInputs) -> int:
@@ -331,45 +345,30 @@ def _largest_group_stats(i: StageInputs) -> int:
     return max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * _stats_bytes(i)
 
 
-def _worker_windows(i: StageInputs) -> int:
-    """The most windows one Ray worker holds: its run of whole shards (engine.model.stats.worker_spans)."""
+def _worker_shards(i: StageInputs) -> tuple[list[int], list[int]]:
+    """The windows and the shards each Ray worker holds: contiguous runs of whole shards
+    (engine.model.stats.worker_spans)."""
     from engine.model.stats import SHARD_WINDOWS, worker_spans
 
-    return max(run[-1][1] - run[0][0] for run in worker_spans(i.calib_windows, SHARD_WINDOWS, i.workers))
+    runs = worker_spans(i.calib_windows, i.shard_windows or SHARD_WINDOWS, i.workers)
+    return [run[-1][1] - run[0][0] for run in runs], [len(run) for run in runs]
 
 
 def _ray_driver(i: StageInputs) -> list[Part]:
-    """``modulora calibrate``'s driver, on its CPU: it receives each group's statistics, aligns the weights
-    (GPTAQ) and sends each layer's weight and statistics to a worker to quantize.  A tensor Ray moves costs its
-    sender the object store's shared-memory pages it writes, and its receiver the pages it maps and a copy: all in
-    their RSS."""
-    d, stb = replace(i, device="cpu"), _stats_bytes(i)
-    sent = _largest_group_stats(i)
-    received = sent * (2 if i.asym else 1)  # and their cross statistics (GPTAQ)
-    align = max(n * n + ALIGN_WEIGHT_COPIES * out * n for _, out, n in i.shapes.block_linears) * stb if i.asym else 0
-    return [_framework(), *_outside(d, head=True, note="read at the end, to be written"),
-            Part("one block's float weights (read to align and send)", _block_float(i), "host"),
-            Part("the largest group's statistics, received (a copy and Ray's pages)", 2 * received, "host"),
-            Part("their alignment (GPTAQ: the solve's factor, the weight, its shift and correction)", align, "host"),
-            Part("the group's statistics sent to the workers (Ray's pages)", sent, "host"),
+    """``modulora calibrate``'s driver, on its CPU: it holds no statistics (they are summed and used on the
+    workers); it reads each block to write it with the packed layers the workers send back, and the pieces of
+    statistics passing between workers go through it inside Ray's messages."""
+    return [_framework(), *_outside(replace(i, device="cpu"), head=True, note="read at the end, to be written"),
+            Part("one block's float weights (read to be written)", _block_float(i), "host"),
+            Part("statistics passing between workers, in Ray's messages (measured)", RAY_MESSAGE_BYTES, "host"),
             _written_block(i)]
 
 
 def _ray_worker(i: StageInputs) -> list[Part]:
-    """One Ray worker: its windows' calibration (as one process's), the statistics it handed back (their pages
-    stay in its RSS), and quantizing the largest layer sent to it, with its statistics received back on the host
-    (and moved to the device, on a GPU)."""
-    stb = _stats_bytes(i)
-    moved = 1 if i.compute == "device" else 0
-    parts = _calibration_parts(i, _worker_windows(i))
-    stats = parts.pop()
-    out, inp = max(((o, n) for _, o, n in i.shapes.block_linears),
-                   key=lambda shape: (2 + moved) * shape[1] ** 2 * stb + _quantizer_work(i, *shape))
-    quantize = [Part("the largest layer's statistics, received (a copy and Ray's pages)", 2 * inp * inp * stb, "host"),
-                Part(f"quantizing it ({i.method})", moved * inp * inp * stb + _quantizer_work(i, out, inp), i.compute)]
-    handed = _largest_group_stats(i) * (2 if i.asym else 1)
-    return [*parts, Part("statistics handed back (Ray's pages)", handed, "host"),
-            *(quantize if sum(p.nbytes for p in quantize) > stats.nbytes else [stats])]
+    """One Ray worker: its windows' calibration as one process's, with its shards' statistics all alive (they
+    wait for the sum of the workers before it), and the quantizing of the layers that fall to it."""
+    windows, shards = _worker_shards(i)
+    return _calibrated_parts(i, max(windows), max(shards))
 
 
 def _quantize(i: StageInputs) -> list[Part]:
@@ -377,11 +376,10 @@ def _quantize(i: StageInputs) -> list[Part]:
         return [*_runtime(i), *_staged_block(i), Part("one block's float weights", _block_float(i), i.compute),
                 Part(f"quantizing the largest layer ({i.method})", _quantizer_work(i, *_largest_linear(i.shapes)),
                      i.compute), _written_block(i)]
-    parts = _calibration_parts(i, i.calib_windows)
-    stats = parts.pop()  # one process: the statistics' forward pass and the quantizer come one after the other
-    work = _largest_quantize(i)
-    parts.append(stats if stats.nbytes > work.nbytes else work)
-    parts.append(_written_block(i))
+    from engine.model.stats import SHARD_WINDOWS
+
+    shards = -(-i.calib_windows // (i.shard_windows or SHARD_WINDOWS))
+    parts = [*_calibrated_parts(i, i.calib_windows, min(2, shards)), _written_block(i)]  # the sum and one shard's
     if i.distill:  # after the blocks are written: the larger of the two phases is the stage's peak
         distill = _distill(i)
         return distill if sum(p.nbytes for p in distill) > sum(p.nbytes for p in parts) else parts
