@@ -78,7 +78,6 @@ class ShardWorker:
         self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
         self.terms: dict[tuple[str, str], list[torch.Tensor]] = {}  # (layer, field): this worker's shards' sums
-        self.forwarded: set[tuple[str, str]] = set()  # sums received whole, for the layers this worker quantizes
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """``method`` on every shard; a block is read from the checkpoint before its ``begin_block`` and
@@ -86,7 +85,7 @@ class ShardWorker:
         if method == "begin_block":
             load_block(self.model, args[0], self.source)
             place(decoder_blocks(self.model)[args[0]], self.device)
-        results = [on_host(getattr(shard, method)(*args)) for shard in self.shards]
+        results = [getattr(shard, method)(*args) for shard in self.shards]
         if method == "end_block":
             release_block(self.model, args[0])
             gc.collect()  # see install
@@ -96,7 +95,7 @@ class ShardWorker:
         """Make and keep the shards' statistics ``method`` of ``names``; per layer, the rows this worker saw and
         the shape and element size of each sum it holds (``xtx``, and ``cross`` with GPTAQ)."""
         parts = [getattr(shard, method)(index, names) for shard in self.shards]
-        self.terms, self.forwarded = {}, set()
+        self.terms = {}
         summary = {}
         for name in names:
             seen = [(stats[name], cross.get(name)) for stats, cross in parts if stats[name].count]
@@ -116,17 +115,18 @@ class ShardWorker:
         sent = tuple(flat[start + k * step : start + (k + 1) * step].cpu().numpy() for k in range(pieces))
         return sent if pieces > 1 else sent[0]  # one return value per piece (Ray's num_returns)
 
-    def receive(self, name: str, field: str, shape: tuple[int, ...], start: int, *pieces: np.ndarray) -> None:
+    def receive(self, name: str, field: str, shape: tuple[int, ...], whole: bool, start: int,
+                *pieces: np.ndarray) -> None:
         """Add the sum of the workers before this one, in pieces from element ``start``, before this worker's
-        own shards' sums (a left fold in shard order: ``(prefix + a) + b``)."""
+        own shards' sums (a left fold in shard order: ``(prefix + a) + b``); a ``whole`` sum, forwarded to the
+        worker that quantizes the layer, is kept as it comes."""
         prefix = torch.from_numpy(np.concatenate(pieces)).to(self.device)
         terms = self.terms.setdefault((name, field), [])
-        if not terms:  # the total, forwarded to the worker that quantizes the layer
+        if whole and start == 0:
             terms.append(torch.empty(shape, dtype=prefix.dtype, device=self.device))
-            self.forwarded.add((name, field))
         stop = start + prefix.numel()
         target = terms[0].view(-1)[start:stop]
-        target.copy_(prefix) if (name, field) in self.forwarded else target.add_(prefix)  # a + p: p + a's bits
+        target.copy_(prefix) if whole else target.add_(prefix)  # a + p has the bits of p + a
         for term in terms[1:]:
             target.add_(term.view(-1)[start:stop])
         if stop == terms[0].numel():  # the last piece: the other shards' sums are in
@@ -134,7 +134,9 @@ class ShardWorker:
 
     def _settled(self, name: str, field: str, pop: bool = False) -> torch.Tensor:
         """This worker's sum of ``(name, field)``: its shards' sums added in order, once; with ``pop`` the
-        worker lets go of it (the caller's reference is then the only one)."""
+        worker lets go of it (the caller's reference is then the only one).  Not one process's ``fold_into`` of
+        whole statistics: a worker after the first adds the sum it receives first, piece by piece (:meth:`receive`),
+        so its shards' terms stay apart until then."""
         terms = self.terms.pop((name, field)) if pop else self.terms[name, field]
         for term in terms[1:]:
             terms[0].add_(term)
@@ -160,7 +162,7 @@ class ShardWorker:
                                         asym_alpha)
             qweight = quantized_weight(name, linear, quantizer, stats, weight)
             del stats, weight
-            packed[name] = (on_host(dict(qweight.state_dict())), qweight.manifest())
+            packed[name] = ({key: t.cpu() for key, t in qweight.state_dict().items()}, qweight.manifest())
         return packed
 
     def install(self, layers: dict[str, LayerState]) -> None:
@@ -182,20 +184,6 @@ CALLS_IN_FLIGHT = 4  # pieces in flight are held by the driver: a few calls' wor
 
 def piece_elements(element_size: int) -> int:
     return PIECE_BYTES // element_size
-
-
-def on_host(value: Any) -> Any:
-    """``value`` (a shard's result: statistics, tensors, and containers of them) with its tensors on the host,
-    so the driver needs no GPU to receive them."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, LayerStats):
-        return LayerStats(value.xtx.cpu(), value.count)
-    if isinstance(value, dict):
-        return {key: on_host(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_host(item) for item in value)
-    return value
 
 
 def packed_layer(state: LayerState) -> ModuLoRALinear:
@@ -314,9 +302,10 @@ class RayShardRunner(ShardRunner):
         for name in names:
             chain = [w for w, summary in enumerate(summaries) if summary[name][0]]  # the workers that saw rows
             holder = chain[0] if chain else owner[name]
-            for after in [*chain[1:], *([owner[name]] if chain and owner[name] != chain[-1] else [])]:
+            handover = [(owner[name], True)] if chain and owner[name] != chain[-1] else []
+            for after, whole in [*((w, False) for w in chain[1:]), *handover]:
                 for field, (shape, element_size) in summaries[holder][name][1].items():
-                    self._pass_on(holder, after, name, field, shape, element_size)
+                    self._pass_on(holder, after, name, field, shape, element_size, whole)
                 ray.get(self.workers[holder].drop.remote(name))
                 holder = after
         counts = {name: sum(summary[name][0] for summary in summaries) for name in names}
@@ -326,8 +315,9 @@ class RayShardRunner(ShardRunner):
         return {name: layer for result in results for name, layer in result.items()}
 
     def _pass_on(self, sender: int, receiver: int, name: str, field: str, shape: tuple[int, ...],
-                 element_size: int) -> None:
-        """Add worker ``sender``'s sum of ``(name, field)`` into ``receiver``'s, piece by piece."""
+                 element_size: int, whole: bool) -> None:
+        """Add worker ``sender``'s sum of ``(name, field)`` into ``receiver``'s, piece by piece (``whole``: the
+        total, handed to a receiver that holds none of it)."""
         import ray
 
         numel = math.prod(shape)
@@ -337,7 +327,7 @@ class RayShardRunner(ShardRunner):
             pieces = min(PIECES_PER_CALL, -(-(numel - start) // step))
             refs = self.workers[sender].send.options(num_returns=pieces).remote(name, field, start, pieces)
             refs = refs if pieces > 1 else [refs]
-            in_flight.append(self.workers[receiver].receive.remote(name, field, shape, start, *refs))
+            in_flight.append(self.workers[receiver].receive.remote(name, field, shape, whole, start, *refs))
             del refs
             if len(in_flight) >= CALLS_IN_FLIGHT:
                 ray.get(in_flight.pop(0))

@@ -8,9 +8,8 @@ from dataclasses import replace
 from engine.offload.planner.inputs import PlanInputs
 from engine.offload.planner.plan import Part, Plan
 from engine.offload.planner.sizes import (
-    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, CUDA_RUNTIME_BYTES, FLOAT32,
-    FRAMEWORK_HOST_BYTES,
-    activation_phases, lora_params, packed_block_bytes,
+    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CUDA_RUNTIME_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
+    activation_phases, cpu_step_overhead_bytes, lora_params, packed_block_bytes,
 )
 from engine.offload.planner.timing import step_time
 from engine.offload.store import TIERS
@@ -48,7 +47,7 @@ def build_plan(i: PlanInputs, tier: str, optimizer_offloaded: bool) -> Plan:
     if tier == "disk" and i.device != "cpu":
         parts.append(Part("buffers: disk reads staged for the device", (2 + i.prefetch) * block, "host"))
     if i.device == "cpu":
-        parts.append(Part("runtime: step scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "device"))
+        parts.append(Part("runtime: step scratch beyond tensors", cpu_step_overhead_bytes(i.compute_dtype), "device"))
         if tier == "disk":
             parts.append(Part("runtime: disk streaming (prefetch thread, reads)", CPU_DISK_STREAMING_BYTES, "device"))
     else:

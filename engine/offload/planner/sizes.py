@@ -45,14 +45,14 @@ LOSS_FLOAT32_COPIES = 3
 # The LoRA gradients, counted whole among the parts, grow during the backward: at the last block only its own exist,
 # so the residue adds only what exceeds the gradients still to come.
 LOSS_RESIDUE_FLOAT32_COPIES = 1
-# CPU resident memory beyond live tensors during a step (oneDNN scratch, the autograd graph, small-object heap):
-# measured RSS peak - exact tensor peak over 12 shapes: 17-33 MiB, mean 25 MiB, with glibc's mmap threshold fixed
-# (MALLOC_MMAP_THRESHOLD_=131072; glibc's default moving threshold left 100 MB more in a fragmented heap here).
-# Re-measured with torch 2.13 and transformers 5.24 on tests/test_plan.py's 8-block shape: 18 MiB.  On 2026-12-02,
-# in a fresh environment (the same torch and transformers), tests/test_plan.py's three shapes measured 13-16 MiB
-# more than their plans with 20 MiB, and so did the commit that had measured 18 MiB: the machine's environment
-# moved, not the code.  33-36 MiB now.
-CPU_STEP_OVERHEAD_BYTES = 34 * MIB
+# CPU resident memory beyond live tensors during a step (oneDNN scratch, the autograd graph, small-object heap),
+# with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072; glibc's default moving threshold left 100 MB
+# more in a fragmented heap).  It depends on how half precision multiplies (engine.lora.function.matmul_dtype):
+# oneDNN's own bfloat16 GEMMs (an AVX512-BF16 CPU) keep reordered operand buffers, 31-34 MiB over
+# tests/test_plan.py's shapes; where half precision is upcast to float32 (an AVX2 CPU, and float32 models) the
+# upcast operands are counted as tensors and the rest measured 16-24 MiB (torch 2.13, transformers 5.24, CI's AVX2
+# machine and this AVX512 one with the upcast forced).
+CPU_STEP_OVERHEAD_BYTES = {"onednn half": 34 * MIB, "float32": 20 * MIB}
 # The disk tier's step beyond that and the blocks in flight: the prefetch thread's own malloc arena, the tables' row
 # and tile reads.  Measured on 8 Llama blocks of hidden 1024 (tests/test_plan.py): the disk step's peak RSS less the
 # resident step's, less the packed weights and tables the disk tier does not hold and its blocks in flight, 4.0 MiB.
@@ -79,6 +79,12 @@ def packed_block_bytes(shapes: ModelShapes, bits: int, group_size: int) -> int:
 def lora_params(shapes: ModelShapes, rank: int) -> int:
     """``A`` [r, in] and ``B`` [out, r] on every decoder linear."""
     return shapes.n_blocks * sum(rank * (out + inp) for _, out, inp in shapes.block_linears)
+
+
+def cpu_step_overhead_bytes(dtype: str) -> int:
+    """:data:`CPU_STEP_OVERHEAD_BYTES` for a CPU computing in ``dtype``."""
+    half_gemm = matmul_dtype(getattr(torch, dtype), torch.device("cpu")) in (torch.bfloat16, torch.float16)
+    return CPU_STEP_OVERHEAD_BYTES["onednn half" if half_gemm else "float32"]
 
 
 def dequant_tile_numel(shapes: ModelShapes, device: str = "cpu") -> int:

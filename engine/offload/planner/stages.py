@@ -25,10 +25,9 @@ from engine.errors import EngineError
 from engine.offload.planner.inputs import DTYPE_BYTES
 from engine.offload.planner.plan import Part
 from engine.offload.planner.sizes import (
-    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CPU_STEP_OVERHEAD_BYTES, CUDA_RUNTIME_BYTES, FLOAT32,
-    FRAMEWORK_HOST_BYTES,
+    ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CUDA_RUNTIME_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
     NORM_FLOAT32_COPIES, RECOMPUTE_FFN_COPIES, RECOMPUTE_HIDDEN_COPIES,
-    dequant_transient_bytes, lora_params, packed_block_bytes,
+    cpu_step_overhead_bytes, dequant_transient_bytes, lora_params, packed_block_bytes,
 )
 from engine.offload.shapes import ModelShapes
 from engine.options import format_size
@@ -457,7 +456,7 @@ def _eval(i: StageInputs) -> list[Part]:
 
 def _cpu_scratch(i: StageInputs) -> list[Part]:
     """A CPU step's allocations beyond its tensors (on a GPU, part of the CUDA runtime's share)."""
-    return [Part("runtime: scratch beyond tensors", CPU_STEP_OVERHEAD_BYTES, "host")] if i.compute == "host" else []
+    return [Part("runtime: scratch beyond tensors", cpu_step_overhead_bytes(i.compute_dtype), "host")] if i.compute == "host" else []
 
 
 def _correct(i: StageInputs) -> list[Part]:
