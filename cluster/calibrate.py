@@ -18,7 +18,10 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
   driver, which sends a group's to every worker once (one ``ray.put``);
 * a worker that dies is replaced: the new one replays the calls that changed
   its state (blocks begun and ended, layers installed), and the group at work
-  starts over;
+  starts over.  The installed layers wait for a replay in a scratch file per
+  group under ``TMPDIR`` (the packed model's size by the end, removed with the
+  run), not pinned in the object store, whose pages would add to every
+  worker's RSS block after block;
 * with ``--device cuda`` each worker asks Ray for a GPU (or a share of one) and
   computes there, handing back host tensors.
 
@@ -28,14 +31,19 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from engine.errors import EngineError
@@ -215,7 +223,9 @@ class RayShardRunner(ShardRunner):
         self._spawn_args = [(model_source, ray.put(windows), spans_i, batch_size, asym, threads, device)
                             for spans_i in per_worker]
         self.workers = [self._actor.remote(*args) for args in self._spawn_args]
-        self.journal: list[tuple[str, tuple[Any, ...]]] = []  # state-changing calls, replayed by replacements
+        # State-changing calls, replayed by replacements; an install's layers are in a file of `scratch`.
+        self.journal: list[tuple[str, tuple[Any, ...]]] = []
+        self.scratch = tempfile.TemporaryDirectory(prefix="modulora-calibrate-")
 
     def _revive(self, index: int) -> None:
         """Replace dead worker ``index`` and bring it to the state of the others."""
@@ -223,6 +233,8 @@ class RayShardRunner(ShardRunner):
 
         self.workers[index] = worker = self._actor.remote(*self._spawn_args[index])
         for method, args in self.journal:
+            if method == "install":
+                args = (read_layers(*args),)
             ray.get(getattr(worker, method).remote(*args))
 
     def _heal(self) -> bool:
@@ -285,9 +297,10 @@ class RayShardRunner(ShardRunner):
         for name, state in layers.items():
             swap_linear(model, name, packed_layer(state))
         if method == "group_stats":
-            layers_ref = ray.put(layers)
-            self._on_all("install", layers_ref)
-            self.journal.append(("install", (layers_ref,)))
+            self._on_all("install", ray.put(layers))  # one copy in the object store, freed once installed
+            path = Path(self.scratch.name) / f"install-{len(self.journal):06d}.safetensors"
+            write_layers(path, layers)
+            self.journal.append(("install", (path,)))
         return names
 
     def _calibrate_on_workers(self, quantizer: Quantizer, index: int, names: list[str], method: str,
@@ -332,6 +345,24 @@ class RayShardRunner(ShardRunner):
             if len(in_flight) >= CALLS_IN_FLIGHT:
                 ray.get(in_flight.pop(0))
         ray.get(in_flight)
+
+
+def write_layers(path: Path, layers: dict[str, LayerState]) -> None:
+    """``layers`` in a safetensors file: tensors as ``layer/key``, biases as ``layer#bias``, manifests in its
+    metadata."""
+    tensors = {f"{name}/{key}": t for name, (state, _, _) in layers.items() for key, t in state.items()}
+    tensors |= {f"{name}#bias": bias for name, (_, _, bias) in layers.items() if bias is not None}
+    save_file({k: t.detach().contiguous() for k, t in tensors.items()}, path,
+              metadata={"manifests": json.dumps({name: manifest for name, (_, manifest, _) in layers.items()})})
+
+
+def read_layers(path: Path) -> dict[str, LayerState]:
+    """The layers :func:`write_layers` wrote."""
+    with safe_open(path, "pt") as f:
+        manifests = json.loads(f.metadata()["manifests"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return {name: ({key.partition("/")[2]: t for key, t in tensors.items() if key.startswith(f"{name}/")},
+                   manifest, tensors.get(f"{name}#bias")) for name, manifest in manifests.items()}
 
 
 def worker_gpus(device: str, workers: int) -> float:
