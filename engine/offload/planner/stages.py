@@ -456,7 +456,9 @@ def _eval(i: StageInputs) -> list[Part]:
 
 def _cpu_scratch(i: StageInputs) -> list[Part]:
     """A CPU step's allocations beyond its tensors (on a GPU, part of the CUDA runtime's share)."""
-    return [Part("runtime: scratch beyond tensors", cpu_step_overhead_bytes(i.compute_dtype), "host")] if i.compute == "host" else []
+    if i.compute != "host":
+        return []
+    return [Part("runtime: scratch beyond tensors", cpu_step_overhead_bytes(i.compute_dtype), "host")]
 
 
 def _correct(i: StageInputs) -> list[Part]:
