@@ -4,8 +4,8 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
 :func:`engine.model.quantize_calibrated`); this module only supplies its
 :class:`~engine.model.ShardRunner` on Ray:
 
-* each worker (an actor) builds the model on ``meta`` with its embeddings,
-  reads each decoder block from the checkpoint when the driver starts it and
+* each worker (an actor) builds the model on ``meta`` with its input embeddings
+  (released once its windows are embedded), reads each decoder block from the checkpoint when the driver starts it and
   releases it after (never a whole float model), and holds a contiguous run of
   the calibration shards; the windows go through Ray's object store once;
 * a group's statistics stay on the workers: each worker sums its own shards,
@@ -50,7 +50,8 @@ from engine.errors import EngineError
 from engine.lora import ModuLoRALinear
 from engine.model import (
     CalibrationShard, ShardRunner, Wrap, aligned_weight, decoder_blocks, linear_weight, load_block, load_outside_blocks,
-    meta_model, open_source, place, quantized_weight, release_block, swap_linear, worker_spans,
+    meta_model, open_source, place, quantized_weight, release_block, release_input_embeddings, swap_linear,
+    worker_spans,
 )
 from engine.placement import resolve_device
 from engine.procstat import keep_heap_bounded
@@ -60,7 +61,7 @@ from engine.quant import LayerStats, Quantizer, weight_from_state
 from cluster.runtime import ray_session
 
 log = logging.getLogger(__name__)
-STATEFUL_CALLS = ("begin_block", "end_block")  # what a replacement worker must replay (with installs)
+STATEFUL_CALLS = ("capture_inputs", "begin_block", "end_block")  # what a replacement worker replays (and installs)
 RETRIES = 3  # times a group starts over after a worker died
 
 LayerState = tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]  # tensors, manifest, bias
@@ -94,6 +95,9 @@ class ShardWorker:
             load_block(self.model, args[0], self.source)
             place(decoder_blocks(self.model)[args[0]], self.device)
         results = [getattr(shard, method)(*args) for shard in self.shards]
+        if method == "capture_inputs":  # every window embedded: the table is not needed again
+            release_input_embeddings(self.model)
+            gc.collect()
         if method == "end_block":
             release_block(self.model, args[0])
             gc.collect()  # see install

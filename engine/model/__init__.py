@@ -11,6 +11,7 @@ from engine.model.adapters import (
 )
 from engine.model.build import (
     blocks_prefix, check_context, load_block, load_outside_blocks, load_resident, materialize, meta_model, release_block,
+    release_input_embeddings,
 )
 from engine.model.calibrate import MODES, RunnerFactory, quantize_calibrated
 from engine.model.checkpoint import (
@@ -53,6 +54,7 @@ __all__ = [
     "meta_model",
     "open_source",
     "release_block",
+    "release_input_embeddings",
     "release_block_weights",
     "CalibrationShard",
     "RunnerFactory",

@@ -103,6 +103,12 @@ def load_block(model: PreTrainedModel, index: int, source: CheckpointSource, dty
     return block
 
 
+def release_input_embeddings(model: PreTrainedModel) -> None:
+    """The input embeddings (and an output head tied to them) back to ``meta``: once the calibration windows are
+    embedded only the decoder blocks compute, until :func:`load_outside_blocks` reads the table again."""
+    model.get_input_embeddings().to("meta")
+
+
 def release_block(model: PreTrainedModel, index: int) -> None:
     """Decoder block ``index`` back to ``meta``: its memory is free again."""
     decoder_blocks(model)[index].to("meta")

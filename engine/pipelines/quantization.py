@@ -44,6 +44,7 @@ from engine.model import (
     quantize_calibrated,
     quantize_model,
     release_block,
+    release_input_embeddings,
     save_quantized,
     target_linear_names,
 )
@@ -113,7 +114,7 @@ def quantize(spec: QuantizeSpec, runner_factory: RunnerFactory = ShardRunner,
             with session():
                 quantize_calibrated(model, quantizer, windows, mode=c.mode, asym_alpha=c.asym,
                                     shard_windows=c.shard_windows, runner_factory=runner_factory,
-                                    lifecycle=BlockLifecycle(load, done))
+                                    lifecycle=BlockLifecycle(load, done, lambda: release_input_embeddings(model)))
             info["calibration"] = {**as_plain(c), "file": str(Path(c.file).resolve()), "sha256": sha256_file(c.file),
                                    "asym_alpha": c.asym}
         info["quantize_seconds"] = time.perf_counter() - start

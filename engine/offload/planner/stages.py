@@ -220,13 +220,10 @@ def _staged_block(i: StageInputs) -> list[Part]:
     return [Part(f"one block's float weights, read on the host ({i.source_dtype})", _block_float(i), "host")]
 
 
-def _outside(i: StageInputs, head: bool, note: str = "") -> list[Part]:
-    """The float tensors outside the blocks (in the source dtype): all of them, or the input embeddings alone."""
-    s, b = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
-    embeddings = s.vocab_size * s.hidden_size
-    nbytes = (s.outside_params if head else embeddings) * b
-    what = "float tensors outside the blocks" if head else "input embeddings"
-    return [Part(f"{what} ({i.source_dtype}{', ' + note if note else ''})", nbytes, i.compute)]
+def _outside(i: StageInputs, note: str) -> Part:
+    """The float tensors outside the blocks, in the source dtype."""
+    nbytes = i.shapes.outside_params * SOURCE_DTYPE_BYTES[i.source_dtype]
+    return Part(f"float tensors outside the blocks ({i.source_dtype}, {note})", nbytes, i.compute)
 
 
 def _block_float(i: StageInputs) -> int:
@@ -309,9 +306,9 @@ def _largest_quantize(i: StageInputs) -> Part:
 
 
 def _calibration_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
-    """What a holder of ``windows`` calibration windows keeps: the input embeddings, the block at work (and its
-    float twin), the windows' hidden states, and the larger of a forward pass with the statistics of ``held``
-    shards."""
+    """What a holder of ``windows`` calibration windows keeps: the block at work (and its float twin), the windows'
+    hidden states, and the larger of a forward pass with the statistics of ``held`` shards.  The input embeddings
+    are gone by then (released once the windows are embedded, a moment far below this one)."""
     s, a = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
     tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
     carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
@@ -322,7 +319,7 @@ def _calibration_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
                + carried * batch_tokens * widest * _stats_bytes(i))
     c = i.compute
     shards = f", {held} shards'" if held > 1 else ""
-    return [*_runtime(i), *_staged_block(i), *_outside(i, head=False),
+    return [*_runtime(i), *_staged_block(i),
             Part("one block's float weights", _block_float(i), c),
             *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
             Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens ({carried} carried)",
@@ -357,7 +354,7 @@ def _ray_driver(i: StageInputs) -> list[Part]:
     """``modulora calibrate``'s driver, on its CPU: it holds no statistics (they are summed and used on the
     workers); it reads each block to write it with the packed layers the workers send back, and the pieces of
     statistics passing between workers go through it inside Ray's messages."""
-    return [_framework(), *_outside(replace(i, device="cpu"), head=True, note="read at the end, to be written"),
+    return [_framework(), _outside(replace(i, device="cpu"), "read at the end, to be written"),
             Part("one block's float weights (read to be written)", _block_float(i), "host"),
             Part("statistics passing between workers, in Ray's messages (measured)", RAY_MESSAGE_BYTES, "host"),
             _written_block(i)]
