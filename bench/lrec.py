@@ -46,6 +46,9 @@ ABLATIONS: list[tuple[str, tuple[str, ...]]] = [
     ("--init zero", ("--init", "zero")),
     ("--ce-weight 0 (KL only)", ("--ce-weight", "0")),
     ("--steps 100", ("--steps", "100")),
+    ("--ce-weight 4", ("--ce-weight", "4")),
+    ("--lr 0.01", ("--lr", "0.01")),
+    ("--steps 1000", ("--steps", "1000")),
 ]
 
 

@@ -191,8 +191,10 @@ def timed(args: list[str], work: Path, log: Path, extra_env: dict[str, str]) -> 
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
     workers = [rss for pid, (name, rss) in peaks.items() if "ray::" in name or "default_worker" in name]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return {"command": shown, "peak_rss_gib": rss_kb * 1024 / GIB, "wall_s": seconds,
-            "worker_peaks_gib": sorted((w / GIB for w in workers), reverse=True), "max_load": tree.max_load}
+            "worker_peaks_gib": sorted((w / GIB for w in workers), reverse=True), "max_load": tree.max_load,
+            "commit": commit.stdout.strip()}
 
 
 def same_directories(a: Path, b: Path) -> bool:
@@ -461,6 +463,13 @@ def report(done: dict[str, Any], work: Path) -> None:
     if earlier:
         notes.append(f"- Measured by an earlier version of this script, whose records did not outlive its scratch "
                      f"folder (figures rebuilt from this page's rounded table): {', '.join(f'`{m}`' for m in earlier)}.")
+    commands = {name: ROWS[name]["build"](work)[0] for name in ROWS}
+    holding = [name for name in ROWS if name in done and "commit" not in done[name]
+               and commands[name][0] in ("quantize", "calibrate") and "--calib" in commands[name]]
+    if holding:
+        notes.append(f"- Measured while calibration still held the input embeddings beside the blocks (before "
+                     f"49c7bf5; 250 MiB at 7B), so above what the command needs now, while the plan, made now, no "
+                     f"longer counts them: {', '.join(f'`{m}`' for m in holding)}.")
     missing = [name for name in ROWS if name not in done]
     if missing:
         notes.append(f"- Not measured yet (no finished run recorded): {', '.join(f'`{m}`' for m in missing)}.")
