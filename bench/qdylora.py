@@ -106,7 +106,9 @@ def main() -> None:
             "Rank schedules (`--rank-schedule`, `engine/train/rank_schedule.py`): `uniform` trains one rank a step, "
             "uniform on 1..R (QDyLoRA as published); `pair` a rank drawn with P(b) proportional to 1/b and R itself, "
             "half the loss each (two passes a step); `nested` every power of two up to R, rank 1 and R at twice the "
-            "weight of the others (five passes a step).",
+            "weight of the others (five passes a step); `sampled` rank 1 and R at their nested weights and one "
+            "power of two between drawn uniformly, carrying the weight of all of them (three passes a step, the "
+            "nested loss in expectation).",
             table(["rank", "ppl, fixed-rank run", *(f"ppl, dynamic {k} (vs fixed)" for k in SCHEDULES)], rows),
             "![perplexity per rank](qdylora.png)",
             "Wall time (this machine, shared CPU; `train s` is the training loop alone, `total s` every command "

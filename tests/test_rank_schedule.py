@@ -36,6 +36,24 @@ def test_nested_trains_every_power_of_two_and_the_full_rank_the_ends_twice(rank_
     assert [w for _, w in steps] == pytest.approx(weights)
 
 
+def test_sampled_trains_both_ends_and_one_rank_between_and_averages_to_nested():
+    gen = torch.Generator().manual_seed(0)
+    draws = [step_ranks("sampled", 16, gen) for _ in range(6000)]
+    assert all([r for r, _ in (d[0], d[2])] == [1, 16] and d[1][0] in (2, 4, 8) for d in draws)
+    assert all([w for _, w in d] == pytest.approx([2 / 7, 3 / 7, 2 / 7]) for d in draws)
+    mean = {rank: 0.0 for rank in (1, 2, 4, 8, 16)}  # each rank's weight averaged over steps: nested's weights
+    for d in draws:
+        for rank, weight in d:
+            mean[rank] += weight / len(draws)
+    assert list(mean.values()) == pytest.approx([2 / 7, 1 / 7, 1 / 7, 1 / 7, 2 / 7], abs=0.01)
+
+
+@pytest.mark.parametrize("rank_max", [4, 2, 1])
+def test_sampled_is_nested_where_nested_has_at_most_three_ranks(rank_max):
+    gen = torch.Generator().manual_seed(0)
+    assert step_ranks("sampled", rank_max, gen) == step_ranks("nested", rank_max, gen)
+
+
 def test_an_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="allowed: uniform, pair, nested"):
         step_ranks("cyclic", 4, torch.Generator())

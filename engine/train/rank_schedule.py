@@ -15,6 +15,10 @@ that sums to 1:
   many in all as one fixed-rank run per rank).  The ends weigh more because
   each has one side only: the first component serves every rank, the last
   ones rank R alone (equal weights left both ends 2-3% above fixed-rank runs).
+* ``sampled``: ``nested`` at three passes a step: rank 1 and R every step at
+  their nested weight, and one of the ranks between drawn uniformly, carrying
+  the weight all of them have in ``nested``; its expected loss is the nested
+  loss, so it trains towards the same adapter at 3/5 of the passes (rank 16).
 
 ``docs/qdylora.md`` measures each against fixed-rank runs.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-SCHEDULES = ("uniform", "pair", "nested")
+SCHEDULES = ("uniform", "pair", "nested", "sampled")
 END_WEIGHT = 2.0  # nested: the loss weight of rank 1 and of R against the ranks between
 
 
@@ -35,8 +39,18 @@ def step_ranks(schedule: str, rank_max: int, generator: torch.Generator) -> list
         inverse = 1.0 / torch.arange(1, rank_max + 1, dtype=torch.float64)
         rank = int(torch.multinomial(inverse, 1, generator=generator)) + 1
         return [(rank, 0.5), (rank_max, 0.5)] if rank < rank_max else [(rank_max, 1.0)]
-    if schedule == "nested":
-        ranks = sorted({1 << i for i in range(rank_max.bit_length()) if 1 << i <= rank_max} | {rank_max})
-        weights = [END_WEIGHT if rank in (1, rank_max) else 1.0 for rank in ranks]
-        return [(rank, w / sum(weights)) for rank, w in zip(ranks, weights)]
+    if schedule in ("nested", "sampled"):
+        nested = _nested(rank_max)
+        if schedule == "nested" or len(nested) <= 3:
+            return nested
+        between = nested[1:-1]
+        drawn = between[int(torch.randint(0, len(between), (1,), generator=generator))][0]
+        return [nested[0], (drawn, sum(w for _, w in between)), nested[-1]]
     raise ValueError(f"unknown rank schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def _nested(rank_max: int) -> list[tuple[int, float]]:
+    """The nested schedule's ``[(rank, weight)]``: every power of two up to ``rank_max`` and ``rank_max``."""
+    ranks = sorted({1 << i for i in range(rank_max.bit_length()) if 1 << i <= rank_max} | {rank_max})
+    weights = [END_WEIGHT if rank in (1, rank_max) else 1.0 for rank in ranks]
+    return [(rank, w / sum(weights)) for rank, w in zip(ranks, weights)]
