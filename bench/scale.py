@@ -353,6 +353,12 @@ def make_inputs(work: Path, wanted: list[str]) -> None:
             print(f"  {disk_gb(work / name):.1f} GB in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
+def recorded() -> dict[str, Any]:
+    """The rows ``docs/scale.jsonl`` holds now, by name."""
+    lines = RESULTS.read_text().splitlines() if RESULTS.is_file() else []
+    return {record["row"]: record for record in map(json.loads, lines)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="Scratch folder (about 70 GB at the most).")
@@ -361,8 +367,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["row"]: json.loads(line) for line in RESULTS.read_text().splitlines()} \
-        if RESULTS.is_file() else {}
+    done = recorded()
     wanted = [r for r in args.rows.split(",") if r]
     unknown = [r for r in wanted if r not in ROWS]
     if unknown:
@@ -386,7 +391,7 @@ def main() -> None:
             result["run_dir_share_of_model"] = sum(p.stat().st_size for p in files) / model_bytes
             result["run_dir_share_without_adapter"] = sum(
                 p.stat().st_size for p in files if "adapter" not in p.parts) / model_bytes
-        done[name] = result
+        done = {**recorded(), name: result}  # rows another run of this script recorded meanwhile are kept
         if {"calibrate-2-workers", reference} <= done.keys() and (work / "q7b2-optq-16").is_dir():
             done["calibrate-2-workers"]["bit_identical_to_one_process"] = same_directories(
                 work / "q7b2-optq-16", work / "q7b2-optq-ray")

@@ -5,6 +5,7 @@ weights in memory at a time, streamed from the quantized directory's own files, 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from pathlib import Path
 
@@ -108,6 +109,26 @@ def test_block_by_block_quantize_equals_the_whole_model(checkpoint, tmp_path, mo
     blockwise, reference = directory_tensors(tmp_path / "blockwise"), directory_tensors(tmp_path / "whole")
     assert blockwise.keys() == reference.keys()
     assert all(torch.equal(blockwise[k], reference[k]) for k in reference)
+
+
+def test_quantize_leaves_no_tensor_to_the_cyclic_garbage_collector(checkpoint, tmp_path):
+    """Every float layer ``modulora quantize`` drops (each one quantized away, each block's float twin, each block
+    released) is freed when dropped, by reference counting: with the cyclic collector off for the whole command, the
+    garbage it then finds holds no tensor.  A layer that referred back to itself (a bound method in its ``__dict__``)
+    kept its float weights until the collector happened to run: at 7B, 0.6 GiB more at the calibration peak."""
+    gc.collect()
+    gc.disable()
+    try:
+        assert modulora("quantize", checkpoint, "--method", "optq", "--bits", "3", "--calib", TRAIN_TXT,
+                        "--calib-windows", "8", "--out", tmp_path / "q") == 0
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        held = [tuple(o.shape) for o in gc.garbage if isinstance(o, torch.Tensor) and not o.is_meta]
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
+    assert held == []
 
 
 def test_streamed_teacher_equals_the_resident_one(checkpoint):
