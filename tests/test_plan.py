@@ -317,14 +317,19 @@ def test_quantizing_on_a_gpu_puts_the_block_and_the_quantizer_on_the_device(caps
 
 def test_calibrating_on_a_gpu_keeps_the_windows_on_the_device_and_says_when_it_is_short(capsys):
     """Calibrated OPTQ (GPTAQ's float twin, 32 windows of 512 tokens): the windows' hidden states (quantized and
-    float, bfloat16) and both copies of the block are device memory, the input embeddings no longer (released
+    float, bfloat16), the float twin and the block as it is at the peak are device memory, the input embeddings no longer (released
     once the windows are embedded); a 3 GiB device is refused naming device memory, while the host is untouched."""
     calib = ["--stage", "quantize", "--method", "optq", "--bits", "3", "--calib-windows", "32",
              "--calib-seq-len", "512"]
     cuda = stage_json(capsys, "cuda", *calib)
     on_device = {part["name"].split(" (")[0]: part["nbytes"] for part in cuda["parts"] if part["where"] == "device"}
     assert on_device["hidden states of 32 windows x 512 tokens"] == 2 * 32 * 512 * 4096 * 2
-    assert on_device["one block's float weights"] == on_device["the block's float twin"] == LLAMA7B_BLOCK_FLOAT
+    assert on_device["the block's float twin"] == LLAMA7B_BLOCK_FLOAT
+    # the peak is down_proj's quantizing: the block then holds down_proj and the norms in bfloat16 and the six
+    # layers before it packed (3-bit codes, with group-64 scales and zero points under half a byte per weight)
+    before = 4 * 4096 * 4096 + 2 * 11008 * 4096
+    unpacked = (11008 * 4096 + 2 * 4096) * 2
+    assert unpacked + before * 3 / 8 < on_device["the block at the peak"] < unpacked + before / 2
     assert not any("embeddings" in name for name in on_device)
     assert cuda["fits"] and cuda["device_peak_bytes"] == sum(on_device.values())
     code, out, err = modulora_in_process(capsys, "plan", "--model", "llama-7b", "--source-dtype", "bfloat16",
@@ -346,7 +351,8 @@ def test_ray_calibration_plans_each_worker_as_one_process_of_its_windows_and_a_d
     for device in ("cpu", "cuda"):
         ray, one = stage_json(capsys, device, *calib), stage_json(capsys, device, *alone)
         written = [p for p in one["parts"] if p["name"].startswith("one block's packed weights, written")]
-        assert len(written) == 1 and ray["worker_parts"] == [p for p in one["parts"] if p not in written]
+        assert len(written) == (device == "cuda")  # host memory beside the device's peak; on a CPU, after it
+        assert ray["worker_parts"] == [p for p in one["parts"] if p not in written]
         assert not [p["name"] for p in ray["parts"] if "statistics" in p["name"] and "Ray's messages" not in p["name"]]
         plans[device] = ray
     cpu, cuda = plans["cpu"], plans["cuda"]

@@ -2,8 +2,8 @@
 process or on Ray workers), correcting (LREC), evaluating and exporting, each as the parts it holds at its peak.
 
 Every stage handles one decoder block at a time, so its peak is what stays for the whole run (the framework,
-the tensors outside the blocks it keeps, the calibration windows' hidden states) plus one block's float weights
-plus the largest transient of the block's work.  Sizes are exact from the shapes; the transients count the
+the tensors outside the blocks it keeps, the calibration windows' hidden states) plus one block's weights (float,
+or, calibrating, as far as it is packed at the moment) plus the largest transient of the block's work.  Sizes are exact from the shapes; the transients count the
 tensors the code holds at that moment (named with the code below), and were checked against a 7B-shaped
 checkpoint (``bench/scale.py``, ``docs/scale.md``).
 
@@ -27,7 +27,7 @@ from engine.offload.planner.plan import Part
 from engine.offload.planner.sizes import (
     ADAM_MOMENT_BYTES, CPU_DISK_STREAMING_BYTES, CUDA_RUNTIME_BYTES, FLOAT32, FRAMEWORK_HOST_BYTES,
     NORM_FLOAT32_COPIES, RECOMPUTE_FFN_COPIES, RECOMPUTE_HIDDEN_COPIES,
-    cpu_step_overhead_bytes, dequant_transient_bytes, lora_params, packed_block_bytes,
+    cpu_step_overhead_bytes, dequant_transient_bytes, lora_params, packed_block_bytes, packed_linear_bytes,
 )
 from engine.offload.shapes import ModelShapes
 from engine.options import format_size
@@ -291,54 +291,53 @@ def _hadamard_width(n: int) -> int:
     return padded_size(n, 8)
 
 
-def _largest_quantize(i: StageInputs) -> Part:
-    """The largest moment of quantizing a group of layers: its statistics (and, with GPTAQ, its alignment) beside
-    the quantizer's work on the group's largest layer."""
+def _group_quantize(i: StageInputs, group: list[tuple[int, int]]) -> int:
+    """The largest moment of quantizing ``group``: its statistics (and, with GPTAQ, its alignment) beside the
+    quantizer's work on one of its layers."""
     stb = _stats_bytes(i)
+    stats = sum(inp * inp for _, inp in group) * stb
     best = 0
-    for group in _groups(i.shapes):
-        stats = sum(inp * inp for _, inp in group) * stb
-        for j, (out, inp) in enumerate(group):
-            crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
-            align = crosses + ALIGN_WEIGHT_COPIES * out * inp * stb if i.asym else 0
-            best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
-    return Part(f"quantizing the largest group of layers ({i.method}, with its statistics)", best, i.compute)
-
-
-def _calibration_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
-    """What a holder of ``windows`` calibration windows keeps: the block at work (and its float twin), the windows'
-    hidden states, and the larger of a forward pass with the statistics of ``held`` shards.  The input embeddings
-    are gone by then (released once the windows are embedded, a moment far below this one)."""
-    s, a = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype]
-    tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
-    carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
-    widest = max(inp for _, _, inp in s.block_linears)
-    stats = _largest_group_stats(i) * carried * held
-    advancing = tokens * s.hidden_size * a  # the next block's input, made once the block's statistics are used
-    forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
-               + carried * batch_tokens * widest * _stats_bytes(i))
-    c = i.compute
-    shards = f", {held} shards'" if held > 1 else ""
-    return [*_runtime(i), *_staged_block(i),
-            Part("one block's float weights", _block_float(i), c),
-            *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
-            Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens ({carried} carried)",
-                 carried * tokens * s.hidden_size * a, c),
-            Part(f"statistics of the largest group{shards} (or the advancing hidden states), and a forward pass",
-                 max(stats, advancing) + forward, c)]
+    for j, (out, inp) in enumerate(group):
+        crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
+        align = crosses + ALIGN_WEIGHT_COPIES * out * inp * stb if i.asym else 0
+        best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
+    return best
 
 
 def _calibrated_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
-    """A holder of calibration windows that also quantizes: the statistics' forward pass and the quantizer come
-    one after the other, so the larger is the peak."""
-    parts = _calibration_parts(i, windows, held)
-    stats, work = parts.pop(), _largest_quantize(i)
-    return [*parts, stats if stats.nbytes > work.nbytes else work]
-
-
-def _largest_group_stats(i: StageInputs) -> int:
-    """The ``X^T X`` sums of the block's largest group of layers (those calibrated on one input), in bytes."""
-    return max(sum(n * n for _, n in group) for group in _groups(i.shapes)) * _stats_bytes(i)
+    """What a holder of ``windows`` calibration windows that also quantizes keeps at its peak: the block's float twin
+    (GPTAQ), the windows' hidden states, and the largest moment of the block's work, group of layers by group in
+    block order: the group's statistics of ``held`` shards with a forward pass, or its quantizing, beside the block
+    as it then is (the groups before it packed, each layer's float weights freed as it is swapped; the rest float),
+    or, once every group is packed, the advancing hidden states.  The input embeddings are gone by then (released
+    once the windows are embedded, a moment far below this one)."""
+    s, a, c = i.shapes, SOURCE_DTYPE_BYTES[i.source_dtype], i.compute
+    tokens, batch_tokens = windows * i.calib_seq_len, min(windows, CALIB_BATCH) * i.calib_seq_len
+    carried = 2 if i.asym else 1  # the quantized model's states, and the float model's (GPTAQ)
+    widest = max(inp for _, _, inp in s.block_linears)
+    forward = (batch_tokens * (CALIB_FORWARD_HIDDEN * s.hidden_size + CALIB_FORWARD_FFN * s.intermediate_size) * a
+               + carried * batch_tokens * widest * _stats_bytes(i))
+    groups = _groups(s)
+    floats = [sum(out * inp for out, inp in group) * a for group in groups]
+    packed = [sum(packed_linear_bytes(out, inp, i.bits, i.group_size) for out, inp in group) for group in groups]
+    norms = s.block_other_params * a
+    shards = f", {held} shards'" if held > 1 else ""
+    moments = []  # (the block as it then is, the work, the work's name)
+    for g, group in enumerate(groups):
+        block = sum(packed[:g]) + sum(floats[g:]) + norms
+        stats = sum(inp * inp for _, inp in group) * _stats_bytes(i) * carried * held + forward
+        work = _group_quantize(i, group)
+        moments.append((block, stats, f"statistics of the largest group{shards}, and a forward pass")
+                       if stats > work else (block, work, f"quantizing the largest group ({i.method})"))
+    moments.append((sum(packed) + norms, tokens * s.hidden_size * a + forward,
+                    "the advancing hidden states (the next block's input), and a forward pass"))
+    block, work, name = max(moments, key=lambda moment: moment[0] + moment[1])
+    return [*_runtime(i), *_staged_block(i),
+            Part("the block at the peak (layers quantized before it packed, the rest float)", block, c),
+            *([Part("the block's float twin (GPTAQ)", _block_float(i), c)] if i.asym else []),
+            Part(f"hidden states of {windows} windows x {i.calib_seq_len} tokens ({carried} carried)",
+                 carried * tokens * s.hidden_size * a, c),
+            Part(name, work, c)]
 
 
 def _worker_shards(i: StageInputs) -> tuple[list[int], list[int]]:
@@ -375,7 +374,9 @@ def _quantize(i: StageInputs) -> list[Part]:
     from engine.model.stats import SHARD_WINDOWS
 
     shards = -(-i.calib_windows // (i.shard_windows or SHARD_WINDOWS))
-    parts = [*_calibrated_parts(i, i.calib_windows, min(2, shards)), _written_block(i)]  # the sum and one shard's
+    parts = _calibrated_parts(i, i.calib_windows, min(2, shards))  # the sum and one shard's statistics
+    if i.compute == "device":  # written from the host; on a CPU the writing comes once the twin and statistics are
+        parts.append(_written_block(i))  # gone, a moment below the peak
     if i.distill:  # after the blocks are written: the larger of the two phases is the stage's peak
         distill = _distill(i)
         return distill if sum(p.nbytes for p in distill) > sum(p.nbytes for p in parts) else parts
