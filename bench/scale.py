@@ -179,7 +179,8 @@ def timed(args: list[str], work: Path, log: Path, extra_env: dict[str, str]) -> 
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "engine.cli", *map(str, args)]
     shown = "".join(f"{k}={v} " for k, v in extra_env.items()) + "modulora " + " ".join(map(str, args)).replace(str(work), "$WORK").replace(str(SHARED), "$SHARED")
     print(f"$ {shown}", file=sys.stderr, flush=True)
-    with open(log, "w") as out:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    with open(log, "w") as out:  # the commit is the tree the command starts from, whatever is committed meanwhile
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         tree = ProcessTreePeak(process.pid)
         process.wait()
@@ -191,7 +192,6 @@ def timed(args: list[str], work: Path, log: Path, extra_env: dict[str, str]) -> 
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
     workers = [rss for pid, (name, rss) in peaks.items() if "ray::" in name or "default_worker" in name]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return {"command": shown, "peak_rss_gib": rss_kb * 1024 / GIB, "wall_s": seconds,
             "worker_peaks_gib": sorted((w / GIB for w in workers), reverse=True), "max_load": tree.max_load,
             "commit": commit.stdout.strip()}
@@ -441,7 +441,7 @@ def report(done: dict[str, Any], work: Path) -> None:
                                  f"process's peak in `{reference}`, {done[reference]['peak_rss_gib']:.2f} GiB.")
         if name == "quantize-optq-2-blocks-16-window-shards":
             over = ("over the limit the issue sets for the default command (one 32-window shard, "
-                    "`quantize-optq-2-blocks`), and planned so" if peak > limit else "above the one-shard row")
+                    "`quantize-optq-2-blocks`)" if peak > limit else "above the one-shard row")
             notes.append(f"- `{name}`: {over}: with two shards one process holds the sums and "
                          "the next shard's statistics of the largest group (down_proj's X^T X and, with GPTAQ, its "
                          "cross sums: 4 x 485 MB) at once, as the shard-order fold that Ray reproduces bit for bit "

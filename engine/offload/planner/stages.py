@@ -352,11 +352,14 @@ def _worker_shards(i: StageInputs) -> tuple[list[int], list[int]]:
 def _ray_driver(i: StageInputs) -> list[Part]:
     """``modulora calibrate``'s driver, on its CPU: it holds no statistics (they are summed and used on the
     workers); it reads each block to write it with the packed layers the workers send back, and the pieces of
-    statistics passing between workers go through it inside Ray's messages."""
-    return [_framework(), _outside(replace(i, device="cpu"), "read at the end, to be written"),
-            Part("one block's float weights (read to be written)", _block_float(i), "host"),
-            Part("statistics passing between workers, in Ray's messages (measured)", RAY_MESSAGE_BYTES, "host"),
-            _written_block(i)]
+    statistics passing between workers go through it inside Ray's messages; the tables outside the blocks are read
+    at the end, once the last block is written and released, and written as they are (measured at 7B: the
+    quantize's end holds them once), so the larger of the two moments is its peak."""
+    blocks = [Part("one block's float weights (read to be written)", _block_float(i), "host"),
+              Part("statistics passing between workers, in Ray's messages (measured)", RAY_MESSAGE_BYTES, "host"),
+              _written_block(i)]
+    outside = [_outside(replace(i, device="cpu"), "read at the end, to be written")]
+    return [_framework(), *max(blocks, outside, key=lambda parts: sum(part.nbytes for part in parts))]
 
 
 def _ray_worker(i: StageInputs) -> list[Part]:
