@@ -317,8 +317,9 @@ def test_quantizing_on_a_gpu_puts_the_block_and_the_quantizer_on_the_device(caps
 
 def test_calibrating_on_a_gpu_keeps_the_windows_on_the_device_and_says_when_it_is_short(capsys):
     """Calibrated OPTQ (GPTAQ's float twin, 32 windows of 512 tokens): the windows' hidden states (quantized and
-    float, bfloat16), the float twin and the block as it is at the peak are device memory, the input embeddings no longer (released
-    once the windows are embedded); a 3 GiB device is refused naming device memory, while the host is untouched."""
+    float, bfloat16), the float twin and the block as it is at the peak are device memory, the input embeddings no
+    longer (released once the windows are embedded); a 3 GiB device is refused naming device memory, while the host
+    is untouched."""
     calib = ["--stage", "quantize", "--method", "optq", "--bits", "3", "--calib-windows", "32",
              "--calib-seq-len", "512"]
     cuda = stage_json(capsys, "cuda", *calib)

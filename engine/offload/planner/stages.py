@@ -3,9 +3,9 @@ process or on Ray workers), correcting (LREC), evaluating and exporting, each as
 
 Every stage handles one decoder block at a time, so its peak is what stays for the whole run (the framework,
 the tensors outside the blocks it keeps, the calibration windows' hidden states) plus one block's weights (float,
-or, calibrating, as far as it is packed at the moment) plus the largest transient of the block's work.  Sizes are exact from the shapes; the transients count the
-tensors the code holds at that moment (named with the code below), and were checked against a 7B-shaped
-checkpoint (``bench/scale.py``, ``docs/scale.md``).
+or, calibrating, as far as it is packed at the moment) plus the largest transient of the block's work.  Sizes are
+exact from the shapes; the transients count the tensors the code holds at that moment (named with the code below),
+and were checked against a 7B-shaped checkpoint (``bench/scale.py``, ``docs/scale.md``).
 
 On a CPU every part is host memory.  On a GPU (``device`` cuda) the stage's computation and what it reads in for
 it are device memory, as the commands place them (the block at work, the calibration windows' hidden states and
@@ -291,11 +291,15 @@ def _hadamard_width(n: int) -> int:
     return padded_size(n, 8)
 
 
+def _group_stats(i: StageInputs, group: list[tuple[int, int]]) -> int:
+    """The ``X^T X`` sums of ``group`` (layers calibrated on one input), in bytes."""
+    return sum(inp * inp for _, inp in group) * _stats_bytes(i)
+
+
 def _group_quantize(i: StageInputs, group: list[tuple[int, int]]) -> int:
     """The largest moment of quantizing ``group``: its statistics (and, with GPTAQ, its alignment) beside the
     quantizer's work on one of its layers."""
-    stb = _stats_bytes(i)
-    stats = sum(inp * inp for _, inp in group) * stb
+    stb, stats = _stats_bytes(i), _group_stats(i, group)
     best = 0
     for j, (out, inp) in enumerate(group):
         crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
@@ -325,10 +329,12 @@ def _calibrated_parts(i: StageInputs, windows: int, held: int) -> list[Part]:
     moments = []  # (the block as it then is, the work, the work's name)
     for g, group in enumerate(groups):
         block = sum(packed[:g]) + sum(floats[g:]) + norms
-        stats = sum(inp * inp for _, inp in group) * _stats_bytes(i) * carried * held + forward
-        work = _group_quantize(i, group)
-        moments.append((block, stats, f"statistics of the largest group{shards}, and a forward pass")
-                       if stats > work else (block, work, f"quantizing the largest group ({i.method})"))
+        stats = _group_stats(i, group) * carried * held + forward
+        quantizing = _group_quantize(i, group)
+        if stats > quantizing:
+            moments.append((block, stats, f"statistics of the largest group{shards}, and a forward pass"))
+        else:
+            moments.append((block, quantizing, f"quantizing the largest group ({i.method})"))
     moments.append((sum(packed) + norms, tokens * s.hidden_size * a + forward,
                     "the advancing hidden states (the next block's input), and a forward pass"))
     block, work, name = max(moments, key=lambda moment: moment[0] + moment[1])
@@ -378,8 +384,10 @@ def _quantize(i: StageInputs) -> list[Part]:
 
     shards = -(-i.calib_windows // (i.shard_windows or SHARD_WINDOWS))
     parts = _calibrated_parts(i, i.calib_windows, min(2, shards))  # the sum and one shard's statistics
-    if i.compute == "device":  # written from the host; on a CPU the writing comes once the twin and statistics are
-        parts.append(_written_block(i))  # gone, a moment below the peak
+    # A GPU run writes each block from the host, beside the device's peak; on a CPU the writing comes once the twin
+    # and the statistics are gone, a moment below the peak.
+    if i.compute == "device":
+        parts.append(_written_block(i))
     if i.distill:  # after the blocks are written: the larger of the two phases is the stage's peak
         distill = _distill(i)
         return distill if sum(p.nbytes for p in distill) > sum(p.nbytes for p in parts) else parts
