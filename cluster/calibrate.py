@@ -167,7 +167,8 @@ class ShardWorker:
         packed = {}
         for name, count in counts.items():
             linear = self.model.get_submodule(name)
-            stats = LayerStats(self._settled(name, "xtx", pop=True) if count else torch.empty(0), count)
+            stats = LayerStats(self._settled(name, "xtx", pop=True) if count else torch.empty(0), count,
+                               disposable=True)
             weight = None
             if asym_alpha and (name, "cross") in self.terms:  # given up to the alignment, which overwrites it
                 weight = aligned_weight(linear_weight(linear), stats, self._settled(name, "cross", pop=True),

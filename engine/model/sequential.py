@@ -276,7 +276,10 @@ def calibrate_group(
     cross: dict[str, torch.Tensor], asym_alpha: float, wrap: Wrap | None,
 ) -> list[str]:
     """Quantize ``names`` in place from their summed statistics, each weight first aligned to the float model's
-    output when it has cross statistics (asymmetric calibration; ``cross`` is used up)."""
+    output when it has cross statistics (asymmetric calibration).  ``stats`` and ``cross`` are used up: a
+    quantizer may make its Hessian in place of a layer's sums (:meth:`LayerStats.take_hessian`)."""
+    for s in stats.values():
+        s.disposable = True
     for name in list(cross):
         linear = model.get_submodule(name)
         set_linear_weight(linear, aligned_weight(linear_weight(linear), stats[name], cross.pop(name), asym_alpha))

@@ -191,11 +191,22 @@ class LayerStats:
 
     xtx: torch.Tensor
     count: int
+    # The caller handed the sums over (it keeps no other reference and needs them no more): a quantizer may make
+    # its Hessian in their place (:meth:`take_hessian`), one matrix of their size fewer at its peak.
+    disposable: bool = False
 
     @property
     def hessian(self) -> torch.Tensor:
         """The OPTQ proxy Hessian ``H = 2 X^T X / N``."""
         return self.hessian_rows(0, self.xtx.shape[0])  # one new matrix, in the sums' dtype
+
+    def take_hessian(self) -> torch.Tensor:
+        """:attr:`hessian` for the caller to overwrite: made in place of the sums when they are ``disposable``
+        (``xtx`` is then left empty; the same arithmetic, so the same bits), else a new matrix."""
+        if not self.disposable:
+            return self.hessian
+        sums, self.xtx = self.xtx, self.xtx.new_empty(0)
+        return sums.mul_(2.0).div_(max(self.count, 1))
 
     def hessian_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of :attr:`hessian`, with the same arithmetic, without the whole matrix."""

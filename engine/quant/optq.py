@@ -49,9 +49,10 @@ def inverse_hessian_factor(
 
     Row ``i`` of ``U``, scaled by ``1 / U_ii``, is how the rounding error of
     column ``i`` is spread over columns ``i..n`` (OPTQ's Cholesky reformulation).
-    At most two matrices of ``H``'s size are alive beside the statistics.
+    At most two matrices of ``H``'s size are alive beside the statistics, which are one of them when they are
+    disposable (:meth:`LayerStats.take_hessian`).
     """
-    h = stats.hessian
+    h = stats.take_hessian()
     if dead is not None:
         h.diagonal()[dead] = 1.0
     if perm is not None:
@@ -148,7 +149,7 @@ class OPTQQuantizer(Quantizer):
         n_groups = -(-in_f // G)
 
         w = weight.detach().float().clone()
-        diagonal = hessian_diagonal(stats).to(w.device)  # the caller's statistics stay as they are
+        diagonal = hessian_diagonal(stats).to(w.device)  # before inverse_hessian_factor may use them up
         dead = diagonal == 0
         diagonal[dead] = 1.0
         w[:, dead] = 0.0

@@ -41,8 +41,9 @@ TRAIN_LOSS_TILE = 8192  # vocabulary entries per tile of the tiled losses (engin
 # RTN (engine.quant.rtn): the float32 weight, the per-column scale and zero point, and two temporaries of the
 # code computation.
 RTN_WEIGHT_COPIES = 5
-# OPTQ: the float32 weight and its act-order permutation (two while the permuted copy is made); beside the
-# statistics, at most two Hessian-sized matrices while the inverse's Cholesky factor is made (inverse_hessian_factor).
+# OPTQ: the float32 weight and its act-order permutation (two while the permuted copy is made); at most two
+# Hessian-sized matrices while the inverse's Cholesky factor is made (inverse_hessian_factor), one of them the layer's
+# statistics, which calibration hands over to be made into the Hessian in place (LayerStats.take_hessian).
 OPTQ_WEIGHT_COPIES = 2
 OPTQ_HESSIAN_COPIES = 2
 # QuIP#: the rotated weight divided by its scales, its rounding and the rounding error, in the statistics' dtype;
@@ -297,14 +298,18 @@ def _group_stats(i: StageInputs, group: list[tuple[int, int]]) -> int:
 
 
 def _group_quantize(i: StageInputs, group: list[tuple[int, int]]) -> int:
-    """The largest moment of quantizing ``group``: its statistics (and, with GPTAQ, its alignment) beside the
-    quantizer's work on one of its layers."""
+    """The largest moment of quantizing ``group``: with GPTAQ, aligning each layer beside the group's statistics;
+    then quantizing each layer beside the statistics still held.  OPTQ uses up a layer's statistics as it quantizes
+    it (its Hessian is made in their place, counted in its work), so the layers after it hold theirs; a quantizer
+    that does not keeps the group's until the group is done."""
     stb, stats = _stats_bytes(i), _group_stats(i, group)
     best = 0
     for j, (out, inp) in enumerate(group):
-        crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
-        align = crosses + ALIGN_WEIGHT_COPIES * out * inp * stb if i.asym else 0
-        best = max(best, stats + max(align, _quantizer_work(i, out, inp)))
+        if i.asym:
+            crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
+            best = max(best, stats + crosses + ALIGN_WEIGHT_COPIES * out * inp * stb)
+        held = sum(n * n for _, n in group[j + 1 :]) * stb if i.method == "optq" else stats
+        best = max(best, held + _quantizer_work(i, out, inp))
     return best
 
 
