@@ -472,11 +472,12 @@ def report(done: dict[str, Any], work: Path) -> None:
     commands = {name: ROWS[name]["build"](work)[0] for name in ROWS}
     calibrated = [name for name in ROWS if name in done and commands[name][0] in ("quantize", "calibrate")
                   and "--calib" in commands[name]]
-    for fix, held in CALIBRATION_FIXES:
-        before = [name for name in calibrated if predates(done[name], fix)]
+    for fix, held, method in CALIBRATION_FIXES:
+        before = [name for name in calibrated if predates(done[name], fix)
+                  and (method is None or commands[name][commands[name].index("--method") + 1] == method)]
         if before:
-            notes.append(f"- Measured before {fix}, while {held}, so above what the command needs now and the plan, "
-                         f"made now, counts: {', '.join(f'`{m}`' for m in before)}.")
+            notes.append(f"- Measured before {fix}, while {held}; the plan, made now, does not count that (the "
+                         f"command may need less now): {', '.join(f'`{m}`' for m in before)}.")
     missing = [name for name in ROWS if name not in done]
     if missing:
         notes.append(f"- Not measured yet (no finished run recorded): {', '.join(f'`{m}`' for m in missing)}.")
@@ -484,10 +485,12 @@ def report(done: dict[str, Any], work: Path) -> None:
     write_doc("scale", "Real scale: a 7B-shaped checkpoint and a 65B-shaped directory", "scale.py", body, commands)
 
 
-CALIBRATION_FIXES = [  # (commit, what calibration held beside the blocks before it), oldest first
-    ("49c7bf5", "calibration held the input embeddings beside the blocks (250 MiB at 7B)"),
+CALIBRATION_FIXES = [  # (commit, what calibration held before it, the method it concerns or None), oldest first
+    ("49c7bf5", "calibration held the input embeddings beside the blocks (250 MiB at 7B)", None),
     ("f6bb200", "every float layer calibration dropped (quantized away; each block's float twin) waited for Python's "
-                "cyclic garbage collector"),
+                "cyclic garbage collector", None),
+    ("d7be40d", "OPTQ kept each layer's statistics beside the two Hessian-sized matrices it made from them (485 MB "
+                "for a 7B down_proj)", "optq"),
 ]
 
 
