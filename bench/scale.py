@@ -461,8 +461,10 @@ def report(done: dict[str, Any], work: Path) -> None:
                          "was not "
                          "measured.")
         if ROWS[name]["inputs"] in ("ckpt7b-2", "q7b2-rtn"):
+            shared = (f" (the row shared the 2 cores, max load {r['max_load']:.1f}: alone it takes less)"
+                      if r.get("max_load", 0) > 2.5 else "")
             notes.append(f"- `{name}`: {r['wall_s'] / 2:.0f} s per 7B-shaped block (2 blocks); 32 blocks would "
-                         f"take about {16 * r['wall_s'] / 3600:.1f} h.")
+                         f"take about {16 * r['wall_s'] / 3600:.1f} h{shared}.")
     headers = ["row", "input", "peak RSS GiB", "limit GiB", "within", "Ray workers' peaks GiB", "planned GiB",
                "planned / measured", "wall s", "max load", "output GB"]
     earlier = [name for name in ROWS if done.get(name, {}).get("from_doc")]
