@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.procstat import PeakRss, keep_heap_bounded, status_bytes
+from engine.procstat import PeakRss, keep_heap_bounded
 from engine.quant import LayerStats, OPTQQuantizer, RTNQuantizer, make_quantizer, weight_from_state
 from engine.quant.groupwise import range_params, unpacked_codes
 from engine.quant.optq import CLIP_SHRINKS, searched_ranges
@@ -180,13 +180,13 @@ def test_disposable_statistics_become_the_hessian_same_bits_one_matrix_fewer():
     stats = correlated_stats(n, seed=10)
     matrix = stats.xtx.numel() * stats.xtx.element_size()  # 32 MiB of float64 sums
     keep_heap_bounded()  # every matrix its own mapping, returned when freed: RSS follows the live tensors
-    meter, peaks, packed = PeakRss(), {}, {}
+    peaks, packed = {}, {}
     for disposable in (False, True):
         given = LayerStats(stats.xtx.clone(), stats.count, disposable=disposable)
+        meter = PeakRss()  # over the RSS with the given sums resident
         meter.reset()
-        start = status_bytes("VmRSS")
         packed[disposable] = optq(3, 64, act_order=True).quantize(w, given).state_dict()
-        peaks[disposable] = status_bytes("VmHWM") - start
+        peaks[disposable] = meter.peak()
         assert given.xtx.numel() == (0 if disposable else n * n)
         del given
     assert packed[True].keys() == packed[False].keys()
