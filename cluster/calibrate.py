@@ -10,18 +10,18 @@ The use case is the engine's own (:func:`engine.pipelines.quantize`, whose drive
   the calibration shards; the windows go through Ray's object store once;
 * a group's statistics stay on the workers: each worker sums its own shards,
   and the sum travels from worker to worker in shard order (``(s0 + s1) + s2``,
-  exactly as one process adds them, so the weights are bit-identical), in
-  pieces small enough to ride inside Ray's messages (the object store would
-  keep every piece's shared-memory pages in both processes' RSS);
+  exactly as one process adds them, so the weights are bit-identical);
 * the worker a layer falls to aligns it (GPTAQ) and quantizes it, so the
   layers of a group are quantized in parallel and only packed layers reach the
-  driver, which sends a group's to every worker once (one ``ray.put``);
+  driver, which sends a group's to every other worker;
+* everything large (sums, packed layers) travels in pieces small enough to
+  ride inside Ray's messages (:mod:`cluster.pieces`): the object store would
+  keep its shared-memory pages in the RSS of every worker that touched them;
 * a worker that dies is replaced: the new one replays the calls that changed
   its state (blocks begun and ended, layers installed), and the group at work
   starts over.  The installed layers wait for a replay in a scratch file per
   group under ``TMPDIR`` (the packed model's size by the end, removed with the
-  run), not pinned in the object store, whose pages would add to every
-  worker's RSS block after block;
+  run);
 * with ``--device cuda`` each worker asks Ray for a GPU (or a share of one) and
   computes there, handing back host tensors.
 
@@ -58,6 +58,7 @@ from engine.procstat import keep_heap_bounded
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
 from engine.quant import LayerStats, Quantizer, weight_from_state
 
+from cluster.pieces import as_bytes, empty_like_spec, joined, pieces_of, relay, spec_of, TensorSpec
 from cluster.runtime import ray_session
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ class ShardWorker:
 
     A group's statistics stay here: :meth:`collect` makes each shard's and keeps them; the chain of
     :class:`RayShardRunner` adds them up worker after worker (:meth:`send` to :meth:`receive`) and the worker a
-    layer falls to aligns and quantizes it (:meth:`quantize`), so only packed layers go back to the driver."""
+    layer falls to aligns and quantizes it (:meth:`quantize`), so only packed layers go back to the driver
+    (:meth:`send_packed`), which hands them to the other workers (:meth:`open_packed`, :meth:`fill_packed`) and
+    has every worker :meth:`install` them."""
 
     def __init__(self, model_source: str, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
                  asym: bool, threads: int, device: str = "cpu") -> None:
@@ -87,6 +90,7 @@ class ShardWorker:
         self.source = source
         self.shards = [CalibrationShard(self.model, windows[a:b], batch_size, asym) for a, b in spans]
         self.terms: dict[tuple[str, str], list[torch.Tensor]] = {}  # (layer, field): this worker's shards' sums
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}  # layer: packed tensors quantized here or received
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """``method`` on every shard; a block is read from the checkpoint before its ``begin_block`` and
@@ -120,19 +124,15 @@ class ShardWorker:
         return summary
 
     def send(self, name: str, field: str, start: int, pieces: int) -> np.ndarray | tuple[np.ndarray, ...]:
-        """``pieces`` pieces of this worker's sum of ``(name, field)``, flat from element ``start`` (each small
-        enough for Ray to carry inside its messages: the object store would keep their pages in both RSS)."""
-        flat = self._settled(name, field).view(-1)
-        step = piece_elements(flat.element_size())
-        sent = tuple(flat[start + k * step : start + (k + 1) * step].cpu().numpy() for k in range(pieces))
-        return sent if pieces > 1 else sent[0]  # one return value per piece (Ray's num_returns)
+        """``pieces`` pieces of this worker's sum of ``(name, field)``, flat from element ``start``."""
+        return one_return_each(pieces_of(self._settled(name, field).view(-1), start, pieces))
 
     def receive(self, name: str, field: str, shape: tuple[int, ...], whole: bool, start: int,
                 *pieces: np.ndarray) -> None:
         """Add the sum of the workers before this one, in pieces from element ``start``, before this worker's
         own shards' sums (a left fold in shard order: ``(prefix + a) + b``); a ``whole`` sum, forwarded to the
         worker that quantizes the layer, is kept as it comes."""
-        prefix = torch.from_numpy(np.concatenate(pieces)).to(self.device)
+        prefix = joined(pieces, self.device)
         terms = self.terms.setdefault((name, field), [])
         if whole and start == 0:
             terms.append(torch.empty(shape, dtype=prefix.dtype, device=self.device))
@@ -159,11 +159,13 @@ class ShardWorker:
         for field in FIELDS:
             self.terms.pop((name, field), None)
 
-    def quantize(self, counts: dict[str, int], quantizer: Quantizer, asym_alpha: float) -> dict[str, tuple[dict, dict]]:
-        """The packed tensors and manifest of each layer in ``counts`` (its total rows), from the summed
-        statistics this worker holds: aligned first when there are cross statistics (GPTAQ), as one process
-        does (:func:`engine.model.calibrate_group`).  The worker's own model keeps its float layers until the
-        driver installs the group."""
+    def quantize(self, counts: dict[str, int], quantizer: Quantizer,
+                 asym_alpha: float) -> dict[str, tuple[dict[str, TensorSpec], dict]]:
+        """Quantize each layer in ``counts`` (its total rows) from the summed statistics this worker holds:
+        aligned first when there are cross statistics (GPTAQ), as one process does
+        (:func:`engine.model.calibrate_group`).  The packed tensors stay here for :meth:`send_packed` and
+        :meth:`install`; per layer, their dtypes and shapes and the manifest go back.  The worker's own model keeps
+        its float layers until the driver installs the group."""
         packed = {}
         for name, count in counts.items():
             linear = self.model.get_submodule(name)
@@ -175,14 +177,34 @@ class ShardWorker:
                                         asym_alpha)
             qweight = quantized_weight(name, linear, quantizer, stats, weight)
             del stats, weight
-            packed[name] = ({key: t.cpu() for key, t in qweight.state_dict().items()}, qweight.manifest())
+            self.packed[name] = {key: t.cpu() for key, t in qweight.state_dict().items()}
+            packed[name] = ({key: spec_of(t) for key, t in self.packed[name].items()}, qweight.manifest())
         return packed
 
-    def install(self, layers: dict[str, LayerState]) -> None:
-        for name, state in layers.items():
-            swap_linear(self.model, name, place(packed_layer(state), self.device))
-        # Ray's deserialized payload is left in reference cycles that only a full collection frees (a 4-block
-        # hidden-1024 run: 50-230 objects, 2-10 MB after each group, 45 MB by the end of each block).
+    def send_packed(self, name: str, key: str, start: int, pieces: int) -> np.ndarray | tuple[np.ndarray, ...]:
+        """``pieces`` pieces of the bytes of packed tensor ``key`` of ``name``, from byte ``start``."""
+        return one_return_each(pieces_of(as_bytes(self.packed[name][key]), start, pieces))
+
+    def open_packed(self, specs: dict[str, dict[str, TensorSpec]]) -> None:
+        """Make room for packed layers quantized elsewhere (``specs``: per layer, its tensors' dtypes and
+        shapes), filled by :meth:`fill_packed`."""
+        for name, tensors in specs.items():
+            self.packed[name] = {key: empty_like_spec(spec) for key, spec in tensors.items()}
+
+    def fill_packed(self, name: str, key: str, start: int, *pieces: np.ndarray) -> None:
+        received = joined(pieces)
+        as_bytes(self.packed[name][key])[start : start + received.numel()].copy_(received)
+
+    def drop_packed(self) -> None:
+        self.packed.clear()
+
+    def install(self, manifests: dict[str, dict]) -> None:
+        """Put the packed layers this worker holds in place of the float ones (each keeps its bias)."""
+        for name, manifest in manifests.items():
+            bias = self.model.get_submodule(name).bias
+            swap_linear(self.model, name, place(packed_layer((self.packed.pop(name), manifest, bias)), self.device))
+        # Ray's deserialized arguments can be left in reference cycles that only a full collection frees (with the
+        # layers sent through the object store, a 4-block hidden-1024 run held 2-10 MB more after each group).
         gc.collect()
 
     def pid(self) -> int:
@@ -190,13 +212,22 @@ class ShardWorker:
 
 
 FIELDS = ("xtx", "cross")  # a layer's sums: X_q^T X_q, and X_q^T X with GPTAQ
-PIECE_BYTES = 96 << 10  # under Ray's 100 KiB max_direct_call_object_size: carried in messages, not the object store
-PIECES_PER_CALL = 32
-CALLS_IN_FLIGHT = 4  # pieces in flight are held by the driver: a few calls' worth
 
 
-def piece_elements(element_size: int) -> int:
-    return PIECE_BYTES // element_size
+def one_return_each(pieces: tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """A sender's pieces as its Ray return values (``num_returns=len(pieces)``: one object, one message each)."""
+    return pieces if len(pieces) > 1 else pieces[0]
+
+
+def sent_pieces(method: Any, count: int, *args: Any) -> list[Any]:
+    """References to the ``count`` pieces a worker's sending ``method`` returns for ``args``."""
+    refs = method.options(num_returns=count).remote(*args, count)
+    return refs if count > 1 else [refs]
+
+
+def layer_owners(names: list[str], workers: int) -> dict[str, int]:
+    """The worker each layer of a group falls to, counting back from the last (where the chain of sums ends)."""
+    return {name: (workers - 1 - j) % workers for j, name in enumerate(names)}
 
 
 def packed_layer(state: LayerState) -> ModuLoRALinear:
@@ -239,8 +270,10 @@ class RayShardRunner(ShardRunner):
         self.workers[index] = worker = self._actor.remote(*self._spawn_args[index])
         for method, args in self.journal:
             if method == "install":
-                args = (read_layers(*args),)
-            ray.get(getattr(worker, method).remote(*args))
+                layers = read_layers(*args)
+                self._install(index, layers, sent=list(layers))
+            else:
+                ray.get(getattr(worker, method).remote(*args))
 
     def _heal(self) -> bool:
         """Revive every worker that died; whether there was one."""
@@ -301,12 +334,50 @@ class RayShardRunner(ShardRunner):
         layers = {n: (*packed[n], model.get_submodule(n).bias) for n in names}
         for name, state in layers.items():
             swap_linear(model, name, packed_layer(state))
-        if method == "group_stats":
-            self._on_all("install", ray.put(layers))  # one copy in the object store, freed once installed
-            path = Path(self.scratch.name) / f"install-{len(self.journal):06d}.safetensors"
-            write_layers(path, layers)
-            self.journal.append(("install", (path,)))
+        if method != "group_stats":  # the next group's inputs do not go through them: the workers let them go
+            self._on_all("drop_packed")
+            return names
+        owner = layer_owners(names, len(self.workers))
+        for w in range(len(self.workers)):
+            try:
+                self._install(w, layers, sent=[n for n in names if owner[n] != w])
+            except ray.exceptions.RayActorError:
+                self._revive(w)
+                self._install(w, layers, sent=names)
+        path = Path(self.scratch.name) / f"install-{len(self.journal):06d}.safetensors"
+        write_layers(path, layers)
+        self.journal.append(("install", (path,)))
         return names
+
+    def _install(self, index: int, layers: dict[str, LayerState], sent: list[str]) -> None:
+        """Have worker ``index`` put ``layers`` in place, after sending it the packed tensors of those in
+        ``sent`` (it holds the others: it quantized them), in pieces."""
+        import ray
+
+        worker = self.workers[index]
+        ray.get(worker.open_packed.remote({n: {k: spec_of(t) for k, t in layers[n][0].items()} for n in sent}))
+        for name in sent:
+            for key, tensor in layers[name][0].items():
+                source = as_bytes(tensor)
+                relay(source.numel(), 1, lambda start, count: pieces_of(source, start, count),
+                      lambda start, pieces: worker.fill_packed.remote(name, key, start, *pieces))
+        ray.get(worker.install.remote({n: manifest for n, (_, manifest, _) in layers.items()}))
+
+    def _pull(self, index: int, name: str, specs: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
+        """The packed tensors of layer ``name`` that worker ``index`` quantized, fetched in pieces."""
+        import ray
+
+        tensors = {key: empty_like_spec(spec) for key, spec in specs.items()}
+        for key, tensor in tensors.items():
+            target = as_bytes(tensor)
+
+            def receive(start: int, refs: list[Any]) -> None:
+                received = joined(tuple(ray.get(refs)))
+                target[start : start + received.numel()].copy_(received)
+
+            relay(target.numel(), 1, lambda start, count: sent_pieces(self.workers[index].send_packed, count, name,
+                                                                      key, start), receive)
+        return tensors
 
     def _calibrate_on_workers(self, quantizer: Quantizer, index: int, names: list[str], method: str,
                               asym_alpha: float) -> dict[str, tuple[dict, dict]]:
@@ -315,8 +386,7 @@ class RayShardRunner(ShardRunner):
         import ray
 
         summaries = ray.get([w.collect.remote(method, index, names) for w in self.workers])
-        last = len(self.workers) - 1
-        owner = {name: (last - j) % len(self.workers) for j, name in enumerate(names)}  # the chain ends at `last`
+        owner = layer_owners(names, len(self.workers))
         for name in names:
             chain = [w for w, summary in enumerate(summaries) if summary[name][0]]  # the workers that saw rows
             holder = chain[0] if chain else owner[name]
@@ -328,28 +398,18 @@ class RayShardRunner(ShardRunner):
                 holder = after
         counts = {name: sum(summary[name][0] for summary in summaries) for name in names}
         per_worker = [{n: counts[n] for n in names if owner[n] == w} for w in range(len(self.workers))]
-        results = ray.get([self.workers[w].quantize.remote(mine, quantizer, asym_alpha)
-                           for w, mine in enumerate(per_worker) if mine])
-        return {name: layer for result in results for name, layer in result.items()}
+        quantized = {w: self.workers[w].quantize.remote(mine, quantizer, asym_alpha)
+                     for w, mine in enumerate(per_worker) if mine}
+        return {name: (self._pull(w, name, specs), manifest)
+                for w, ref in quantized.items() for name, (specs, manifest) in ray.get(ref).items()}
 
     def _pass_on(self, sender: int, receiver: int, name: str, field: str, shape: tuple[int, ...],
                  element_size: int, whole: bool) -> None:
         """Add worker ``sender``'s sum of ``(name, field)`` into ``receiver``'s, piece by piece (``whole``: the
         total, handed to a receiver that holds none of it)."""
-        import ray
-
-        numel = math.prod(shape)
-        step = piece_elements(element_size)
-        in_flight = []
-        for start in range(0, numel, step * PIECES_PER_CALL):
-            pieces = min(PIECES_PER_CALL, -(-(numel - start) // step))
-            refs = self.workers[sender].send.options(num_returns=pieces).remote(name, field, start, pieces)
-            refs = refs if pieces > 1 else [refs]
-            in_flight.append(self.workers[receiver].receive.remote(name, field, shape, whole, start, *refs))
-            del refs
-            if len(in_flight) >= CALLS_IN_FLIGHT:
-                ray.get(in_flight.pop(0))
-        ray.get(in_flight)
+        relay(math.prod(shape), element_size,
+              lambda start, count: sent_pieces(self.workers[sender].send, count, name, field, start),
+              lambda start, refs: self.workers[receiver].receive.remote(name, field, shape, whole, start, *refs))
 
 
 def write_layers(path: Path, layers: dict[str, LayerState]) -> None:
