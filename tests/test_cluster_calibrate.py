@@ -1,4 +1,5 @@
-"""Calibration on Ray (2 workers) gives the same packed weights as one process, even when a worker dies."""
+"""Calibration on Ray (2 workers) gives the same packed weights as one process, even when a worker dies, and moves
+them without the object store."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import GGUF_MODEL, TRAIN_TXT, directory_tensors
+from engine.model import open_source
 
 pytestmark = pytest.mark.slow  # Ray clusters and subprocesses
 
@@ -100,4 +103,43 @@ def test_workers_beyond_the_shards_are_named(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "32 calibration windows make 1 shard(s) of at most 32 windows: 1 of the 3 Ray workers" in err
+    assert_same(tmp_path / "one", tmp_path / "ray")
+
+
+def wider_checkpoint(path: Path) -> Path:
+    """A random bf16 Llama block 512 wide (FFN 1408) in the Hugging Face layout: its sums and packed layers span
+    many of the pieces Ray calibration sends them in (a ``down_proj``'s float64 X^T X is 16 MB)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    open_source(GGUF_MODEL).tokenizer().save_pretrained(path)
+    return path
+
+
+def object_store_pages(pid: int) -> int:
+    """Bytes of shared memory (Ray's object store) mapped in process ``pid``'s RSS."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssShmem:"))
+
+
+def test_workers_send_sums_and_packed_layers_without_the_object_store(tmp_path):
+    """Every sum and packed layer (up to 16 MB here) travels in pieces inside Ray's messages: no worker maps more
+    than one inline object's worth (100 KiB) of the object store, whose pages would stay in its RSS (through the
+    object store each held 4.6 MiB at hidden 1024), and the weights are still the one process's, bit for bit."""
+    model = wider_checkpoint(tmp_path / "ckpt")
+    args = [*OPTQ[:-1], "16", "--calib-seq-len", "128", "--shard-windows", "8", *MODES["sequential"]]
+    finish(modulora("quantize", model, *args, "--out", tmp_path / "one"))
+    proc = modulora("calibrate", model, *args, "--workers", "2", "--out", tmp_path / "ray")
+    mapped: dict[int, int] = {}
+    while proc.poll() is None:
+        for worker in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "ShardWorker" in " ".join(worker.cmdline()):
+                    mapped[worker.pid] = max(mapped.get(worker.pid, 0), object_store_pages(worker.pid))
+            except (psutil.Error, OSError):
+                pass  # the worker ended meanwhile
+        time.sleep(0.05)
+    finish(proc)
+    assert len(mapped) == 2 and max(mapped.values()) < 100 << 10, mapped
     assert_same(tmp_path / "one", tmp_path / "ray")
