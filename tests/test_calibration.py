@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import GGUF_MODEL, TRAIN_TXT
+from conftest import GGUF_MODEL, TRAIN_TXT, layer_stats
 from engine.errors import EngineError
 from engine.data import calibration_windows, read_text
 from engine.eval import perplexity
@@ -27,7 +27,7 @@ from engine.model import (
 )
 from engine.model.sequential import ALIGN_DAMP, aligned_weight
 from engine.pipelines import CalibSpec, QuantizeSpec, quantize
-from engine.quant import LayerStats, OPTQQuantizer, RTNQuantizer
+from engine.quant import QUANTIZERS, LayerStats, OPTQQuantizer, RTNQuantizer, make_quantizer
 
 FLOAT_PPL = 4.4908  # shared/README.md: fp32 stories260K, tinystories/valid.txt, 256-token windows
 RTN3_PPL = 7.90  # RTN asymmetric 3-bit g32, same protocol
@@ -254,3 +254,13 @@ def test_cli_optq_records_calibration(capsys, tmp_path):
     assert (calibration["windows"], calibration["seed"], calibration["mode"]) == (4, 5, "sequential")
     assert calibration["file"] == str(TRAIN_TXT.resolve())
     assert "35 layers" in stdout
+
+
+@pytest.mark.parametrize("method", [name for name, q in QUANTIZERS.items() if q.needs_calibration])
+def test_a_quantizer_uses_up_handed_over_statistics_exactly_when_it_declares_so(method):
+    """The planner counts a layer's sums gone once it is quantized when its quantizer declares
+    ``uses_up_statistics``: what quantizing does to statistics handed over must match the declaration."""
+    given = layer_stats(256)
+    given.disposable = True
+    make_quantizer(method).quantize(torch.randn(32, 256, generator=torch.Generator().manual_seed(3)), given)
+    assert (given.xtx.numel() == 0) == QUANTIZERS[method].uses_up_statistics

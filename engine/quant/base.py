@@ -237,6 +237,9 @@ class Quantizer(ABC):
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    # Makes its Hessian in place of statistics handed over (LayerStats.take_hessian): the planner then counts a
+    # layer's sums gone once it is quantized.
+    uses_up_statistics: ClassVar[bool] = False
     randomized: ClassVar[bool] = False
     options: ClassVar[dict[str, Option]] = {}
 

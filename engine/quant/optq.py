@@ -122,6 +122,7 @@ class OPTQQuantizer(Quantizer):
 
     name = "optq"
     needs_calibration = True
+    uses_up_statistics = True
     options = {
         **GROUPWISE_OPTIONS,
         "act_order": Option("bool", True, "Quantize columns by decreasing Hessian diagonal."),

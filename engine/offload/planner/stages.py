@@ -274,6 +274,13 @@ def _calibrated(method: str) -> bool:
     return method in QUANTIZERS and QUANTIZERS[method].needs_calibration
 
 
+def _uses_up_statistics(method: str) -> bool:
+    """Whether ``method`` makes its Hessian in place of a layer's statistics, as its quantizer declares."""
+    from engine.quant import QUANTIZERS
+
+    return method in QUANTIZERS and QUANTIZERS[method].uses_up_statistics
+
+
 def _trellis_encoder_bytes(rows: int, bits: int) -> int:
     """QTIP's Viterbi pass over one block of 8 columns (``engine.quant.trellis.viterbi_encode``), all its rows'
     tiles at once: the pass's choices (uint8) and predecessors (int16) per step and state group, a few steps'
@@ -299,16 +306,16 @@ def _group_stats(i: StageInputs, group: list[tuple[int, int]]) -> int:
 
 def _group_quantize(i: StageInputs, group: list[tuple[int, int]]) -> int:
     """The largest moment of quantizing ``group``: with GPTAQ, aligning each layer beside the group's statistics;
-    then quantizing each layer beside the statistics still held.  OPTQ uses up a layer's statistics as it quantizes
-    it (its Hessian is made in their place, counted in its work), so the layers after it hold theirs; a quantizer
-    that does not keeps the group's until the group is done."""
+    then quantizing each layer beside the statistics still held.  A quantizer that uses up a layer's statistics as
+    it quantizes it (OPTQ: its Hessian is made in their place, counted in its work) leaves only the later layers'
+    held; another keeps the group's until the group is done."""
     stb, stats = _stats_bytes(i), _group_stats(i, group)
     best = 0
     for j, (out, inp) in enumerate(group):
         if i.asym:
             crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
             best = max(best, stats + crosses + ALIGN_WEIGHT_COPIES * out * inp * stb)
-        held = sum(n * n for _, n in group[j + 1 :]) * stb if i.method == "optq" else stats
+        held = sum(n * n for _, n in group[j + 1 :]) * stb if _uses_up_statistics(i.method) else stats
         best = max(best, held + _quantizer_work(i, out, inp))
     return best
 
