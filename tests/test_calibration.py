@@ -26,6 +26,7 @@ from engine.model import (
     target_linear_names,
 )
 from engine.model.sequential import ALIGN_DAMP, aligned_weight
+from engine.procstat import PeakRss, keep_heap_bounded
 from engine.pipelines import CalibSpec, QuantizeSpec, quantize
 from engine.quant import QUANTIZERS, LayerStats, OPTQQuantizer, RTNQuantizer, make_quantizer
 
@@ -264,3 +265,32 @@ def test_a_quantizer_uses_up_handed_over_statistics_exactly_when_it_declares_so(
     given.disposable = True
     make_quantizer(method).quantize(torch.randn(32, 256, generator=torch.Generator().manual_seed(3)), given)
     assert (given.xtx.numel() == 0) == QUANTIZERS[method].uses_up_statistics
+
+
+@pytest.mark.parametrize("method, settings, beside", [
+    ("optq", {"bits": 3, "group_size": 64, "act_order": True}, 1.2),  # its permuted and factored copies, one at a time
+    ("quip", {"bits": 2, "tune_iters": 1}, None),  # at this width its rotation's slices of rows are half a matrix
+])
+def test_statistics_handed_over_become_the_hessian_same_bits_one_matrix_fewer(method, settings, beside):
+    """Statistics handed over (``disposable``, as calibration hands its sums to the quantizer) are made into the
+    Hessian in place: the same packed weight bit for bit, the sums used up, and the quantize's peak resident memory
+    (measured by the kernel) at least one statistics-sized matrix lower than with statistics the caller keeps."""
+    n = 2048
+    w = torch.randn(16, n, generator=torch.Generator().manual_seed(9))
+    stats = layer_stats(n, rows=2 * n)
+    matrix = stats.xtx.numel() * stats.xtx.element_size()  # 32 MiB of float64 sums
+    keep_heap_bounded()  # every matrix its own mapping, returned when freed: RSS follows the live tensors
+    peaks, packed = {}, {}
+    for disposable in (False, True):
+        given = LayerStats(stats.xtx.clone(), stats.count, disposable=disposable)
+        meter = PeakRss()  # over the RSS with the given sums resident
+        meter.reset()
+        packed[disposable] = make_quantizer(method, **settings).quantize(w, given).state_dict()
+        peaks[disposable] = meter.peak()
+        assert given.xtx.numel() == (0 if disposable else n * n)
+        del given
+    assert packed[True].keys() == packed[False].keys()
+    assert all(torch.equal(packed[True][key], packed[False][key]) for key in packed[False])
+    assert peaks[False] - peaks[True] > 0.8 * matrix
+    if beside is not None:
+        assert peaks[True] < beside * matrix

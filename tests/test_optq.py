@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.procstat import PeakRss, keep_heap_bounded
 from engine.quant import LayerStats, OPTQQuantizer, RTNQuantizer, make_quantizer, weight_from_state
 from engine.quant.groupwise import range_params, unpacked_codes
 from engine.quant.optq import CLIP_SHRINKS, searched_ranges
@@ -168,31 +167,6 @@ def test_dead_inputs_get_zero_weights():
         dense = optq(3, 32, **options).quantize(w, stats).dequantize()
         assert torch.isfinite(dense).all()
         assert torch.all(dense[:, dead] == 0)
-
-
-def test_disposable_statistics_become_the_hessian_same_bits_one_matrix_fewer():
-    """Statistics handed over (``disposable``, as calibration hands its sums to the quantizer) are made into the
-    Hessian in place: the same packed weight bit for bit, the sums used up, and the quantize's peak resident memory
-    (measured by the kernel) at least one statistics-sized matrix lower than with statistics the caller keeps:
-    beside the sums it was given, one matrix of their size at a time (the permuted and factored copies)."""
-    n = 2048
-    w = torch.randn(16, n, generator=torch.Generator().manual_seed(9))
-    stats = correlated_stats(n, seed=10)
-    matrix = stats.xtx.numel() * stats.xtx.element_size()  # 32 MiB of float64 sums
-    keep_heap_bounded()  # every matrix its own mapping, returned when freed: RSS follows the live tensors
-    peaks, packed = {}, {}
-    for disposable in (False, True):
-        given = LayerStats(stats.xtx.clone(), stats.count, disposable=disposable)
-        meter = PeakRss()  # over the RSS with the given sums resident
-        meter.reset()
-        packed[disposable] = optq(3, 64, act_order=True).quantize(w, given).state_dict()
-        peaks[disposable] = meter.peak()
-        assert given.xtx.numel() == (0 if disposable else n * n)
-        del given
-    assert packed[True].keys() == packed[False].keys()
-    assert all(torch.equal(packed[True][key], packed[False][key]) for key in packed[False])
-    assert peaks[True] < 1.2 * matrix
-    assert peaks[False] - peaks[True] > 0.8 * matrix
 
 
 def test_bad_input_is_a_one_line_error():

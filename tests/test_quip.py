@@ -131,10 +131,12 @@ def test_block_ldl_factorizes_the_hessian() -> None:
     assert d[~mask].abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("disposable", [False, True])
 @pytest.mark.parametrize("n", [64, 172, 2100])
-def test_rotated_hessian_is_the_dense_two_sided_transform(n: int, monkeypatch) -> None:
+def test_rotated_hessian_is_the_dense_two_sided_transform(n: int, disposable: bool, monkeypatch) -> None:
     """``T H Tᵀ`` made in place, a slice at a time (slices of 512 here, so widths above it take several), against
-    the dense float64 product with the Hadamard matrix, padding included."""
+    the dense float64 product with the Hadamard matrix, padding included; statistics handed over are used up (made
+    into it when no padding widens them) and give the same bits."""
     monkeypatch.setattr("engine.quant.quip.ROTATE_ROWS", 512)
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(3 * n, n, dtype=torch.float64, generator=gen)
@@ -146,6 +148,12 @@ def test_rotated_hessian_is_the_dense_two_sided_transform(n: int, monkeypatch) -
     h_pad[:n, :n] = 2 * stats.xtx / stats.count
     got = rotated_hessian(stats, RandomHadamard(n, signs))
     torch.testing.assert_close(got, t @ h_pad @ t.T, rtol=0, atol=1e-9 * h_pad.abs().max().item())
+    given = LayerStats(stats.xtx.clone(), stats.count, disposable=disposable)
+    sums = given.xtx.data_ptr()
+    again = rotated_hessian(given, RandomHadamard(n, signs))
+    assert torch.equal(again, got)
+    assert given.xtx.numel() == (0 if disposable else n * n)
+    assert (again.data_ptr() == sums) == (disposable and n_pad == n)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

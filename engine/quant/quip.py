@@ -332,13 +332,19 @@ def rotated_hessian(stats: LayerStats, transform: RandomHadamard) -> torch.Tenso
     ``A = H Tᵀ`` is made a slice of rows at a time in a ``[n_pad, n_pad]`` buffer, then each slice of its
     columns is replaced by its own transform: the buffer ends as ``(T A)ᵀ`` and the transposed view returned
     holds exactly what ``transform.forward(transform.forward(H).T)`` computes, with no second matrix of
-    ``H``'s size alive (a 7B ``down_proj``: 485 MB, not 2.4 GB of temporaries).
+    ``H``'s size alive (a 7B ``down_proj``: 485 MB, not 2.4 GB of temporaries).  Statistics handed over
+    (``disposable``) are used up: the buffer is the sums themselves when no padding widens them (each slice of rows
+    is read before it is overwritten), else the sums are let go once read, so they are never beside the result.
     """
-    n, n_pad = stats.xtx.shape[0], transform.n_pad
-    buffer = torch.zeros(n_pad, n_pad, dtype=stats.xtx.dtype, device=stats.xtx.device)
+    sums, n, n_pad = stats.xtx, stats.xtx.shape[0], transform.n_pad
+    in_place = stats.disposable and n_pad == n
+    buffer = sums if in_place else torch.zeros(n_pad, n_pad, dtype=sums.dtype, device=sums.device)
     for r0 in range(0, n, ROTATE_ROWS):
         r1 = min(r0 + ROTATE_ROWS, n)
         buffer[r0:r1] = transform.forward(stats.hessian_rows(r0, r1))
+    if stats.disposable:  # the caller keeps no other reference: these are the last
+        stats.xtx = sums.new_empty(0)
+    del sums
     for c0 in range(0, n_pad, ROTATE_ROWS):
         c1 = min(c0 + ROTATE_ROWS, n_pad)
         buffer[:, c0:c1] = transform.forward(buffer[:n, c0:c1].T).T
@@ -356,6 +362,7 @@ class QuipQuantizer(Quantizer):
 
     name = "quip"
     needs_calibration = True
+    uses_up_statistics = True  # rotated_hessian
     randomized = True  # random Hadamard signs, drawn from the calibration seed
     options = {
         "bits": Option("int", 2, "Bits per weight.", choices=tuple(STAGES)),

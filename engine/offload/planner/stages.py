@@ -47,8 +47,8 @@ RTN_WEIGHT_COPIES = 5
 OPTQ_WEIGHT_COPIES = 2
 OPTQ_HESSIAN_COPIES = 2
 # QuIP#: the rotated weight divided by its scales, its rounding and the rounding error, in the statistics' dtype;
-# the rotated Hessian (made in place, engine.quant.quip.rotated_hessian) and the LDL factor (solved into the Cholesky
-# factor), beside the statistics.
+# the rotated Hessian (made in place of the layer's statistics, which calibration hands over; with padding, beside
+# them until they are read: engine.quant.quip.rotated_hessian) and the LDL factor (solved into the Cholesky factor).
 QUIP_WEIGHT_COPIES = 3
 QUIP_HESSIAN_COPIES = 2
 # GPTAQ's alignment (engine.model.sequential.aligned_weight): beside the group's statistics, the cross statistics
