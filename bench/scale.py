@@ -431,9 +431,10 @@ def report(done: dict[str, Any], work: Path) -> None:
                          "two 16-window shards (`quantize-optq-2-blocks-16-window-shards`, one thread like each "
                          f"worker) are {same}.  Each worker holds one shard.  The statistics never leave the "
                          "workers whole: each worker sums its own shards, the sum goes from worker to worker in "
-                         "shard order in pieces that ride inside Ray's messages (the object store would keep every "
-                         "piece's pages in both processes' RSS), and the worker a layer falls to aligns and "
-                         "quantizes it; the driver receives packed layers only.")
+                         "shard order, and the worker a layer falls to aligns and quantizes it; the driver receives "
+                         "packed layers only and sends each worker those it lacks.  Sums and packed layers travel "
+                         "in pieces that ride inside Ray's messages: the object store would keep their pages mapped "
+                         "in each worker's RSS.")
             for reference in ("quantize-optq-2-blocks", "quantize-optq-2-blocks-16-window-shards"):
                 if reference in done and workers:
                     within = "within" if max(workers) <= done[reference]["peak_rss_gib"] else "**over**"
@@ -493,6 +494,7 @@ CALIBRATION_FIXES = [  # (commit, what calibration held before it, the method it
                 "cyclic garbage collector", None),
     ("d7be40d", "OPTQ kept each layer's statistics beside the two Hessian-sized matrices it made from them (485 MB "
                 "for a 7B down_proj)", "optq"),
+    ("dcf0887", "QuIP# kept each layer's statistics beside its rotated Hessian (485 MB for a 7B down_proj)", "quip"),
 ]
 
 

@@ -4,6 +4,7 @@ protocol, OPTQ's quality target, save/load, and the ``quantize`` command's calib
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 
@@ -26,7 +27,7 @@ from engine.model import (
     target_linear_names,
 )
 from engine.model.sequential import ALIGN_DAMP, aligned_weight
-from engine.procstat import PeakRss, keep_heap_bounded
+from engine.procstat import PeakRss, keep_heap_bounded, release_free_heap
 from engine.pipelines import CalibSpec, QuantizeSpec, quantize
 from engine.quant import QUANTIZERS, LayerStats, OPTQQuantizer, RTNQuantizer, make_quantizer
 
@@ -283,6 +284,8 @@ def test_statistics_handed_over_become_the_hessian_same_bits_one_matrix_fewer(me
     peaks, packed = {}, {}
     for disposable in (False, True):
         given = LayerStats(stats.xtx.clone(), stats.count, disposable=disposable)
+        gc.collect()  # earlier tests' garbage, freed now rather than during the measurement
+        release_free_heap()  # and handed back before the baseline, so both runs start from what is live
         meter = PeakRss()  # over the RSS with the given sums resident
         meter.reset()
         packed[disposable] = make_quantizer(method, **settings).quantize(w, given).state_dict()
