@@ -481,6 +481,8 @@ def report(done: dict[str, Any], work: Path) -> None:
         if before:
             notes.append(f"- Measured before {fix}, while {held}; the plan, made now, does not count that (the "
                          f"command may need less now): {', '.join(f'`{m}`' for m in before)}.")
+    notes.append(f"- The plans are made when this page is written, for its machine's CPU, which {half_matmul_words()}; "
+                 "a row measured on a CPU of the other kind is compared with a plan for this one.")
     missing = [name for name in ROWS if name not in done]
     if missing:
         notes.append(f"- Not measured yet (no finished run recorded): {', '.join(f'`{m}`' for m in missing)}.")
@@ -496,6 +498,16 @@ CALIBRATION_FIXES = [  # (commit, what calibration held before it, the method it
                 "for a 7B down_proj)", "optq"),
     ("dcf0887", "QuIP# kept each layer's statistics beside its rotated Hessian (485 MB for a 7B down_proj)", "quip"),
 ]
+
+
+def half_matmul_words() -> str:
+    """Whether this CPU multiplies bfloat16 matrices natively, as the planner's activation sizes depend on it."""
+    from engine.lora.function import matmul_dtype
+
+    if matmul_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16:
+        return "multiplies bfloat16 matrices natively"
+    return ("has no bfloat16 matrix kernels: the engine multiplies such layers in float32 there, and the plans "
+            "count those float32 operands (a plan for a CPU with the kernels is lower)")
 
 
 def predates(record: dict[str, Any], fix: str) -> bool:
