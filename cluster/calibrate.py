@@ -58,7 +58,9 @@ from engine.procstat import keep_heap_bounded
 from engine.pipelines import as_params, quantize, quantize_options, quantize_spec
 from engine.quant import LayerStats, Quantizer, weight_from_state
 
-from cluster.pieces import as_bytes, empty_like_spec, joined, pieces_of, relay, spec_of, TensorSpec
+from cluster.pieces import (
+    TensorSpec, as_bytes, empty_like_spec, fill, joined, one_return_each, pieces_of, relay, sent_pieces, spec_of,
+)
 from cluster.runtime import ray_session
 
 log = logging.getLogger(__name__)
@@ -192,8 +194,7 @@ class ShardWorker:
             self.packed[name] = {key: empty_like_spec(spec) for key, spec in tensors.items()}
 
     def fill_packed(self, name: str, key: str, start: int, *pieces: np.ndarray) -> None:
-        received = joined(pieces)
-        as_bytes(self.packed[name][key])[start : start + received.numel()].copy_(received)
+        fill(as_bytes(self.packed[name][key]), start, pieces)
 
     def drop_packed(self) -> None:
         self.packed.clear()
@@ -212,17 +213,6 @@ class ShardWorker:
 
 
 FIELDS = ("xtx", "cross")  # a layer's sums: X_q^T X_q, and X_q^T X with GPTAQ
-
-
-def one_return_each(pieces: tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
-    """A sender's pieces as its Ray return values (``num_returns=len(pieces)``: one object, one message each)."""
-    return pieces if len(pieces) > 1 else pieces[0]
-
-
-def sent_pieces(method: Any, count: int, *args: Any) -> list[Any]:
-    """References to the ``count`` pieces a worker's sending ``method`` returns for ``args``."""
-    refs = method.options(num_returns=count).remote(*args, count)
-    return refs if count > 1 else [refs]
 
 
 def layer_owners(names: list[str], workers: int) -> dict[str, int]:
@@ -370,13 +360,9 @@ class RayShardRunner(ShardRunner):
         tensors = {key: empty_like_spec(spec) for key, spec in specs.items()}
         for key, tensor in tensors.items():
             target = as_bytes(tensor)
-
-            def receive(start: int, refs: list[Any]) -> None:
-                received = joined(tuple(ray.get(refs)))
-                target[start : start + received.numel()].copy_(received)
-
-            relay(target.numel(), 1, lambda start, count: sent_pieces(self.workers[index].send_packed, count, name,
-                                                                      key, start), receive)
+            relay(target.numel(), 1,
+                  lambda start, count: sent_pieces(self.workers[index].send_packed, count, name, key, start),
+                  lambda start, refs: fill(target, start, tuple(ray.get(refs))))
         return tensors
 
     def _calibrate_on_workers(self, quantizer: Quantizer, index: int, names: list[str], method: str,

@@ -35,6 +35,23 @@ def joined(pieces: tuple[np.ndarray, ...], device: torch.device | str = "cpu") -
     return torch.from_numpy(np.concatenate(pieces)).to(device)
 
 
+def fill(flat: torch.Tensor, start: int, pieces: tuple[np.ndarray, ...]) -> None:
+    """Copy the pieces a receiver got into the 1-d ``flat`` from element ``start``."""
+    received = joined(pieces, flat.device)
+    flat[start : start + received.numel()].copy_(received)
+
+
+def one_return_each(pieces: tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """A sender's pieces as its Ray return values (``num_returns=len(pieces)``: one object, one message each)."""
+    return pieces if len(pieces) > 1 else pieces[0]
+
+
+def sent_pieces(method: Any, count: int, *args: Any) -> list[Any]:
+    """References to the ``count`` pieces a Ray actor's sending ``method`` returns for ``args``."""
+    refs = method.options(num_returns=count).remote(*args, count)
+    return refs if count > 1 else [refs]
+
+
 def relay(numel: int, element_size: int, send: Callable[[int, int], Any], receive: Callable[[int, Any], Any]) -> None:
     """Move a flat tensor of ``numel`` elements: ``send(start, count)`` gives ``count`` pieces (or references to
     them) from element ``start``, ``receive(start, pieces)`` takes them in and returns a reference to wait on

@@ -205,8 +205,13 @@ class LayerStats:
         (``xtx`` is then left empty; the same arithmetic, so the same bits), else a new matrix."""
         if not self.disposable:
             return self.hessian
+        return self.give_up().mul_(2.0).div_(max(self.count, 1))
+
+    def give_up(self) -> torch.Tensor:
+        """The sums, for a quantizer to use up (``xtx`` is left empty); only for ``disposable`` statistics."""
+        assert self.disposable, "the caller keeps these statistics"
         sums, self.xtx = self.xtx, self.xtx.new_empty(0)
-        return sums.mul_(2.0).div_(max(self.count, 1))
+        return sums
 
     def hessian_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of :attr:`hessian`, with the same arithmetic, without the whole matrix."""

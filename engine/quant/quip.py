@@ -343,7 +343,7 @@ def rotated_hessian(stats: LayerStats, transform: RandomHadamard) -> torch.Tenso
         r1 = min(r0 + ROTATE_ROWS, n)
         buffer[r0:r1] = transform.forward(stats.hessian_rows(r0, r1))
     if stats.disposable:  # the caller keeps no other reference: these are the last
-        stats.xtx = sums.new_empty(0)
+        stats.give_up()
     del sums
     for c0 in range(0, n_pad, ROTATE_ROWS):
         c1 = min(c0 + ROTATE_ROWS, n_pad)

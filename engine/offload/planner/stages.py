@@ -267,18 +267,12 @@ def _quantizer_work(i: StageInputs, out: int, inp: int) -> int:
     return RTN_WEIGHT_COPIES * out * inp * FLOAT32
 
 
-def _calibrated(method: str) -> bool:
-    """Whether ``method`` needs calibration statistics, as its quantizer declares."""
+def _declares(method: str, flag: str) -> bool:
+    """Whether ``method``'s quantizer declares ``flag`` (``needs_calibration``: it needs calibration statistics;
+    ``uses_up_statistics``: it makes its Hessian in place of a layer's)."""
     from engine.quant import QUANTIZERS
 
-    return method in QUANTIZERS and QUANTIZERS[method].needs_calibration
-
-
-def _uses_up_statistics(method: str) -> bool:
-    """Whether ``method`` makes its Hessian in place of a layer's statistics, as its quantizer declares."""
-    from engine.quant import QUANTIZERS
-
-    return method in QUANTIZERS and QUANTIZERS[method].uses_up_statistics
+    return method in QUANTIZERS and getattr(QUANTIZERS[method], flag)
 
 
 def _trellis_encoder_bytes(rows: int, bits: int) -> int:
@@ -315,7 +309,7 @@ def _group_quantize(i: StageInputs, group: list[tuple[int, int]]) -> int:
         if i.asym:
             crosses = sum(n * n for _, n in group[j:]) * stb  # this layer's and the later layers' (GPTAQ)
             best = max(best, stats + crosses + ALIGN_WEIGHT_COPIES * out * inp * stb)
-        held = sum(n * n for _, n in group[j + 1 :]) * stb if _uses_up_statistics(i.method) else stats
+        held = sum(n * n for _, n in group[j + 1 :]) * stb if _declares(i.method, "uses_up_statistics") else stats
         best = max(best, held + _quantizer_work(i, out, inp))
     return best
 
@@ -388,7 +382,7 @@ def _ray_worker(i: StageInputs) -> list[Part]:
 
 
 def _quantize(i: StageInputs) -> list[Part]:
-    if not _calibrated(i.method):
+    if not _declares(i.method, "needs_calibration"):
         return [*_runtime(i), *_staged_block(i), Part("one block's float weights", _block_float(i), i.compute),
                 Part(f"quantizing the largest layer ({i.method})", _quantizer_work(i, *_largest_linear(i.shapes)),
                      i.compute), _written_block(i)]
